@@ -1,0 +1,86 @@
+"""`as=` value classes as vocabulary masks.
+
+Each canvas position gets a rule (class, where in the span it is, whether padding may go there);
+each rule is a boolean row over the vocabulary, computed once per tokenizer from the decoded text
+of every token. Tokens that decode to U+FFFD are pieces of a multi-byte character: fine inside a
+line or a JSON string, never a digit or a letter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from editor.document import ValueClass
+
+Place = Literal["body", "first", "first_spaced"]
+
+_PATTERNS: dict[tuple[str, Place], re.Pattern[str]] = {
+    ("int", "body"): re.compile(r"\d+"),
+    ("int", "first"): re.compile(r"-?\d+|-"),
+    ("int", "first_spaced"): re.compile(r" ?(-?\d+|-)"),
+    ("number", "body"): re.compile(r"[\d.,]+"),
+    ("number", "first"): re.compile(r"-?[\d.,]+|-"),
+    ("number", "first_spaced"): re.compile(r" ?(-?[\d.,]+|-)"),
+    ("word", "body"): re.compile(r"[^\W\d_]+"),
+    ("word", "first"): re.compile(r"[^\W\d_]+"),
+    ("word", "first_spaced"): re.compile(r" ?[^\W\d_]+"),
+}
+_PARTIAL_CHARACTER = "\ufffd"
+
+
+@dataclass(frozen=True)
+class PositionRule:
+    """What may be generated at one canvas position."""
+
+    value_class: ValueClass | None = None
+    place: Place = "body"
+    droppable: bool = False  # in the optional tail of `[MASK a-b]`: the pad/end token is allowed
+
+
+def token_allowed(text: str, value_class: ValueClass | None, place: Place) -> bool:
+    """Whether a token that decodes to `text` may stand at a position of this class and place."""
+    if value_class is None:
+        return True
+    if value_class == "line":
+        return "\n" not in text and "\r" not in text
+    if value_class == "json":
+        return not any(ch in '"\\' or ord(ch) < 0x20 for ch in text)
+    if _PARTIAL_CHARACTER in text:
+        return False
+    return _PATTERNS[(value_class, place)].fullmatch(text) is not None
+
+
+class VocabularyRules:
+    """Boolean vocabulary masks for position rules, cached per rule. Rows are [V] over the
+    model's logit width, which may be wider than the tokenizer (the extra ids are never allowed)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, banned: set[int], end_ids: tuple[int, ...]):
+        self.vocab_size = vocab_size
+        self.banned = banned
+        self.end_ids = end_ids
+        size = min(len(tokenizer), vocab_size)
+        self.texts = [tokenizer.decode([token_id], clean_up_tokenization_spaces=False) for token_id in range(size)]
+        self._rows: dict[PositionRule, torch.Tensor] = {}
+
+    def mask(self, rule: PositionRule) -> torch.Tensor:
+        """[V] bool, True where the token may be generated."""
+        if rule not in self._rows:
+            allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
+            for token_id, text in enumerate(self.texts):
+                if token_id not in self.banned and token_allowed(text, rule.value_class, rule.place):
+                    allowed[token_id] = True
+            if rule.droppable:
+                allowed[list(self.end_ids)] = True
+            if not allowed.any():
+                raise ValueError(f"no token of this vocabulary fits {rule}")
+            self._rows[rule] = allowed
+        return self._rows[rule]
+
+    def table(self, rules: list[PositionRule], device: torch.device) -> torch.Tensor:
+        """[R, V] bool for a list of distinct rules."""
+        return torch.stack([self.mask(rule) for rule in rules]).to(device)

@@ -1,0 +1,58 @@
+"""The one small interface the sampler needs from a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids that differ per model family; they come from each checkpoint's config or tokenizer."""
+
+    mask: int
+    pad: int  # the padding/end token: fills the unused tail of a `[MASK a-b]` span
+    bos: int | None = None  # kept at position 0 so a shifted model can predict position 1
+    eos: int | None = None
+    extra_end: tuple[int, ...] = ()  # other end-like ids (e.g. LLaDA's end-of-turn)
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        ids = (self.pad,) + ((self.eos,) if self.eos is not None else ()) + self.extra_end
+        return tuple(dict.fromkeys(ids))
+
+
+@runtime_checkable
+class DiffusionModel(Protocol):
+    """A masked diffusion (or masked) language model as the sampler sees it."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+    special: SpecialIds
+    logits_shifted: bool  # True when position i is predicted by the output at i-1 (Dream)
+    vocab_size: int  # width of the logits, which may exceed len(tokenizer)
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L] long, attention_mask [B, L] bool (False = padding) -> logits [B, L, V]
+        as the model produces them (still shifted for a shifted model)."""
+        ...
+
+    def frame(self, body_ids: list[int], instruction: str | None = None) -> tuple[list[int], list[int]]:
+        """The ids that go before and after the document canvas: a beginning-of-text token, a
+        chat template for instruct models, `[CLS]`/`[SEP]` for BERT-like models."""
+        ...
+
+
+def aligned_logits(model: DiffusionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits where row [b, i] scores position i, whatever the model's convention. [B, L, V]"""
+    logits = model.forward_logits(input_ids, attention_mask)
+    if model.logits_shifted:
+        # Position i is predicted by the output at i-1; position 0 keeps its own (it is always pinned).
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    return logits

@@ -1,0 +1,156 @@
+"""One entry point, `load_model`, for every checkpoint format we serve, and the native format
+(`model_type: "editor-dlm"`) that the bundled model and the training command use."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
+
+from editor.models.base import DiffusionModel, SpecialIds
+from editor.models.dream import load_dream
+from editor.models.hf_masked import MaskedLMAdapter
+from editor.models.llada import load_llada
+from editor.models.native import (
+    ModelLoadError,
+    NativeDiffusionModel,
+    build_network,
+    default_dtype,
+    load_tensors,
+    load_tokenizer,
+    read_config,
+    require,
+    resolve_checkpoint,
+)
+from editor.models.transformer import BidirectionalTransformer, TransformerConfig
+
+NATIVE_TYPE = "editor-dlm"
+DEFAULT_SPECS = ("default", "bundled")
+# What a hub snapshot needs: configs, tokenizers, safetensors weights (not duplicate .bin/.pth).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def bundled_path() -> Path:
+    """The model directory shipped inside the package (`editor/bundled`)."""
+    return Path(str(resources.files("editor").joinpath("bundled")))
+
+
+def model_format(path: Path) -> str:
+    """'dream', 'llada', 'native' or 'masked-lm', from config.json's model_type."""
+    config = read_config(path)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelLoadError(f"{path}: config.json has no model_type")
+    lowered = model_type.lower()
+    if lowered == "dream":
+        return "dream"
+    if lowered == "llada":
+        return "llada"
+    if lowered == NATIVE_TYPE:
+        return "native"
+    return "masked-lm"
+
+
+def _hub_snapshot(spec: str) -> Path:
+    path = resolve_checkpoint(spec, allow_patterns=_HUB_PATTERNS)
+    if not any(path.glob("*.safetensors")):  # older encoders ship only pytorch_model.bin
+        path = resolve_checkpoint(spec, allow_patterns=[*_HUB_PATTERNS, "*.bin"])
+    return path
+
+
+def load_model(
+    spec: str | Path | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> DiffusionModel:
+    """`None`/"default" -> the bundled model; a directory -> by its config.json's model_type;
+    anything else -> a Hugging Face id, fetched (or found in the cache) and dispatched the same way."""
+    if spec is None or str(spec) in DEFAULT_SPECS:
+        path = bundled_path()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: the bundled model is missing (no config.json); train or install it")
+        name = "bundled"
+    else:
+        local = Path(spec).expanduser()
+        path = local if local.exists() else _hub_snapshot(str(spec))
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: expected a model directory, found a file")
+        name = str(spec)
+    kind = model_format(path)
+    resolved = default_dtype(device, dtype)
+    if kind == "dream":
+        return load_dream(path, device=device, dtype=resolved, name=name)
+    if kind == "llada":
+        return load_llada(path, device=device, dtype=resolved, name=name)
+    if kind == "native":
+        return load_native(path, device=device, dtype=resolved, name=name)
+    return MaskedLMAdapter.load(path, device=device, dtype=resolved, name=name)
+
+
+def load_native(
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    name: str | None = None,
+) -> NativeDiffusionModel:
+    """Load our own format: config.json = TransformerConfig fields + special ids, weights named
+    exactly as `BidirectionalTransformer.state_dict()`."""
+    path = Path(path)
+    config = read_config(path)
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        require(config, key, path)
+    transformer_config = TransformerConfig.from_dict(config)
+    tensors = load_tensors(path, lambda key: key, dtype=default_dtype(device, dtype), device=device)
+    network = build_network(transformer_config, tensors, path)
+    tokenizer = load_tokenizer(path)
+    special = SpecialIds(
+        mask=int(require(config, "mask_token_id", path)),
+        pad=int(require(config, "pad_token_id", path)),
+        bos=config.get("bos_token_id"),
+        eos=config.get("eos_token_id"),
+        extra_end=tuple(int(i) for i in config.get("extra_end_token_ids", ())),
+    )
+    return NativeDiffusionModel(
+        network, tokenizer, special, logits_shifted=bool(config.get("logits_shifted", False)), name=name or str(path)
+    )
+
+
+def save_native(
+    model: BidirectionalTransformer,
+    tokenizer: PreTrainedTokenizerBase,
+    special: SpecialIds,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    logits_shifted: bool = False,
+) -> Path:
+    """Write config.json, the tokenizer files and model.safetensors (in `dtype`) into `path`."""
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"save dtype must be one of {_SAVE_DTYPES}, not {dtype}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": NATIVE_TYPE,
+        **model.config.to_dict(),
+        "mask_token_id": special.mask,
+        "pad_token_id": special.pad,
+        "bos_token_id": special.bos,
+        "eos_token_id": special.eos,
+        "extra_end_token_ids": list(special.extra_end),
+        "logits_shifted": logits_shifted,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tokenizer.save_pretrained(str(path))
+    state = {
+        key: tensor.detach().to("cpu", dtype).contiguous()
+        for key, tensor in model.state_dict().items()
+        # A tied head is the embedding; safetensors refuses to store the shared tensor twice.
+        if not (model.config.tie_embeddings and key == "lm_head.weight")
+    }
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
