@@ -77,6 +77,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
+def tokens_carry_spaces(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True for BPE vocabularies whose tokens hold their leading space (GPT-2, Qwen, ours); False
+    for WordPiece-style ones (BERT), where spaces live between tokens and seams need no care."""
+    return tokenizer.decode(encode(tokenizer, " a"), clean_up_tokenization_spaces=False).startswith(" ")
+
+
 def must_tokens(tokenizer: PreTrainedTokenizerBase, must: Must, offset: int, joins_space: bool) -> list[int]:
     """The pinned ids of a must word. Mid-span (or after a moved space) a word starts with a space,
     as the model's own tokens would; a text that starts with a space or punctuation stays as is."""
@@ -141,8 +147,9 @@ def build_canvas(
     pinned: list[bool] = [True] * len(ids)
     rules: list[PositionRule] = [PositionRule()] * len(ids)
     layouts: list[SpanLayout] = []
+    carry_spaces = tokens_carry_spaces(tokenizer)
     for literal, span in zip(literals, spans, strict=False):
-        joins_space = literal.endswith(" ") and not literal.endswith("  ")
+        joins_space = carry_spaces and literal.endswith(" ") and not literal.endswith("  ")
         literal_ids = encode(tokenizer, literal[:-1] if joins_space else literal)
         ids += literal_ids
         pinned += [True] * len(literal_ids)

@@ -22,13 +22,10 @@ Place = Literal["body", "first", "first_spaced"]
 _PATTERNS: dict[tuple[str, Place], re.Pattern[str]] = {
     ("int", "body"): re.compile(r"\d+"),
     ("int", "first"): re.compile(r"-?\d+|-"),
-    ("int", "first_spaced"): re.compile(r" ?(-?\d+|-)"),
     ("number", "body"): re.compile(r"[\d.,]+"),
     ("number", "first"): re.compile(r"-?[\d.,]+|-"),
-    ("number", "first_spaced"): re.compile(r" ?(-?[\d.,]+|-)"),
     ("word", "body"): re.compile(r"[^\W\d_]+"),
     ("word", "first"): re.compile(r"[^\W\d_]+"),
-    ("word", "first_spaced"): re.compile(r" ?[^\W\d_]+"),
 }
 _PARTIAL_CHARACTER = "\ufffd"
 
@@ -43,7 +40,16 @@ class PositionRule:
 
 
 def token_allowed(text: str, value_class: ValueClass | None, place: Place) -> bool:
-    """Whether a token that decodes to `text` may stand at a position of this class and place."""
+    """Whether a token that decodes to `text` may stand at a position of this class and place.
+
+    "first_spaced" is the first position of a span whose literal ended in a space: the token must
+    bring that space itself (the user wrote a space, so a word follows, not punctuation)."""
+    if place == "first_spaced":
+        if not text.startswith(" "):
+            return False
+        text, place = text[1:], "first"
+        if not text:
+            return True  # a lone space token (digit-splitting tokenizers put one before a number)
     if value_class is None:
         return True
     if value_class == "line":

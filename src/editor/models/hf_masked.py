@@ -6,7 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from editor.models.base import SpecialIds
 from editor.models.native import ModelLoadError, default_dtype
@@ -60,6 +65,8 @@ class MaskedLMAdapter:
         name: str | None = None,
     ) -> MaskedLMAdapter:
         """From a hub id or a local directory (then nothing is fetched)."""
+        from transformers import AutoModelForMaskedLM  # imported here: it pulls in all of transformers' modelling
+
         local = Path(spec).expanduser().is_dir()
         source = str(Path(spec).expanduser()) if local else str(spec)
         try:
