@@ -208,6 +208,8 @@ def _position_rule(span: MaskSpan, layout: SpanLayout, offset: int) -> PositionR
     place: Place = "body"
     if offset == 0:
         place = "first_spaced" if layout.joins_space else "first"
+        if layout.min_tokens <= 1 and span.value_class in ("int", "number", "word"):
+            place = "whole_spaced" if layout.joins_space else "whole"  # may be the whole fill
     return PositionRule(value_class=span.value_class, place=place, droppable=offset >= layout.min_tokens)
 
 

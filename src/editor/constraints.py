@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editor.document import ValueClass
 
-Place = Literal["body", "first", "first_spaced"]
+Place = Literal["body", "first", "first_spaced", "whole", "whole_spaced"]
 
 _PATTERNS: dict[tuple[str, Place], re.Pattern[str]] = {
     ("int", "body"): re.compile(r"\d+"),
@@ -26,6 +26,10 @@ _PATTERNS: dict[tuple[str, Place], re.Pattern[str]] = {
     ("number", "first"): re.compile(r"-?[\d.,]+|-"),
     ("word", "body"): re.compile(r"[^\W\d_]+"),
     ("word", "first"): re.compile(r"[^\W\d_]+"),
+    # A token that may be the span's only kept token must be a whole value on its own.
+    ("int", "whole"): re.compile(r"-?\d+"),
+    ("number", "whole"): re.compile(r"-?[\d.,]*\d[\d.,]*"),
+    ("word", "whole"): re.compile(r"[^\W\d_]+"),
 }
 _PARTIAL_CHARACTER = "\ufffd"
 
@@ -43,7 +47,13 @@ def token_allowed(text: str, value_class: ValueClass | None, place: Place) -> bo
     """Whether a token that decodes to `text` may stand at a position of this class and place.
 
     "first_spaced" is the first position of a span whose literal ended in a space: the token must
-    bring that space itself (the user wrote a space, so a word follows, not punctuation)."""
+    bring that space itself (the user wrote a space, so a word follows, not punctuation).
+    "whole" is a first position whose token may be the span's only kept token (`[MASK 1]`, or a
+    range whose later positions may all be dropped): it must be a complete value, never a lone
+    minus or a lone space; "whole_spaced" may bring the literal's space or not (then the literal
+    keeps it)."""
+    if place == "whole_spaced":
+        text, place = text.removeprefix(" "), "whole"
     if place == "first_spaced":
         if not text.startswith(" "):
             return False

@@ -31,14 +31,14 @@ class SamplerOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     schedule: Schedule = Field("confidence", description="which masked positions to commit each step")
-    steps: int | None = Field(None, ge=1, description="denoising steps; default: one per masked token")
+    steps: int | None = Field(None, ge=1, description="denoising steps")
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 picks the most likely token")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
     alg_temp: float = Field(0.0, ge=0.0, description="> 0 samples positions from softmax(confidence / alg_temp)")
     block_length: int = Field(32, ge=1, description="masked positions per block for the blocks schedule")
     threshold: float = Field(0.9, gt=0.0, le=1.0, description="confidence to commit at for the threshold schedule")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill; default: a fresh random seed")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
 
 
 class FillCancelled(RuntimeError):

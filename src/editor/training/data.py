@@ -7,12 +7,25 @@ paragraph start the way documents do.
 
 from __future__ import annotations
 
+import lzma
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
+
+
+def read_paragraphs(path: Path, limit: int | None = None) -> Iterator[str]:
+    """The corpus's lines (one paragraph each), from a plain or an .xz file."""
+    path = Path(path)
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            if limit is not None and number >= limit:
+                return
+            yield line.rstrip("\n")
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class TokenizedCorpus:
 
 
 def tokenize_corpus(text_path: Path, tokenizer: PreTrainedTokenizerBase, chunk: int = 10_000) -> TokenizedCorpus:
-    lines = Path(text_path).read_text(encoding="utf-8").splitlines()
+    lines = list(read_paragraphs(text_path))
     pieces: list[np.ndarray] = []
     lengths: list[int] = []
     for first in range(0, len(lines), chunk):

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from editor.training.data import read_paragraphs
+
 BOS_TOKEN = "<|beginoftext|>"
 PAD_TOKEN = "<|endoftext|>"  # padding and end of text: fills the unused tail of `[MASK a-b]`
 MASK_TOKEN = "<|mask|>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, MASK_TOKEN)
-
-
-def iter_paragraphs(path: Path, limit: int | None = None) -> Iterator[str]:
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle):
-            if limit is not None and number >= limit:
-                return
-            yield line.rstrip("\n") + "\n"
 
 
 def train_tokenizer(corpus: Path, vocab_size: int = 8192) -> PreTrainedTokenizerFast:
@@ -36,7 +29,7 @@ def train_tokenizer(corpus: Path, vocab_size: int = 8192) -> PreTrainedTokenizer
         min_frequency=2,
         show_progress=False,
     )
-    tokenizer.train_from_iterator(iter_paragraphs(corpus), trainer=trainer)
+    tokenizer.train_from_iterator((line + "\n" for line in read_paragraphs(corpus)), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS_TOKEN,
