@@ -229,3 +229,27 @@ def test_canvas_limit_names_the_span_that_crosses_it(tiny_model: DiffusionModel)
         build_canvas(parse_document(source), tokenizer, prefix=prefix, mask_id=tiny_model.special.mask,
                      max_canvas_tokens=len(full.ids) - 1)
     assert info.value.line >= 1 and info.value.column >= 1 and str(len(full.ids) - 1) in (info.value.expected or "")
+
+
+def test_a_must_word_cannot_be_extended_by_the_next_token(tiny_model: DiffusionModel) -> None:
+    """`must="refund"` must read as the word refund, never "refundant": the position after the
+    pinned word only allows tokens that do not start with a letter or digit; it also holds when the
+    model strongly prefers such a continuation."""
+    from editor.constraints import VocabularyRules
+    from editor.fill import prepare_canvas
+
+    tokenizer = tiny_model.tokenizer
+    document = parse_document('We will [MASK 6 must="refund"@1] soon.')
+    canvas = prepare_canvas(tiny_model, document)  # the canvas the fill below will run on
+    layout = canvas.spans[0]
+    after = layout.start + max(layout.pinned) + 1
+    assert canvas.rules[after].after_word and not canvas.rules[after + 1].after_word
+    vocabulary = VocabularyRules(tokenizer, tiny_model.vocab_size, set(), tiny_model.special.end_ids)
+    allowed = vocabulary.mask(canvas.rules[after])
+    assert allowed.any()
+    assert not any(bool(allowed[i]) for i, text in enumerate(vocabulary.texts) if text[:1].isalnum())
+    letters = [i for i, text in enumerate(vocabulary.texts) if text[:1].isalpha()]
+    biased = Biased(tiny_model, {(after, letters[0]): 50.0})
+    [result] = fill_documents(biased, [document], SamplerOptions(seed=1))
+    assert result.spans[0].token_ids[max(layout.pinned) + 1] != letters[0]
+    assert "refund" in result.spans[0].text

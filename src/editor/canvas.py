@@ -210,7 +210,9 @@ def _position_rule(span: MaskSpan, layout: SpanLayout, offset: int) -> PositionR
         place = "first_spaced" if layout.joins_space else "first"
         if layout.min_tokens <= 1 and span.value_class in ("int", "number", "word"):
             place = "whole_spaced" if layout.joins_space else "whole"  # may be the whole fill
-    return PositionRule(value_class=span.value_class, place=place, droppable=offset >= layout.min_tokens)
+    after_word = span.choices is None and (offset - 1) in layout.pinned and offset not in layout.pinned
+    return PositionRule(value_class=span.value_class, place=place, droppable=offset >= layout.min_tokens,
+                        after_word=after_word)
 
 
 def render(

@@ -41,6 +41,7 @@ class PositionRule:
     value_class: ValueClass | None = None
     place: Place = "body"
     droppable: bool = False  # in the optional tail of `[MASK a-b]`: the pad/end token is allowed
+    after_word: bool = False  # right after a pinned must word: no token that would extend the word
 
 
 def token_allowed(text: str, value_class: ValueClass | None, place: Place) -> bool:
@@ -88,7 +89,9 @@ class VocabularyRules:
         if rule not in self._rows:
             allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
             for token_id, text in enumerate(self.texts):
-                if token_id not in self.banned and token_allowed(text, rule.value_class, rule.place):
+                if token_id in self.banned or (rule.after_word and text[:1].isalnum()):
+                    continue  # e.g. "ant" after must="refund" would make "refundant"
+                if token_allowed(text, rule.value_class, rule.place):
                     allowed[token_id] = True
             if rule.droppable:
                 allowed[list(self.end_ids)] = True
