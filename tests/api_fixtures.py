@@ -1,0 +1,96 @@
+"""Fixtures for the storage, worker and API tests (loaded by those modules with `pytest_plugins`):
+a tiny random native model built on conftest's `tiny_tokenizer`, settings pointing at it and at a
+fresh, migrated SQLite file, and a model wrapper that slows and counts forward passes.
+
+PYTEST_DONT_REWRITE: the test modules import helpers from here before pytest loads it as a plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from editor.db import migrate
+from editor.models.base import DiffusionModel, SpecialIds
+from editor.models.loading import load_model, save_native
+from editor.models.transformer import BidirectionalTransformer, TransformerConfig
+from editor.settings import Settings
+
+
+def save_tiny_model(directory: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A random 2-layer native checkpoint on `tokenizer` (byte-level BPE with pad, bos and mask)."""
+    config = TransformerConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                               intermediate_size=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        network = BidirectionalTransformer(config).eval()
+    pad, bos, mask = tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.mask_token_id
+    assert pad is not None and bos is not None and mask is not None
+    special = SpecialIds(mask=mask, pad=pad, bos=bos, eos=pad)
+    return save_native(network, tokenizer, special, directory, dtype=torch.float32)
+
+
+class SlowModel:
+    """A model whose forward passes each take at least `delay` seconds and are counted, so tests
+    can fill the queue and cancel a stream mid-fill."""
+
+    def __init__(self, model: DiffusionModel, delay: float) -> None:
+        self._model = model
+        self.delay = delay
+        self.forwards = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    @property
+    def device(self) -> torch.device:
+        return self._model.device
+
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        time.sleep(self.delay)
+        return self._model.forward_logits(input_ids, attention_mask)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """A tiny model gains nothing from intra-op threads, and on a busy machine OpenMP's spinning
+    barriers make its fills up to 100x slower; restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def api_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("api_model") / "tiny", tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def api_model(api_model_dir: Path) -> DiffusionModel:
+    return load_model(api_model_dir, device="cpu")
+
+
+def make_settings(directory: Path, model_dir: Path, **overrides: Any) -> Settings:
+    """Settings on a fresh, migrated SQLite file in `directory`, ignoring any .env file."""
+    values: dict[str, Any] = dict(database_url=f"sqlite:///{directory / 'editor.db'}", model=str(model_dir),
+                                  device="cpu", batch_window_ms=5.0)
+    settings = Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+    migrate.upgrade(settings.database_url)
+    return settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path, api_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Loopback, no token, the tiny model, a migrated database; EDITOR_* variables ignored."""
+    for key in [k for k in os.environ if k.startswith("EDITOR_")]:
+        monkeypatch.delenv(key)
+    return make_settings(tmp_path, api_model_dir)

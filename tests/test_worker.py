@@ -1,0 +1,276 @@
+"""The model worker: one thread owns the model, a bounded queue, batching that never changes a
+result, per-job cancellation, steps bridged to asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+from api_fixtures import SlowModel, make_settings
+
+from editor.document import DocumentError
+from editor.fill import fill_documents
+from editor.models.base import DiffusionModel
+from editor.parser import parse_document
+from editor.sampler import FillCancelled, SamplerOptions
+from editor.settings import Settings
+from editor.worker import (
+    ModelWorker,
+    QueueFull,
+    WorkerUnavailable,
+    compatible,
+    deterministic,
+)
+
+pytest_plugins = ("api_fixtures",)  # its fixtures; conftest.py belongs to the core tests
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DOC = "Dear [MASK 3 name=greeting],\nthank you for [MASK 4]. Kind regards"
+GREEDY = SamplerOptions(seed=1)
+SAMPLED = SamplerOptions(temperature=1.0, seed=11)
+
+
+@pytest.fixture
+def worker_settings(tmp_path: Path, api_model_dir: Path) -> Settings:
+    return make_settings(tmp_path, api_model_dir, queue_size=4, max_batch_rows=8, batch_window_ms=50)
+
+
+def started_worker(settings: Settings, model: DiffusionModel) -> ModelWorker:
+    worker = ModelWorker(settings, loader=lambda: model)
+    worker.start()
+    assert worker.wait_ready(10)
+    return worker
+
+
+def run(coroutine):  # type: ignore[no-untyped-def]
+    return asyncio.run(coroutine)
+
+
+def test_worker_loads_the_model_in_its_own_thread(worker_settings: Settings, api_model: DiffusionModel) -> None:
+    threads: list[str] = []
+
+    def loader() -> DiffusionModel:
+        threads.append(threading.current_thread().name)
+        return api_model
+
+    worker = ModelWorker(worker_settings, loader=loader)
+    assert not worker.ready
+    worker.start()
+    try:
+        assert worker.wait_ready(10) and worker.model_name == api_model.name
+        assert threads == ["editor-model-worker"]
+    finally:
+        worker.stop()
+    assert not worker.ready
+
+
+def test_worker_loads_the_configured_model_by_default(worker_settings: Settings) -> None:
+    worker = ModelWorker(worker_settings)  # settings.model is the tiny model's directory
+    worker.start()
+    try:
+        assert worker.wait_ready(30)
+        assert worker.model_name == worker_settings.model
+    finally:
+        worker.stop()
+
+
+def test_a_model_that_fails_to_load_makes_submissions_unavailable(worker_settings: Settings) -> None:
+    def broken() -> DiffusionModel:
+        raise OSError("no such checkpoint")
+
+    worker = ModelWorker(worker_settings, loader=broken)
+    worker.start()
+    try:
+        assert not worker.wait_ready(10)
+        assert "no such checkpoint" in str(worker.load_error)
+
+        async def submit() -> None:
+            worker.submit([parse_document(DOC)], GREEDY)
+
+        with pytest.raises(WorkerUnavailable, match="failed to load"):
+            run(submit())
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_worker_result_equals_a_direct_fill(worker_settings: Settings, api_model: DiffusionModel,
+                                            options: SamplerOptions) -> None:
+    document = parse_document(DOC)
+    (expected,) = fill_documents(api_model, [document], options)
+    worker = started_worker(worker_settings, api_model)
+    try:
+        async def fill():  # type: ignore[no-untyped-def]
+            return await worker.submit([document], options).result()
+
+        outcome = run(fill())
+    finally:
+        worker.stop()
+    (result,) = outcome.results
+    assert (result.text, result.seed, result.steps) == (expected.text, expected.seed, expected.steps)
+    assert [s.token_ids for s in result.spans] == [s.token_ids for s in expected.spans]
+    assert 0 <= outcome.queued_s <= outcome.total_s and 0 < outcome.fill_s <= outcome.total_s
+
+
+def test_only_deterministic_equal_options_share_a_batch() -> None:
+    assert deterministic(SamplerOptions())
+    assert deterministic(SamplerOptions(schedule="left-to-right", seed=3))
+    assert not deterministic(SamplerOptions(temperature=0.5))
+    assert not deterministic(SamplerOptions(schedule="random"))
+    assert not deterministic(SamplerOptions(alg_temp=0.3))
+
+
+def test_batched_jobs_give_the_same_results_as_alone(worker_settings: Settings, api_model: DiffusionModel) -> None:
+    sources = [DOC, "One [MASK 2] two [MASK 6 name=long] three.", "[MASK 5] and [MASK 1]", "Short [MASK 1]."]
+    documents = [parse_document(s) for s in sources]
+    alone = [fill_documents(api_model, [d], GREEDY)[0].text for d in documents]
+    slow = SlowModel(api_model, delay=0.0)
+    worker = started_worker(worker_settings, slow)  # type: ignore[arg-type]
+    try:
+        async def fill_all() -> list[str]:
+            jobs = [worker.submit([d], GREEDY) for d in documents]
+            return [(await job.result()).results[0].text for job in jobs]
+
+        texts = run(fill_all())
+    finally:
+        worker.stop()
+    assert texts == alone
+    # Run alone, these take 3+4, 2+6, 5+1 and 1 forward passes; one shared batch needs 8.
+    assert slow.forwards == 8
+    assert len(worker.recent) == 4 and {s.state for s in worker.recent} == {"done"}
+
+
+def test_a_full_queue_raises_queue_full_with_retry_after(worker_settings: Settings, api_model: DiffusionModel) -> None:
+    settings = worker_settings.model_copy(update={"queue_size": 2})
+    slow = SlowModel(api_model, delay=0.05)
+    worker = started_worker(settings, slow)  # type: ignore[arg-type]
+    document = parse_document(DOC)
+    try:
+        async def flood() -> tuple[int, list[QueueFull]]:
+            accepted, refused = [], []
+            for _ in range(6):
+                try:
+                    accepted.append(worker.submit([document], SAMPLED))  # sampled: never batched
+                except QueueFull as error:
+                    refused.append(error)
+            for job in accepted:
+                await job.result()
+            return len(accepted), refused
+
+        accepted, refused = run(flood())
+    finally:
+        worker.stop()
+    # At most one job is running and two wait; the rest were refused at once.
+    assert 2 <= accepted <= 3 and len(refused) == 6 - accepted
+    assert all(error.retry_after >= 1 for error in refused)
+
+
+def test_steps_stream_in_order_and_cover_every_mask(worker_settings: Settings, api_model: DiffusionModel) -> None:
+    worker = started_worker(worker_settings, api_model)
+    document = parse_document(DOC)
+    try:
+        async def stream():  # type: ignore[no-untyped-def]
+            job = worker.submit([document], SamplerOptions(steps=4), stream=True)
+            await job.wait_started()
+            steps = [update async for update in job.steps()]
+            return steps, await job.result()
+
+        steps, outcome = run(stream())
+    finally:
+        worker.stop()
+    assert [u.step for u in steps] == [0, 1, 2, 3]
+    assert [u.remaining for u in steps] == [5, 3, 1, 0]  # 7 masks in 4 steps: 2, 2, 2, 1
+    commits = [c for u in steps for c in u.commits]
+    (result,) = outcome.results
+    by_span = {(c.span, c.offset): c.token_id for c in commits}
+    assert len(by_span) == len(commits) == 7  # every mask committed exactly once
+    for span in result.spans:
+        assert [by_span[(span.index, k)] for k in range(len(span.token_ids))] == span.token_ids
+    assert {c.name for c in commits if c.span == 0} == {"greeting"}
+    assert outcome.trace is not None and [t["step"] for t in outcome.trace] == [0, 1, 2, 3]
+
+
+def test_cancel_stops_the_job_at_the_next_step(worker_settings: Settings, api_model: DiffusionModel) -> None:
+    slow = SlowModel(api_model, delay=0.02)
+    worker = started_worker(worker_settings, slow)  # type: ignore[arg-type]
+    long_doc = parse_document("Start [MASK 40] end.")
+    try:
+        async def cancel_after_two_steps() -> int:
+            job = worker.submit([long_doc], GREEDY, stream=True)
+            async for update in job.steps():
+                if update.step == 1:
+                    job.cancel()
+            with pytest.raises(FillCancelled):
+                await job.result()
+            return job.steps_done
+
+        steps_done = run(cancel_after_two_steps())
+        assert 2 <= steps_done < 40
+        summary = worker.recent[-1]
+        assert summary.state == "cancelled" and summary.steps_done == steps_done
+        assert slow.forwards <= steps_done + 1  # no forward pass after the cancel was seen
+
+        async def next_job() -> str:  # the worker goes on serving
+            return (await worker.submit([parse_document(DOC)], GREEDY).result()).results[0].text
+
+        assert run(next_job())
+    finally:
+        worker.stop()
+
+
+def test_a_cancelled_job_does_not_stop_its_batch(worker_settings: Settings, api_model: DiffusionModel) -> None:
+    slow = SlowModel(api_model, delay=0.01)
+    worker = started_worker(worker_settings, slow)  # type: ignore[arg-type]
+    documents = [parse_document("A [MASK 12] b."), parse_document("C [MASK 10] d.")]
+    expected = fill_documents(api_model, [documents[1]], GREEDY)[0].text
+    try:
+        async def both() -> str:
+            quitter = worker.submit([documents[0]], GREEDY, stream=True)
+            stayer = worker.submit([documents[1]], GREEDY)
+            async for update in quitter.steps():
+                if update.step == 2:
+                    quitter.cancel()
+            with pytest.raises(FillCancelled):
+                await quitter.result()
+            return (await stayer.result()).results[0].text
+
+        assert run(both()) == expected
+    finally:
+        worker.stop()
+    states = sorted(s.state for s in worker.recent)
+    assert states == ["cancelled", "done"]
+
+
+def test_a_bad_canvas_fails_only_its_own_job(worker_settings: Settings, api_model: DiffusionModel) -> None:
+    settings = worker_settings.model_copy(update={"max_canvas_tokens": 24})
+    worker = started_worker(settings, api_model)
+    try:
+        async def two() -> tuple[BaseException | None, str]:
+            too_long = worker.submit([parse_document("x [MASK 30]")], GREEDY)
+            fine = worker.submit([parse_document("ok [MASK 3]")], GREEDY)
+            error = None
+            try:
+                await too_long.result()
+            except DocumentError as caught:
+                error = caught
+            return error, (await fine.result()).results[0].text
+
+        error, text = run(two())
+    finally:
+        worker.stop()
+    assert isinstance(error, DocumentError) and "24 canvas tokens" in str(error)
+    assert text.startswith("ok")
+
+
+def test_compatible_requires_equal_options(worker_settings: Settings, api_model: DiffusionModel) -> None:
+    worker = ModelWorker(worker_settings, loader=lambda: api_model)
+
+    async def jobs():  # type: ignore[no-untyped-def]
+        document = parse_document(DOC)
+        return (worker.submit([document], GREEDY), worker.submit([document], GREEDY),
+                worker.submit([document], SamplerOptions(seed=2)), worker.submit([document], SAMPLED))
+
+    a, b, c, d = run(jobs())
+    assert compatible(a, b) and not compatible(a, c) and not compatible(d, d)
