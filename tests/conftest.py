@@ -99,10 +99,15 @@ def _tiny_checkpoint(directory: Path, tokenizer: PreTrainedTokenizerFast, *, shi
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> NativeDiffusionModel:
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """The checkpoint directory of `tiny_model` (for `--model` and `EDITOR_MODEL`)."""
+    return _tiny_checkpoint(tmp_path_factory.mktemp("tiny_native"), tiny_tokenizer, shifted=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> NativeDiffusionModel:
     """A random 2-layer, hidden-32 native model (position i scored by output i)."""
-    path = _tiny_checkpoint(tmp_path_factory.mktemp("tiny_native"), tiny_tokenizer, shifted=False, seed=0)
-    model = load_native(path, name="tiny")
+    model = load_native(tiny_model_dir, name="tiny")
     assert not model.logits_shifted
     return model
 

@@ -1,0 +1,104 @@
+"""`editor fill` as users run it: text or JSON on stdout, parse errors on stderr with nothing on
+stdout, every sampler option a flag with its default in --help, and the bundled model working
+offline with no --model."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from editor.cli import main
+from editor.sampler import SamplerOptions
+
+pytestmark = pytest.mark.usefixtures("tiny_one_thread")
+
+LETTER = 'Dear [MASK 3 name=greeting],\nYour refund will reach you [MASK 6 must="Monday" name=when]. Thanks, [MASK 2]\nThe end.'
+
+
+def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), input=stdin)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_fill_json_reports_spans_with_offsets_into_the_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+    document = tmp_path / "letter.txt"
+    document.write_text(LETTER, encoding="utf-8")
+    code, out, err = run("fill", str(document), "--model", str(tiny_model_dir), "--json", "--seed", "5")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert set(payload) >= {"text", "spans", "model", "seed", "steps", "elapsed_s"}
+    assert payload["seed"] == 5
+    text = payload["text"]
+    assert text.startswith("Dear ") and text.endswith("\nThe end.")
+    assert [span["name"] for span in payload["spans"]] == ["greeting", "when", None]
+    for span in payload["spans"]:
+        assert set(span) >= {"index", "name", "start", "end", "text", "token_ids", "confidence"}
+        assert text[span["start"] : span["end"]] == span["text"]
+    assert len(payload["spans"][0]["token_ids"]) == 3
+    assert len(payload["spans"][1]["token_ids"]) == 6
+    assert "Monday" in payload["spans"][1]["text"]
+
+
+def test_fill_reads_stdin_and_prints_plain_text(tiny_model_dir: Path) -> None:
+    code, out, err = run("fill", "-", "--model", str(tiny_model_dir), "--seed", "1", stdin="Hello [MASK 2], bye.")
+    assert code == 0, err
+    assert out.startswith("Hello ") and out.endswith(", bye.\n")
+
+
+def test_same_seed_same_text_from_the_command_line(tiny_model_dir: Path) -> None:
+    args = ("fill", "-", "--model", str(tiny_model_dir), "--temperature", "1", "--schedule", "random", "--seed", "9")
+    first = run(*args, stdin="A [MASK 6] b")
+    second = run(*args, stdin="A [MASK 6] b")
+    assert first[0] == 0 and first[1] == second[1]
+
+
+def test_a_bad_document_exits_non_zero_with_the_error_on_stderr_only(tiny_model_dir: Path) -> None:
+    code, out, err = run("fill", "-", "--model", str(tiny_model_dir), stdin="ok\nDear [MASK 3 colour=red]")
+    assert code != 0
+    assert out == ""
+    assert "line 2, column 14" in err and "colour" in err
+
+
+def test_a_bad_sampler_option_is_refused_before_anything_runs(tiny_model_dir: Path) -> None:
+    code, out, err = run("fill", "-", "--model", str(tiny_model_dir), "--top-p", "0", stdin="A [MASK 2]")
+    assert code != 0 and out == ""
+    assert "top_p" in err
+
+
+def test_help_lists_every_sampler_option_with_its_default() -> None:
+    code, out, _ = run("fill", "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    for name, field in SamplerOptions.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in flat
+        shown = re.search(re.escape(flag) + r".*?\[default: ([^\]]+)\]", flat)
+        assert shown is not None, f"{flag} shows no default"
+        if field.default is not None:
+            assert shown.group(1) == str(field.default)
+
+
+def test_the_bundled_model_fills_offline_with_no_model_flag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The issue's must-show: three spans, a must word and a fixed suffix, no --model, offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    document = tmp_path / "doc.txt"
+    document.write_text(
+        'Dear [MASK 3],\nThank you for your letter. We will send [MASK 6 must="refund"] next week.\n'
+        "The [MASK 2] team will call you on Friday.", encoding="utf-8")
+    code, out, err = run("fill", str(document), "--json", "--seed", "0")
+    assert code == 0, err
+    payload = json.loads(out)
+    text = payload["text"]
+    assert text.startswith("Dear ")
+    assert text.endswith(" team will call you on Friday.")
+    assert "refund" in payload["spans"][1]["text"]
+    assert [len(s["token_ids"]) for s in payload["spans"]] == [3, 6, 2]
+    # Reads as English: the fills are made of words, not byte soup or special tokens.
+    filled = " ".join(s["text"] for s in payload["spans"])
+    assert "<|" not in filled and "\ufffd" not in filled
+    assert len(re.findall(r"[A-Za-z]{2,}", filled)) >= 4
