@@ -590,3 +590,20 @@ def test_dream_loads_in_bfloat16(tmp_path: Path) -> None:
     logits = half.forward_logits(ids, valid)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, full.forward_logits(ids, valid), atol=0.15, rtol=0.05)
+
+
+def test_a_window_run_against_cached_keys_values_matches_the_full_pass() -> None:
+    """The forward pass the block-cached engine relies on: keys/values of every position from one
+    full pass, then a window of positions run against the cached rest, give the full pass's logits
+    for that window (attention is non-causal and order-free; rotary positions come from ids)."""
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    network = BidirectionalTransformer(config).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    full, kv = network(ids, return_kv=True)  # [2, 12, 50], per layer [2, 2, 12, 8]
+    start, end = 4, 8
+    rest = torch.cat([torch.arange(0, start), torch.arange(end, 12)])
+    past = [(k[:, :, rest], v[:, :, rest]) for k, v in kv]
+    positions = torch.arange(start, end).expand(2, -1)
+    window = network(ids[:, start:end], position_ids=positions, past=past)
+    torch.testing.assert_close(window, full[:, start:end], atol=1e-5, rtol=1e-5)
