@@ -102,3 +102,14 @@ def test_the_bundled_model_fills_offline_with_no_model_flag(monkeypatch: pytest.
     filled = " ".join(s["text"] for s in payload["spans"])
     assert "<|" not in filled and "\ufffd" not in filled
     assert len(re.findall(r"[A-Za-z]{2,}", filled)) >= 4
+
+
+def test_fill_takes_model_and_limits_from_the_editor_settings(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDITOR_MODEL", str(tiny_model_dir))
+    code, out, err = run("fill", "-", "--json", "--seed", "2", stdin="A [MASK 2] and [MASK 2].")
+    assert code == 0, err
+    assert json.loads(out)["model"] == str(tiny_model_dir)
+    monkeypatch.setenv("EDITOR_MAX_SPANS", "1")
+    code, out, err = run("fill", "-", stdin="A [MASK 2] and [MASK 2].")
+    assert code != 0 and out == ""
+    assert "line 1, column 16" in err and "too many spans" in err

@@ -11,7 +11,7 @@ from typing import Any, get_args
 
 import click
 
-from editor.document import DocumentError, DocumentLimits
+from editor.document import DocumentError
 from editor.sampler import SCHEDULES, SamplerOptions
 
 Command = Callable[..., Any]
@@ -49,29 +49,33 @@ def main() -> None:
 
 @main.command()
 @click.argument("document", type=click.File("r", encoding="utf-8"))
-@click.option("--model", "model_spec", default=None, help="Hugging Face id or local directory [default: the bundled model]")
-@click.option("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+@click.option("--model", "model_spec", default=None,
+              help="Hugging Face id or local directory [default: EDITOR_MODEL, else the bundled model]")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N [default: EDITOR_DEVICE, else auto]")
 @click.option("--instruction", default=None, help="user turn for instruct models' chat template")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON with span offsets")
-@click.option("--max-canvas-tokens", default=4096, help="refuse documents whose canvas is longer")
 @sampler_options
-def fill(document: Any, model_spec: str | None, device: str, instruction: str | None, as_json: bool,
-         max_canvas_tokens: int, **sampler: Any) -> None:
-    """Fill the masks of DOCUMENT (a file, or - for stdin) and print the text."""
+def fill(document: Any, model_spec: str | None, device: str | None, instruction: str | None, as_json: bool,
+         **sampler: Any) -> None:
+    """Fill the masks of DOCUMENT (a file, or - for stdin) and print the text.
+
+    Limits (document size, spans, canvas length) come from the same EDITOR_* settings as the server."""
     from editor.fill import fill_documents
     from editor.models import load_model
     from editor.parser import parse_document
+    from editor.settings import Settings
 
+    settings = Settings()
     options = options_from(sampler)
     try:
-        parsed = parse_document(document.read(), DocumentLimits())
+        parsed = parse_document(document.read(), settings.document_limits())
     except DocumentError as error:
         raise click.ClickException(f"{document.name}: {error}") from error
-    model = load_model(model_spec, device=device)
+    model = load_model(model_spec or settings.model, device=device or settings.device)
     try:
         with StepProgress(enabled=sys.stderr.isatty() and not as_json) as progress:
-            [result] = fill_documents(model, [parsed], options, instruction=instruction,
-                                      max_canvas_tokens=max_canvas_tokens, on_step=progress.advance)
+            [result] = fill_documents(model, [parsed], options, instruction=instruction or settings.instruction,
+                                      max_canvas_tokens=settings.max_canvas_tokens, on_step=progress.advance)
     except DocumentError as error:
         raise click.ClickException(f"{document.name}: {error}") from error
     if as_json:

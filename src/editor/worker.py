@@ -259,17 +259,11 @@ class _JobQueue:
             return jobs
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def settings_loader(settings: Settings) -> ModelLoader:
     """Loads the configured model (None = the bundled default) on the configured device."""
     def load() -> DiffusionModel:
         dtype = _DTYPES.get(settings.dtype)  # "auto" -> None: the loader's per-device default
-        return load_model(settings.model, device=resolve_device(settings.device), dtype=dtype)
+        return load_model(settings.model, device=settings.device, dtype=dtype)
 
     return load
 
@@ -518,6 +512,5 @@ __all__ = [
     "WorkerUnavailable",
     "compatible",
     "deterministic",
-    "resolve_device",
     "settings_loader",
 ]

@@ -63,11 +63,20 @@ def _hub_snapshot(spec: str) -> Path:
     return path
 
 
+def resolve_device(name: torch.device | str) -> torch.device | str:
+    """"auto" means CUDA when there is a GPU, else the CPU; anything else is taken as given."""
+    if str(name) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def load_model(
     spec: str | Path | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> DiffusionModel:
     """`None`/"default" -> the bundled model; a directory -> by its config.json's model_type;
-    anything else -> a Hugging Face id, fetched (or found in the cache) and dispatched the same way."""
+    anything else -> a Hugging Face id, fetched (or found in the cache) and dispatched the same way.
+    `device` may be "auto"."""
+    device = resolve_device(device)
     if spec is None or str(spec) in DEFAULT_SPECS:
         path = bundled_path()
         if not (path / "config.json").is_file():
