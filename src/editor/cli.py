@@ -149,12 +149,14 @@ def prepare_data(tokenizer_dir: Path, corpus: Path, out: Path) -> None:
 @click.option("--warmup-steps", default=300)
 @click.option("--seed", default=1234)
 @click.option("--init-from", type=click.Path(exists=True, path_type=Path), default=None, help="continue from a model directory")
-def train(**values: Any) -> None:
+@click.option("--span-share", default=0.3, help="share of rows masked as contiguous spans instead of token by token")
+def train(span_share: float, **values: Any) -> None:
     """Masked-diffusion training of the bundled model's architecture (run on a GPU)."""
+    from editor.training.data import BatchSpec
     from editor.training.train import TrainConfig
     from editor.training.train import train as run_training
 
-    summary = run_training(TrainConfig(**values))
+    summary = run_training(TrainConfig(**values, batch=BatchSpec(span_share=span_share)))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 
