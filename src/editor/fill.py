@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from editor.canvas import Canvas, FilledText, SpanLayout, build_canvas, choice_tokens, must_tokens, render
+from editor.canvas import Canvas, FilledText, SpanFill, SpanLayout, build_canvas, choice_tokens, must_tokens, render
 from editor.constraints import VocabularyRules
 from editor.document import Document, DocumentError
 from editor.models.base import DiffusionModel, aligned_logits
@@ -22,7 +22,7 @@ from editor.sampler import CancelCheck, Row, SamplerOptions, StepCallback, StepE
 @dataclass(frozen=True)
 class FillResult:
     text: str
-    spans: list  # list[SpanFill]
+    spans: list[SpanFill]
     model: str
     seed: int
     steps: int

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from editor.models.base import SpecialIds
+from editor.models.loading import load_native, save_native
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 from editor.training.data import Batch, BatchSampler, BatchSpec, TokenizedCorpus
 
@@ -106,8 +107,6 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def train(config: TrainConfig) -> dict[str, object]:
-    from editor.models.loading import load_native, save_native
-
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(str(config.tokenizer_dir))
