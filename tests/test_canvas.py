@@ -199,6 +199,30 @@ def test_render_seams_with_chosen_tokens(tiny_tokenizer) -> None:  # type: ignor
     assert rendered("Top\n[MASK 2] rest", [ids(" the") + ids("x")]) == "Top\nthex rest"
     pad = [tiny_tokenizer.pad_token_id]
     assert rendered("A [MASK 1-3] b", [ids(" the") + pad + pad]) == "A the b"
+    # A range span the model left empty leaves one space, not two, and none before punctuation.
+    assert rendered("A [MASK 0-2] b", [pad + pad]) == "A b"
+    assert rendered("Thanks [MASK 0-2], Ann", [pad + pad]) == "Thanks, Ann"
+    assert rendered("Thanks [MASK 0-2]Ann", [pad + pad]) == "Thanks Ann"
+
+
+@pytest.mark.parametrize(
+    ("source", "problem"),
+    [
+        ('Pay [MASK 4 as=int must="ten"] now', 'must="ten" is not a valid as=int value'),
+        ('A [MASK 4 as=word must="two words"] b', 'must="two words" is not a valid as=word value'),
+        ('A [MASK 4 as=json must="say \\"hi\\""] b', "is not a valid as=json value"),
+    ],
+)
+def test_a_must_that_breaks_its_value_class_is_a_document_error(tiny_model: DiffusionModel, source: str, problem: str) -> None:
+    with pytest.raises(DocumentError) as raised:
+        fill_documents(tiny_model, [parse_document(source)], SamplerOptions(seed=0))
+    assert problem in raised.value.message
+    assert (raised.value.line, raised.value.column) == (1, source.index("[MASK") + 1)
+
+
+def test_a_must_that_fits_its_value_class_is_pinned(tiny_model: DiffusionModel) -> None:
+    [result] = fill_documents(tiny_model, [parse_document('Pay [MASK 4 as=int must="12"@0] now')], SamplerOptions(seed=0))
+    assert result.spans[0].text.strip().startswith("12") and result.spans[0].text.strip().isdigit()
 
 
 # --------------------------------------------------------------------------- limits

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from editor.constraints import Place, PositionRule
+from editor.constraints import Place, PositionRule, token_allowed
 from editor.document import Document, DocumentError, MaskSpan, Must
+
+
+# After an empty `[MASK a-b]` fill, text starting with one of these needs no space before it.
+_CLOSES_EMPTY_SEAM = (" ", "\n", "\t", ",", ".", ";", ":", "!", "?", ")")
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ def _lay_out_span(
         option_ids = choice_tokens(tokenizer, chosen, joins_space)
         return SpanLayout(span, start, len(option_ids), len(option_ids), dict(enumerate(option_ids)), joins_space, chosen)
     length = span.max_tokens
+    _check_musts_fit_class(span)
     pinned = place_fixed_musts(span, tokenizer, length, joins_space)
     check_free_musts_fit(span, tokenizer, length, joins_space)
     for must_index, must in enumerate(span.musts):
@@ -198,6 +203,16 @@ def _lay_out_span(
             for step, token_id in enumerate(must_tokens(tokenizer, must, offset, joins_space)):
                 pinned[offset + step] = token_id
     return SpanLayout(span, start, length, span.min_tokens, pinned, joins_space)
+
+
+def _check_musts_fit_class(span: MaskSpan) -> None:
+    """A must word is pinned as written, so it must itself be a value of the span's `as=` class."""
+    if span.value_class is None:
+        return
+    for must in span.musts:
+        if not token_allowed(must.text.lstrip(" "), span.value_class, "whole"):
+            raise DocumentError(f'must="{must.text}" is not a valid as={span.value_class} value', line=span.line,
+                                column=span.column, expected=f"must text that is itself an {span.value_class} value")
 
 
 def choice_tokens(tokenizer: PreTrainedTokenizerBase, option: str, joins_space: bool) -> list[int]:
@@ -210,7 +225,9 @@ def _position_rule(span: MaskSpan, layout: SpanLayout, offset: int) -> PositionR
         place = "first_spaced" if layout.joins_space else "first"
         if layout.min_tokens <= 1 and span.value_class in ("int", "number", "word"):
             place = "whole_spaced" if layout.joins_space else "whole"  # may be the whole fill
-    after_word = span.choices is None and (offset - 1) in layout.pinned and offset not in layout.pinned
+    # In an int/number/word span the must is part of one value, so the next token may continue it.
+    after_word = (span.choices is None and span.value_class not in ("int", "number", "word")
+                  and (offset - 1) in layout.pinned and offset not in layout.pinned)
     return PositionRule(value_class=span.value_class, place=place, droppable=offset >= layout.min_tokens,
                         after_word=after_word)
 
@@ -230,12 +247,12 @@ def render(
         literal = canvas.literals[number]
         kept, scores = _kept_tokens(layout, ids, confidences, end_ids)
         text = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
-        if layout.joins_space and text[:1].isspace():
-            literal = literal[:-1]  # the fill brought its own space
+        following = canvas.literals[number + 1]
+        if layout.joins_space and (text[:1].isspace() or (not text and following[:1] in _CLOSES_EMPTY_SEAM)):
+            literal = literal[:-1]  # the fill brought its own space, or an empty fill must not leave two
         at_line_start = literal.endswith("\n") or (not literal and not pieces)
         if at_line_start:
             text = text.lstrip(" ")  # no stray space at the start of a line
-        following = canvas.literals[number + 1]
         if following[:1].isspace():
             text = text.rstrip(" ")
         pieces.append(literal)
