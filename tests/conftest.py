@@ -13,15 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from editor.models import NativeDiffusionModel, SpecialIds, load_native, save_native
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
+from editor.training.tokenizer import BOS_TOKEN, MASK_TOKEN, PAD_TOKEN, train_tokenizer
 
-TINY_BOS = "<|beginoftext|>"
-TINY_PAD = "<|endoftext|>"  # padding and end of text, as in the bundled tokenizer
-TINY_MASK = "<|mask|>"
+TINY_BOS, TINY_PAD, TINY_MASK = BOS_TOKEN, PAD_TOKEN, MASK_TOKEN  # the bundled tokenizer's specials
 TINY_VOCAB = 400
 
 _TINY_SENTENCES = (
@@ -59,27 +57,11 @@ def _tiny_corpus() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE, no prefix space, specials pad/eos, bos and mask (like the bundled one)."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        special_tokens=[TINY_PAD, TINY_BOS, TINY_MASK],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        min_frequency=2,
-        show_progress=False,
-    )
-    backend.train_from_iterator((line + "\n" for line in _tiny_corpus()), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=TINY_BOS,
-        eos_token=TINY_PAD,
-        pad_token=TINY_PAD,
-        mask_token=TINY_MASK,
-        clean_up_tokenization_spaces=False,
-    )
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with specials pad/eos, bos and mask, trained by the bundled model's own recipe."""
+    corpus = tmp_path_factory.mktemp("tiny_corpus") / "corpus.txt"
+    corpus.write_text("\n".join(_tiny_corpus()) + "\n", encoding="utf-8")
+    return train_tokenizer(corpus, vocab_size=TINY_VOCAB)
 
 
 def _tiny_checkpoint(directory: Path, tokenizer: PreTrainedTokenizerFast, *, shifted: bool, seed: int) -> Path:

@@ -20,6 +20,7 @@ from litestar.status_codes import (
 from editor.db.services import Store
 from editor.server.fills import (
     FillService,
+    Finisher,
     diff_revisions,
     fill_body,
     find_span,
@@ -50,7 +51,7 @@ from editor.server.schemas import (
     RevisionPage,
     RevisionSummary,
 )
-from editor.worker import ModelWorker
+from editor.worker import FillJob, ModelWorker
 
 AnyRequest = Request[Any, Any, Any]
 # Explicit parameter markers (Litestar 2.25 style): path, query, body and injected dependencies.
@@ -81,6 +82,15 @@ def _fill_responses(status: int, body: type, what: str) -> dict[int, ResponseSpe
     ok = ResponseSpec(body, description=f"{what}; with stream=true or Accept: {SSE}, server-sent events instead: "
                       "`step` for each sampler step, then `result` (this body) or `error`")
     return {status: ok, **FILL_ERRORS}
+
+
+async def _new_revision_response(fills: FillService, request: Request[Any, Any, Any], job: FillJob,
+                                 finish: Finisher, *, stream: bool, document_id: int) -> Any:
+    """Stream the fill, or answer 201 with the stored revision and its Location."""
+    if stream:
+        return await fills.stream(request, job, finish)
+    body = await fills.run(request, job, finish)
+    return Response(body, status_code=HTTP_201_CREATED, headers=_location(document_id, body["number"]))
 
 
 def _location(document_id: int, number: int) -> dict[str, str]:
@@ -169,10 +179,7 @@ class DocumentController(Controller):
             new = new_revision(outcome.results[0], outcome, source=source, instruction=instruction)
             return await store_revision(store, document_id, new, trace=data.trace)
 
-        if stream:
-            return await fills.stream(request, job, finish)
-        body = await fills.run(request, job, finish)
-        return Response(body, status_code=HTTP_201_CREATED, headers=_location(document_id, body["number"]))
+        return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
 
 
 class RevisionController(Controller):
@@ -225,10 +232,7 @@ class RevisionController(Controller):
             new = regenerated(revision, span.index, outcome, instruction)
             return await store_revision(store, document_id, new, trace=data.trace)
 
-        if stream:
-            return await fills.stream(request, job, finish)
-        body = await fills.run(request, job, finish)
-        return Response(body, status_code=HTTP_201_CREATED, headers=_location(document_id, body["number"]))
+        return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
 
 
 class HealthController(Controller):
