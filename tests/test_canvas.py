@@ -37,8 +37,8 @@ class Biased:
             logits[:, position, token_id] += value
         return logits
 
-    def frame(self, body_ids: list[int], instruction: str | None = None) -> tuple[list[int], list[int]]:
-        return self.base.frame(body_ids, instruction)
+    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+        return self.base.frame(instruction)
 
 
 def fill_one(model: DiffusionModel, source: str | Document, **options: object) -> FillResult:
@@ -50,7 +50,7 @@ def fill_one(model: DiffusionModel, source: str | Document, **options: object) -
 def span_start(model: DiffusionModel, source: str, number: int = 0) -> int:
     """Canvas position of a span's first token."""
     tokenizer = model.tokenizer
-    canvas = build_canvas(parse_document(source), tokenizer, prefix=model.frame([])[0], mask_id=model.special.mask)
+    canvas = build_canvas(parse_document(source), tokenizer, prefix=model.frame()[0], mask_id=model.special.mask)
     return canvas.spans[number].start
 
 
@@ -231,7 +231,7 @@ def test_a_must_that_fits_its_value_class_is_pinned(tiny_model: DiffusionModel) 
 def test_canvas_limit_names_the_span_that_crosses_it(tiny_model: DiffusionModel) -> None:
     source = "Hello there, friend.\nSecond line [MASK 5] and [MASK 30] end."
     tokenizer = tiny_model.tokenizer
-    prefix = tiny_model.frame([])[0]
+    prefix = tiny_model.frame()[0]
     full = build_canvas(parse_document(source), tokenizer, prefix=prefix, mask_id=tiny_model.special.mask)
     second = full.spans[1]
     fits = second.start + second.length

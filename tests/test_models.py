@@ -345,7 +345,7 @@ def test_dream_special_ids_come_from_config_and_tokenizer(tmp_path: Path) -> Non
     assert model.special.mask == token_id(tokenizer, "<|mask|>")
     assert model.special.pad == model.special.eos == token_id(tokenizer, "<|endoftext|>")
     assert model.special.bos == token_id(tokenizer, "<|beginoftext|>")
-    assert model.frame([1, 2], None) == ([model.special.bos], [])  # a base model: bos only
+    assert model.frame(None) == ([model.special.bos], [])  # a base model: bos only
 
 
 # --------------------------------------------------------------------------- (b) LLaDA
@@ -385,7 +385,7 @@ def test_masked_lm_adapter_matches_bert(tmp_path: Path) -> None:
     tokenizer = model.tokenizer
     assert model.special.mask == tokenizer.mask_token_id == token_id(tokenizer, "[MASK]")
     assert model.special.pad == tokenizer.pad_token_id
-    assert model.frame([9, 10], "ignored") == ([tokenizer.cls_token_id], [tokenizer.sep_token_id])
+    assert model.frame("ignored") == ([tokenizer.cls_token_id], [tokenizer.sep_token_id])
     ids, valid = padded_batch(ROWS, pad=model.special.pad)
     with torch.no_grad():
         theirs = reference(input_ids=ids, attention_mask=valid.long()).logits
@@ -538,7 +538,7 @@ def test_dream_instruct_frame_uses_chat_template(tmp_path: Path) -> None:
     write_dream(tmp_path / "dream", chat=True)
     model = load_dream(tmp_path / "dream")
     tokenizer = model.tokenizer
-    prefix, suffix = model.frame([1, 2, 3], "fill in the blanks")
+    prefix, suffix = model.frame("fill in the blanks")
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "fill in the blanks"}], add_generation_prompt=True, tokenize=False
     )
@@ -547,7 +547,7 @@ def test_dream_instruct_frame_uses_chat_template(tmp_path: Path) -> None:
     end_of_turn = token_id(tokenizer, "<|im_end|>")
     assert suffix == [end_of_turn]
     assert end_of_turn in model.special.end_ids
-    default_prefix, _ = model.frame([], None)
+    default_prefix, _ = model.frame(None)
     assert default_prefix != prefix  # the default instruction was used
 
 
@@ -555,7 +555,7 @@ def test_llada_instruct_frame_ends_with_eot(tmp_path: Path) -> None:
     write_llada(tmp_path / "llada", chat=True)
     model = load_llada(tmp_path / "llada")
     tokenizer = model.tokenizer
-    prefix, suffix = model.frame([], "hello world")
+    prefix, suffix = model.frame("hello world")
     assert prefix[0] == token_id(tokenizer, "<|startoftext|>")
     assert prefix[-1] == token_id(tokenizer, "<|end_header_id|>")
     assert suffix == [token_id(tokenizer, "<|eot_id|>")]

@@ -65,8 +65,8 @@ class Probe:
         self.outputs.append(logits.detach().clone().cpu())
         return logits
 
-    def frame(self, body_ids: list[int], instruction: str | None = None) -> tuple[list[int], list[int]]:
-        return self.base.frame(body_ids, instruction)
+    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+        return self.base.frame(instruction)
 
 
 def token_bias(vocab_size: int, boosts: dict[int, float]) -> Bias:

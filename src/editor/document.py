@@ -75,9 +75,6 @@ class MaskSpan:
         return self.choices is not None
 
 
-Segment: TypeAlias = "str | MaskSpan"
-
-
 @dataclass(frozen=True)
 class Document:
     """Literal text and spans in document order. Adjacent literals are merged by the parser, and

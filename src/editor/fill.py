@@ -62,7 +62,7 @@ def prepare_canvas(model: DiffusionModel, document: Document, *, instruction: st
                    max_canvas_tokens: int | None = None) -> Canvas:
     """Lay out the document, then resolve its `choice=` spans and place its free `must` words with
     the model's scores. Raises DocumentError for anything that does not fit."""
-    prefix, suffix = model.frame([], instruction)
+    prefix, suffix = model.frame(instruction)
 
     def lay_out(choices: dict[int, str], musts: dict[tuple[int, int], int]) -> Canvas:
         return build_canvas(document, model.tokenizer, prefix=prefix, suffix=suffix, mask_id=model.special.mask,
@@ -107,39 +107,49 @@ def _token_log_probs(model: DiffusionModel, rows: list[Row], owners: list[tuple[
 
 
 def place_free_musts(model: DiffusionModel, canvas: Canvas) -> dict[tuple[int, int], int]:
-    """Offsets for `must` words written without `@k`: one forward pass over the canvas, then each
-    word (in written order, after the previous one) goes where its tokens are most likely."""
-    pending = [(layout, i) for layout in canvas.spans for i, m in enumerate(layout.span.musts) if m.offset is None]
-    if not pending:
+    """Offsets for `must` words written without `@k`, from one forward pass over the canvas."""
+    layouts = [layout for layout in canvas.spans if any(m.offset is None for m in layout.span.musts)]
+    if not layouts:
         return {}
     ids, _, attention = pad_rows([Row(canvas.ids, canvas.pinned, canvas.rules)], model.special.pad, model.device)
     with torch.inference_mode():
-        log_probs = torch.log_softmax(aligned_logits(model, ids, attention)[0].float(), dim=-1)  # [L, V]
+        log_probs = torch.log_softmax(aligned_logits(model, ids, attention)[0].float(), dim=-1).cpu()  # [L, V]
     offsets: dict[tuple[int, int], int] = {}
-    for layout in {id(layout): layout for layout, _ in pending}.values():
-        taken = set(layout.pinned)
-        earliest = 0
-        free = [i for i, m in enumerate(layout.span.musts) if m.offset is None]
-        for order, must_index in enumerate(free):
-            must = layout.span.musts[must_index]
-            reserve = sum(len(must_tokens(model.tokenizer, layout.span.musts[i], 1, layout.joins_space)) for i in free[order + 1 :])
-            best: tuple[float, int] | None = None
-            for offset in range(earliest, layout.length - reserve):
-                word = must_tokens(model.tokenizer, must, offset, layout.joins_space)
-                cells = range(offset, offset + len(word))
-                if offset + len(word) > layout.length - reserve or taken.intersection(cells):
-                    continue
-                score = sum(float(log_probs[layout.start + c, t]) for c, t in zip(cells, word, strict=True))
-                if best is None or score > best[0]:
-                    best = (score, offset)
-            if best is None:
-                raise DocumentError(f'no room left for must="{must.text}" in this span', line=layout.span.line,
-                                    column=layout.span.column, expected="musts that fit side by side in the span")
-            offset = best[1]
-            length = len(must_tokens(model.tokenizer, must, offset, layout.joins_space))
-            offsets[(layout.span.index, must_index)] = offset
-            taken.update(range(offset, offset + length))
-            earliest = offset + length
+    for layout in layouts:
+        offsets.update(_place_span_musts(model, layout, log_probs))
+    return offsets
+
+
+def _place_span_musts(model: DiffusionModel, layout: SpanLayout, log_probs: torch.Tensor) -> dict[tuple[int, int], int]:
+    """Each free must in written order, after the previous one and leaving room for the rest, goes
+    where the sum of its tokens' log-probabilities is highest."""
+    musts = layout.span.musts
+    free = [i for i, must in enumerate(musts) if must.offset is None]
+    # A word's tokens only differ between offset 0 and later offsets (the leading space).
+    words = {i: (must_tokens(model.tokenizer, musts[i], 0, layout.joins_space),
+                 must_tokens(model.tokenizer, musts[i], 1, layout.joins_space)) for i in free}
+    taken = set(layout.pinned)
+    earliest = 0
+    offsets: dict[tuple[int, int], int] = {}
+    for order, must_index in enumerate(free):
+        room = layout.length - sum(len(words[i][1]) for i in free[order + 1 :])
+        best: tuple[float, int] | None = None
+        for offset in range(earliest, room):
+            word = words[must_index][offset > 0]
+            cells = range(offset, offset + len(word))
+            if cells.stop > room or taken.intersection(cells):
+                continue
+            score = float(log_probs[[layout.start + c for c in cells], word].sum())
+            if best is None or score > best[0]:
+                best = (score, offset)
+        if best is None:
+            raise DocumentError(f'no room left for must="{musts[must_index].text}" in this span', line=layout.span.line,
+                                column=layout.span.column, expected="musts that fit side by side in the span")
+        offset = best[1]
+        end = offset + len(words[must_index][offset > 0])
+        offsets[(layout.span.index, must_index)] = offset
+        taken.update(range(offset, end))
+        earliest = end
     return offsets
 
 

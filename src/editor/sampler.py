@@ -262,7 +262,7 @@ def _select(positions: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor,
             continue
         eligible = in_row
         if options.schedule == "threshold":
-            count = _threshold_count(chosen[in_row], options, plan, step, in_row.numel())
+            count = _threshold_count(chosen[in_row], options, step, in_row.numel())
         else:
             count = plan.counts[step] if step < len(plan.counts) else in_row.numel()
             if plan.blocks is not None and plan.block_of is not None and step < len(plan.blocks):
@@ -273,7 +273,7 @@ def _select(positions: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor,
     return commit
 
 
-def _threshold_count(chosen: torch.Tensor, options: SamplerOptions, plan: _RowPlan, step: int, remaining: int) -> int:
+def _threshold_count(chosen: torch.Tensor, options: SamplerOptions, step: int, remaining: int) -> int:
     """Every position above the threshold, at least one, and enough to finish within `steps`."""
     above = int((chosen > options.threshold).sum())
     if options.steps is None:

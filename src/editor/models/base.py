@@ -43,7 +43,7 @@ class DiffusionModel(Protocol):
         as the model produces them (still shifted for a shifted model)."""
         ...
 
-    def frame(self, body_ids: list[int], instruction: str | None = None) -> tuple[list[int], list[int]]:
+    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
         """The ids that go before and after the document canvas: a beginning-of-text token, a
         chat template for instruct models, `[CLS]`/`[SEP]` for BERT-like models."""
         ...

@@ -93,7 +93,7 @@ class MaskedLMAdapter:
             mask = attention_mask.to(self.device).long()
             return self.model(input_ids=ids, attention_mask=mask).logits.float()
 
-    def frame(self, body_ids: list[int], instruction: str | None = None) -> tuple[list[int], list[int]]:
+    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
         # Masked LMs have no instruction format; the instruction is ignored.
         return list(self._prefix), list(self._suffix)
 

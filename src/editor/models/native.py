@@ -279,7 +279,7 @@ class NativeDiffusionModel:
             assert isinstance(logits, torch.Tensor)
             return logits.float()
 
-    def frame(self, body_ids: list[int], instruction: str | None = None) -> tuple[list[int], list[int]]:
+    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
         if not self.use_chat_template:
             return ([self.special.bos] if self.special.bos is not None else []), []
         messages = [{"role": "user", "content": instruction or DEFAULT_INSTRUCTION}]

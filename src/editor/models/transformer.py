@@ -11,9 +11,7 @@ canvas (`past` + `return_kv`), which is what a block-cached sampler needs.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +43,6 @@ class TransformerConfig:
     def from_dict(cls, values: dict[str, object]) -> TransformerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
-
-    @classmethod
-    def from_json(cls, path: Path) -> TransformerConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, H_kv, L, D] each
