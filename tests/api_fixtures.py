@@ -26,8 +26,9 @@ from editor.settings import Settings
 
 def save_tiny_model(directory: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
     """A random 2-layer native checkpoint on `tokenizer` (byte-level BPE with pad, bos and mask)."""
-    config = TransformerConfig(vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                               intermediate_size=64)
+    config = TransformerConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64
+    )
     with torch.random.fork_rng():
         torch.manual_seed(7)
         network = BidirectionalTransformer(config).eval()
@@ -81,8 +82,12 @@ def api_model(api_model_dir: Path) -> DiffusionModel:
 
 def make_settings(directory: Path, model_dir: Path, **overrides: Any) -> Settings:
     """Settings on a fresh, migrated SQLite file in `directory`, ignoring any .env file."""
-    values: dict[str, Any] = dict(database_url=f"sqlite:///{directory / 'editor.db'}", model=str(model_dir),
-                                  device="cpu", batch_window_ms=5.0)
+    values: dict[str, Any] = {
+        "database_url": f"sqlite:///{directory / 'editor.db'}",
+        "model": str(model_dir),
+        "device": "cpu",
+        "batch_window_ms": 5.0,
+    }
     settings = Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
     migrate.upgrade(settings.database_url)
     return settings

@@ -21,8 +21,8 @@ from editor.db import migrate
 from editor.models.base import DiffusionModel
 from editor.server import create_app
 from editor.server.commands import prepare_database, serve
+from editor.server.worker import ModelWorker
 from editor.settings import Settings
-from editor.worker import ModelWorker
 
 pytest_plugins = ("api_fixtures",)  # its fixtures; conftest.py belongs to the core tests
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,8 +70,13 @@ def test_health_and_ready(client: Client, api_model: DiffusionModel) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
     assert ready.status_code == 200
-    assert ready.json() | {"queued": 0} == {"ready": True, "model": api_model.name, "model_error": None,
-                                            "database": "ok", "queued": 0}
+    assert ready.json() | {"queued": 0} == {
+        "ready": True,
+        "model": api_model.name,
+        "model_error": None,
+        "database": "ok",
+        "queued": 0,
+    }
 
 
 def test_not_ready_while_the_model_fails(settings: Settings) -> None:
@@ -88,8 +93,9 @@ def test_not_ready_while_the_model_fails(settings: Settings) -> None:
         assert fill.status_code == 503 and "failed to load" in fill.json()["detail"]
 
 
-def test_not_ready_when_the_database_is_unreachable(tmp_path: Path, api_model_dir: Path,
-                                                    api_model: DiffusionModel) -> None:
+def test_not_ready_when_the_database_is_unreachable(
+    tmp_path: Path, api_model_dir: Path, api_model: DiffusionModel
+) -> None:
     settings = make_settings(tmp_path, api_model_dir)
     broken = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path}"})  # a directory, not a file
     app = app_for(broken, api_model)
@@ -105,9 +111,15 @@ def test_index_page_is_a_placeholder_and_schema_is_served(client: Client) -> Non
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/schema" in page.text
     schema = client.get("/schema/openapi.json").json()
-    assert {"/api/v1/fill", "/api/v1/documents", "/api/v1/documents/{document_id}/fill",
-            "/api/v1/documents/{document_id}/revisions/{number}/spans/{key}/regenerate",
-            "/api/v1/documents/{document_id}/diff", "/health", "/ready"} <= set(schema["paths"])
+    assert {
+        "/api/v1/fill",
+        "/api/v1/documents",
+        "/api/v1/documents/{document_id}/fill",
+        "/api/v1/documents/{document_id}/revisions/{number}/spans/{key}/regenerate",
+        "/api/v1/documents/{document_id}/diff",
+        "/health",
+        "/ready",
+    } <= set(schema["paths"])
     assert client.get("/schema").status_code == 200
 
 
@@ -133,8 +145,9 @@ def test_same_seed_same_text_and_a_fresh_seed_is_reported(client: Client) -> Non
     first, second = (client.post("/api/v1/fill", json=request).json() for _ in range(2))
     assert first["text"] == second["text"]
     unseeded = client.post("/api/v1/fill", json={"document": LETTER, "options": {"temperature": 1.0}}).json()
-    replay = client.post("/api/v1/fill", json={"document": LETTER,
-                                                "options": {"temperature": 1.0, "seed": unseeded["seed"]}}).json()
+    replay = client.post(
+        "/api/v1/fill", json={"document": LETTER, "options": {"temperature": 1.0, "seed": unseeded["seed"]}}
+    ).json()
     assert replay["text"] == unseeded["text"]
 
 
@@ -163,9 +176,16 @@ def test_parse_error_is_422_with_line_and_column(client: Client) -> None:
         ({"max_steps": 10}, "a [MASK 2]", {"steps": 11}, 422, "limit of 10"),
     ],
 )
-def test_limits_are_settings_and_answer_4xx(tmp_path: Path, api_model_dir: Path, api_model: DiffusionModel,
-                                            limits: dict[str, int], document: str, options: dict[str, int],
-                                            status: int, phrase: str) -> None:
+def test_limits_are_settings_and_answer_4xx(
+    tmp_path: Path,
+    api_model_dir: Path,
+    api_model: DiffusionModel,
+    limits: dict[str, int],
+    document: str,
+    options: dict[str, int],
+    status: int,
+    phrase: str,
+) -> None:
     settings = make_settings(tmp_path, api_model_dir, **limits)
     with TestClient(app_for(settings, api_model)) as client:
         response = client.post("/api/v1/fill", json={"document": document, "options": options})
@@ -173,12 +193,15 @@ def test_limits_are_settings_and_answer_4xx(tmp_path: Path, api_model_dir: Path,
     assert phrase in response.json()["detail"]
 
 
-@pytest.mark.parametrize("body", [
-    {"document": "a [MASK 2]", "options": {"temperature": -1}},
-    {"document": "a [MASK 2]", "options": {"schedule": "sideways"}},
-    {"document": "a [MASK 2]", "colour": "red"},
-    {"options": {}},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"document": "a [MASK 2]", "options": {"temperature": -1}},
+        {"document": "a [MASK 2]", "options": {"schedule": "sideways"}},
+        {"document": "a [MASK 2]", "colour": "red"},
+        {"options": {}},
+    ],
+)
 def test_malformed_requests_are_400_with_details(client: Client, body: dict[str, Any]) -> None:
     response = client.post("/api/v1/fill", json=body)
     assert response.status_code == 400
@@ -336,8 +359,10 @@ def test_regenerate_refills_one_span_and_pins_the_rest(client: Client) -> None:
     doc_id = new_document(client, source)
     base = client.post(f"/api/v1/documents/{doc_id}/fill", json={"options": {"seed": 1}}).json()
     for key, index in (("b", 1), ("0", 0), ("2", 2)):
-        response = client.post(f"/api/v1/documents/{doc_id}/revisions/1/spans/{key}/regenerate",
-                               json={"options": {"temperature": 1.5, "seed": 77}})
+        response = client.post(
+            f"/api/v1/documents/{doc_id}/revisions/1/spans/{key}/regenerate",
+            json={"options": {"temperature": 1.5, "seed": 77}},
+        )
         assert response.status_code == 201, response.text
         new = response.json()
         assert new["kind"] == "regenerate" and new["regenerated_span"] == index and new["parent"] == 1
@@ -365,8 +390,9 @@ def test_regenerate_defaults_to_the_revision_options_with_a_fresh_seed(client: C
 def test_regenerate_streams(client: Client) -> None:
     doc_id = new_document(client)
     client.post(f"/api/v1/documents/{doc_id}/fill")
-    stream = events(client.post(f"/api/v1/documents/{doc_id}/revisions/1/spans/sign/regenerate",
-                                json={"stream": True}).text)
+    stream = events(
+        client.post(f"/api/v1/documents/{doc_id}/revisions/1/spans/sign/regenerate", json={"stream": True}).text
+    )
     steps = [data for kind, data in stream if kind == "step"]
     assert {c["name"] for s in steps for c in s["commits"]} == {"sign"}  # only the target span is filled
     assert stream[-1][0] == "result" and stream[-1][1]["regenerated_span"] == 2
@@ -375,8 +401,10 @@ def test_regenerate_streams(client: Client) -> None:
 def test_diff_between_revisions(client: Client) -> None:
     doc_id = new_document(client)
     client.post(f"/api/v1/documents/{doc_id}/fill", json={"options": {"seed": 1}})
-    client.post(f"/api/v1/documents/{doc_id}/revisions/1/spans/greeting/regenerate",
-                json={"options": {"temperature": 2.0, "seed": 5}})
+    client.post(
+        f"/api/v1/documents/{doc_id}/revisions/1/spans/greeting/regenerate",
+        json={"options": {"temperature": 2.0, "seed": 5}},
+    )
     diff = client.get(f"/api/v1/documents/{doc_id}/diff?from=1&to=2").json()
     one, two = (client.get(f"/api/v1/documents/{doc_id}/revisions/{n}").json() for n in (1, 2))
     assert (diff["from_revision"], diff["to_revision"], diff["source_changed"]) == (1, 2, False)
@@ -395,13 +423,17 @@ def test_diff_between_revisions(client: Client) -> None:
 # --------------------------------------------------------------------------- auth
 
 
-def test_off_loopback_every_api_route_needs_the_token(tmp_path: Path, api_model_dir: Path,
-                                                      api_model: DiffusionModel) -> None:
+def test_off_loopback_every_api_route_needs_the_token(
+    tmp_path: Path, api_model_dir: Path, api_model: DiffusionModel
+) -> None:
     settings = make_settings(tmp_path, api_model_dir, host="0.0.0.0", api_token="s3cret")
     with TestClient(app_for(settings, api_model)) as client:
         assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
-        for method, path in (("get", "/api/v1/documents"), ("post", "/api/v1/fill"),
-                             ("get", "/api/v1/documents/1/revisions")):
+        for method, path in (
+            ("get", "/api/v1/documents"),
+            ("post", "/api/v1/fill"),
+            ("get", "/api/v1/documents/1/revisions"),
+        ):
             response = client.request(method, path, json={"document": "a [MASK 1]"})
             assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
         wrong = client.get("/api/v1/documents", headers={"Authorization": "Bearer nope"})
@@ -426,7 +458,8 @@ def test_an_open_api_off_loopback_is_refused(tmp_path: Path, api_model_dir: Path
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["batched", "unbatched"])
 def test_concurrent_fills_succeed_or_get_429_and_leave_one_revision_each(
-        tmp_path: Path, api_model_dir: Path, api_model: DiffusionModel, temperature: float) -> None:
+    tmp_path: Path, api_model_dir: Path, api_model: DiffusionModel, temperature: float
+) -> None:
     settings = make_settings(tmp_path, api_model_dir, queue_size=2, max_batch_rows=4)
     app = app_for(settings, SlowModel(api_model, delay=0.01))
     with TestClient(app) as client:
@@ -449,8 +482,9 @@ def test_concurrent_fills_succeed_or_get_429_and_leave_one_revision_each(
         assert sorted(r["number"] for r in stored["items"]) == numbers == list(range(1, len(numbers) + 1))
 
 
-def test_a_client_that_disconnects_mid_stream_stops_the_worker(tmp_path: Path, api_model_dir: Path,
-                                                               api_model: DiffusionModel) -> None:
+def test_a_client_that_disconnects_mid_stream_stops_the_worker(
+    tmp_path: Path, api_model_dir: Path, api_model: DiffusionModel
+) -> None:
     settings = make_settings(tmp_path, api_model_dir)
     slow = SlowModel(api_model, delay=0.02)
     app = app_for(settings, slow)
@@ -492,11 +526,25 @@ async def stream_then_disconnect(app: Litestar, path: str) -> list[bytes]:
             if b"event: step" in message.get("body", b""):
                 gone.set()
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "extensions": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+        "extensions": {},
+    }
     await asyncio.wait_for(app(scope, receive, send), timeout=30)  # type: ignore[arg-type]
     await asyncio.sleep(0.2)  # give the worker time to see the cancel flag and stop
     return chunks
@@ -505,8 +553,9 @@ async def stream_then_disconnect(app: Litestar, path: str) -> list[bytes]:
 # --------------------------------------------------------------------------- serve
 
 
-def test_serve_refuses_off_loopback_without_a_token(tmp_path: Path, api_model_dir: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_refuses_off_loopback_without_a_token(
+    tmp_path: Path, api_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("EDITOR_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
     monkeypatch.delenv("EDITOR_API_TOKEN", raising=False)
     result = CliRunner().invoke(serve, ["--host", "0.0.0.0", "--model", str(api_model_dir)])
@@ -514,8 +563,9 @@ def test_serve_refuses_off_loopback_without_a_token(tmp_path: Path, api_model_di
     assert not (tmp_path / "x.db").exists()
 
 
-def test_serve_upgrades_the_database_and_prints_the_urls(tmp_path: Path, api_model_dir: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_upgrades_the_database_and_prints_the_urls(
+    tmp_path: Path, api_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import uvicorn
 
     ran: dict[str, Any] = {}

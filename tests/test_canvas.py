@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 from editor.canvas import build_canvas, encode, render
 from editor.document import Document, DocumentError, MaskSpan
-from editor.fill import FillResult, fill_documents
+from editor.filling import FillResult, fill_documents
 from editor.models import DiffusionModel
+from editor.options import SamplerOptions
 from editor.parser import parse_document
-from editor.sampler import SamplerOptions
-
 
 pytestmark = pytest.mark.usefixtures("tiny_one_thread")
+
 
 class Biased:
     """A `DiffusionModel` over another one with +value on given (canvas position, token id) logits."""
@@ -213,7 +213,9 @@ def test_render_seams_with_chosen_tokens(tiny_tokenizer) -> None:  # type: ignor
         ('A [MASK 4 as=json must="say \\"hi\\""] b', "is not a valid as=json value"),
     ],
 )
-def test_a_must_that_breaks_its_value_class_is_a_document_error(tiny_model: DiffusionModel, source: str, problem: str) -> None:
+def test_a_must_that_breaks_its_value_class_is_a_document_error(
+    tiny_model: DiffusionModel, source: str, problem: str
+) -> None:
     with pytest.raises(DocumentError) as raised:
         fill_documents(tiny_model, [parse_document(source)], SamplerOptions(seed=0))
     assert problem in raised.value.message
@@ -221,7 +223,9 @@ def test_a_must_that_breaks_its_value_class_is_a_document_error(tiny_model: Diff
 
 
 def test_a_must_that_fits_its_value_class_is_pinned(tiny_model: DiffusionModel) -> None:
-    [result] = fill_documents(tiny_model, [parse_document('Pay [MASK 4 as=int must="12"@0] now')], SamplerOptions(seed=0))
+    [result] = fill_documents(
+        tiny_model, [parse_document('Pay [MASK 4 as=int must="12"@0] now')], SamplerOptions(seed=0)
+    )
     assert result.spans[0].text.strip().startswith("12") and result.spans[0].text.strip().isdigit()
 
 
@@ -244,14 +248,24 @@ def test_canvas_limit_names_the_span_that_crosses_it(tiny_model: DiffusionModel)
     # The first span alone fits, so a smaller limit blames the first span instead.
     first = full.spans[0]
     with pytest.raises(DocumentError) as info:
-        build_canvas(parse_document(source), tokenizer, prefix=prefix, mask_id=tiny_model.special.mask,
-                     max_canvas_tokens=first.start + first.length - 1)
+        build_canvas(
+            parse_document(source),
+            tokenizer,
+            prefix=prefix,
+            mask_id=tiny_model.special.mask,
+            max_canvas_tokens=first.start + first.length - 1,
+        )
     assert (info.value.line, info.value.column) == (2, source.split("\n")[1].index("[MASK 5]") + 1)
     # Exactly the canvas length is allowed; one less (the tail no longer fits) is an error.
     assert fill_documents(tiny_model, [parse_document(source)], SamplerOptions(seed=0), max_canvas_tokens=len(full.ids))
     with pytest.raises(DocumentError) as info:
-        build_canvas(parse_document(source), tokenizer, prefix=prefix, mask_id=tiny_model.special.mask,
-                     max_canvas_tokens=len(full.ids) - 1)
+        build_canvas(
+            parse_document(source),
+            tokenizer,
+            prefix=prefix,
+            mask_id=tiny_model.special.mask,
+            max_canvas_tokens=len(full.ids) - 1,
+        )
     assert info.value.line >= 1 and info.value.column >= 1 and str(len(full.ids) - 1) in (info.value.expected or "")
 
 
@@ -260,7 +274,7 @@ def test_a_must_word_cannot_be_extended_by_the_next_token(tiny_model: DiffusionM
     pinned word only allows tokens that do not start with a letter or digit; it also holds when the
     model strongly prefers such a continuation."""
     from editor.constraints import VocabularyRules
-    from editor.fill import prepare_canvas
+    from editor.filling import prepare_canvas
 
     tokenizer = tiny_model.tokenizer
     document = parse_document('We will [MASK 6 must="refund"@1] soon.')

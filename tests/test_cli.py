@@ -12,11 +12,15 @@ import pytest
 from click.testing import CliRunner
 
 from editor.cli import main
-from editor.sampler import SamplerOptions
+from editor.options import SamplerOptions
 
 pytestmark = pytest.mark.usefixtures("tiny_one_thread")
 
-LETTER = 'Dear [MASK 3 name=greeting],\nYour refund will reach you [MASK 6 must="Monday" name=when]. Thanks, [MASK 2]\nThe end.'
+LETTER = (
+    "Dear [MASK 3 name=greeting],\n"
+    'Your refund will reach you [MASK 6 must="Monday" name=when]. Thanks, [MASK 2]\n'
+    "The end."
+)
 
 
 def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
@@ -89,7 +93,9 @@ def test_the_bundled_model_fills_offline_with_no_model_flag(monkeypatch: pytest.
     document = tmp_path / "doc.txt"
     document.write_text(
         'Dear [MASK 3],\nThank you for your letter. We will send [MASK 6 must="refund"] next week.\n'
-        "The [MASK 2] team will call you on Friday.", encoding="utf-8")
+        "The [MASK 2] team will call you on Friday.",
+        encoding="utf-8",
+    )
     code, out, err = run("fill", str(document), "--json", "--seed", "0")
     assert code == 0, err
     payload = json.loads(out)
@@ -104,7 +110,9 @@ def test_the_bundled_model_fills_offline_with_no_model_flag(monkeypatch: pytest.
     assert len(re.findall(r"[A-Za-z]{2,}", filled)) >= 4
 
 
-def test_fill_takes_model_and_limits_from_the_editor_settings(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fill_takes_model_and_limits_from_the_editor_settings(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("EDITOR_MODEL", str(tiny_model_dir))
     code, out, err = run("fill", "-", "--json", "--seed", "2", stdin="A [MASK 2] and [MASK 2].")
     assert code == 0, err

@@ -31,12 +31,15 @@ from editor.models import (
     load_llada,
     load_model,
     load_native,
+    loading,
     save_native,
 )
-from editor.models import loading
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 
-WORDS = "the cat sat on a mat dog ran fill in blanks of document user assistant system hello world . ,".split()
+# fmt: off
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "fill", "in", "blanks", "of", "document", "user",
+         "assistant", "system", "hello", "world", ".", ","]
+# fmt: on
 QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -47,7 +50,14 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 DREAM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"]
-LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|mdm_mask|>"]
+LLADA_SPECIALS = [
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|mdm_mask|>",
+]
 MODEL_VOCAB = 48  # larger than the tokenizers' vocabularies, as real checkpoints pad theirs
 
 
@@ -123,8 +133,8 @@ def write_dream(directory: Path, *, chat: bool = False, seed: int = 0) -> Qwen2F
     shard_b = {k: v for k, v in state.items() if ".layers.1." in k}
     save_file(shard_a, str(directory / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
     save_file(shard_b, str(directory / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
-    weight_map = {k: "model-00001-of-00002.safetensors" for k in shard_a}
-    weight_map |= {k: "model-00002-of-00002.safetensors" for k in shard_b}
+    weight_map = dict.fromkeys(shard_a, "model-00001-of-00002.safetensors")
+    weight_map |= dict.fromkeys(shard_b, "model-00002-of-00002.safetensors")
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     eos = token_id(tokenizer, "<|endoftext|>")
     dream_config = {
@@ -480,9 +490,7 @@ def test_load_model_default_is_the_bundled_model(tmp_path: Path, monkeypatch: py
         load_model(None)
 
 
-def test_load_model_resolves_hub_ids_through_snapshot_download(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_load_model_resolves_hub_ids_through_snapshot_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_dream(tmp_path / "snapshot")
     requested: list[str] = []
 
@@ -597,7 +605,9 @@ def test_a_window_run_against_cached_keys_values_matches_the_full_pass() -> None
     full pass, then a window of positions run against the cached rest, give the full pass's logits
     for that window (attention is non-causal and order-free; rotary positions come from ids)."""
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    config = TransformerConfig(
+        vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64
+    )
     network = BidirectionalTransformer(config).eval()
     ids = torch.randint(0, 50, (2, 12))
     full, kv = network(ids, return_kv=True)  # [2, 12, 50], per layer [2, 2, 12, 8]

@@ -214,7 +214,7 @@ ERRORS = [
     ('[MASK 3 must="Mon\nday"]', 1, 14, "unterminated quoted string", '"'),
     ('[MASK 3 must="ends in \\"]', 1, 14, "unterminated quoted string", '"'),
     ('[MASK choice="a|b]', 1, 14, "unterminated quoted string", '"'),
-    ('[MASK 3 must=Monday]', 1, 14, "expected a quoted string after must=", 'must="..."'),
+    ("[MASK 3 must=Monday]", 1, 14, "expected a quoted string after must=", 'must="..."'),
     ('[MASK 3 must=""]', 1, 14, "must text is empty", "non-empty"),
     ('[MASK 3 must="x"@3]', 1, 18, "must offset @3 is outside", "from 0 to 2"),
     ('[MASK 1-4 must="x"@4]', 1, 20, "must offset @4 is outside", "from 0 to 3"),
@@ -235,7 +235,7 @@ ERRORS = [
     ('[MASK choice="a|"]', 1, 17, "empty choice option", "non-empty"),
     ('[MASK choice="yes"]', 1, 14, "choice needs at least 2 options", "separated by |"),
     ('[MASK choice=""]', 1, 14, "choice needs at least 2 options", "separated by |"),
-    ('[MASK choice=yes|no]', 1, 14, "expected a quoted string after choice=", 'choice="..."'),
+    ("[MASK choice=yes|no]", 1, 14, "expected a quoted string after choice=", 'choice="..."'),
     ("[MASK 1] [MASK 1]\n[MASK 1] [MASK 1] [MASK 1]", 2, 10, "too many spans", "at most 3 spans"),
 ]
 
@@ -317,9 +317,7 @@ def documents(draw: st.DrawFn) -> Document:
 
 
 def without_positions(doc: Document) -> Document:
-    return Document(
-        tuple(s if isinstance(s, str) else dataclasses.replace(s, line=1, column=1) for s in doc.segments)
-    )
+    return Document(tuple(s if isinstance(s, str) else dataclasses.replace(s, line=1, column=1) for s in doc.segments))
 
 
 def offset_of(text: str, line: int, column: int) -> int:
@@ -348,8 +346,34 @@ def test_text_without_tags_is_one_literal(text: str) -> None:
 FUZZ_PIECES = st.one_of(
     st.text(max_size=5),
     st.sampled_from(
-        ["[MASK ", "[MASK", "]", '"', "\\", "\\\\", "name=", "must=", "@", "@2", "as=", "choice=", "|", " ", "\n",
-         "3", "2-8", "0", "-", "=", "int", "x", "[MASK 2]", '"a|b"', "[MASKED", "99999999999999999999999"]
+        [
+            "[MASK ",
+            "[MASK",
+            "]",
+            '"',
+            "\\",
+            "\\\\",
+            "name=",
+            "must=",
+            "@",
+            "@2",
+            "as=",
+            "choice=",
+            "|",
+            " ",
+            "\n",
+            "3",
+            "2-8",
+            "0",
+            "-",
+            "=",
+            "int",
+            "x",
+            "[MASK 2]",
+            '"a|b"',
+            "[MASKED",
+            "99999999999999999999999",
+        ]
     ),
 )
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from editor.canvas import Canvas, encode, must_tokens
 from editor.document import DocumentError, Must
-from editor.fill import fill_documents, prepare_canvas, vocabulary_rules
+from editor.filling import fill_documents, prepare_canvas, vocabulary_rules
 from editor.models import DiffusionModel, aligned_logits
 from editor.parser import parse_document
 from editor.sampler import (
@@ -108,7 +108,9 @@ def canvases_for(model: DiffusionModel, sources: Sequence[str]) -> list[Canvas]:
     return [prepare_canvas(model, parse_document(source)) for source in sources]
 
 
-def run_sampler(model: DiffusionModel, sources: Sequence[str], options: SamplerOptions, bias: Bias | None = None) -> Run:
+def run_sampler(
+    model: DiffusionModel, sources: Sequence[str], options: SamplerOptions, bias: Bias | None = None
+) -> Run:
     probe = Probe(model, bias)
     canvases = canvases_for(probe, sources)
     assert not probe.inputs, "these documents need no model call to lay out"
@@ -232,7 +234,9 @@ def test_alg_temp_keeps_the_budget(tiny_model: DiffusionModel) -> None:
 
 def test_shifted_model_fills_and_keeps_pins(tiny_shifted_model: DiffusionModel) -> None:
     for schedule in ("confidence", "random"):
-        run = run_sampler(tiny_shifted_model, BATCH, SamplerOptions(schedule=schedule, steps=5, temperature=1.0, seed=2))
+        run = run_sampler(
+            tiny_shifted_model, BATCH, SamplerOptions(schedule=schedule, steps=5, temperature=1.0, seed=2)
+        )
         check_run(run)
 
 
@@ -253,7 +257,9 @@ def test_shift_aligns_predictions_to_positions(tiny_model: DiffusionModel, shift
 
     probe = Probe(tiny_model, bias, logits_shifted=shifted)
     canvas = canvases_for(probe, ["Hello [MASK 7] and [MASK 5]"])[0]
-    output = sample(probe, [Row(canvas.ids, canvas.pinned, canvas.rules)], SamplerOptions(seed=0), vocabulary_rules(probe))
+    output = sample(
+        probe, [Row(canvas.ids, canvas.pinned, canvas.rules)], SamplerOptions(seed=0), vocabulary_rules(probe)
+    )
     for position in canvas.masked_positions:
         assert output.ids[0][position] == targets[position % 3]
     aligned = aligned_logits(probe, torch.tensor([canvas.ids]), torch.ones(1, len(canvas.ids), dtype=torch.bool))
@@ -354,8 +360,9 @@ def test_same_seed_same_fill_other_seed_other_fill(tiny_model: DiffusionModel, s
 def test_top_k_one_is_greedy(tiny_model: DiffusionModel) -> None:
     documents = [parse_document(s) for s in BATCH]
     greedy = fill_documents(tiny_model, documents, SamplerOptions(schedule="left-to-right", steps=4, seed=1))
-    top1 = fill_documents(tiny_model, documents, SamplerOptions(schedule="left-to-right", steps=4, seed=9,
-                                                               temperature=1.5, top_k=1))
+    top1 = fill_documents(
+        tiny_model, documents, SamplerOptions(schedule="left-to-right", steps=4, seed=9, temperature=1.5, top_k=1)
+    )
     assert [r.text for r in greedy] == [r.text for r in top1]
 
 
@@ -365,8 +372,14 @@ def test_cancel_stops_before_the_next_model_call(tiny_model: DiffusionModel) -> 
         canvas = canvases_for(probe, ["Hello [MASK 19]"])[0]
         events: list[StepEvent] = []
         with pytest.raises(FillCancelled):
-            sample(probe, [Row(canvas.ids, canvas.pinned, canvas.rules)], SamplerOptions(seed=0),
-                   vocabulary_rules(probe), on_step=events.append, should_cancel=lambda: len(events) >= k)
+            sample(
+                probe,
+                [Row(canvas.ids, canvas.pinned, canvas.rules)],
+                SamplerOptions(seed=0),
+                vocabulary_rules(probe),
+                on_step=events.append,
+                should_cancel=lambda: len(events) >= k,
+            )
         assert len(events) == k and len(probe.inputs) == k
 
 
@@ -374,8 +387,13 @@ def test_cancel_through_fill_documents(tiny_model: DiffusionModel) -> None:
     probe = Probe(tiny_model)
     events: list[StepEvent] = []
     with pytest.raises(FillCancelled):
-        fill_documents(probe, [parse_document(s) for s in BATCH], SamplerOptions(seed=0),
-                       on_step=events.append, should_cancel=lambda: len(events) >= 2)
+        fill_documents(
+            probe,
+            [parse_document(s) for s in BATCH],
+            SamplerOptions(seed=0),
+            on_step=events.append,
+            should_cancel=lambda: len(events) >= 2,
+        )
     assert len(events) == 2 and len(probe.inputs) == 2
 
 
@@ -408,8 +426,11 @@ def test_value_classes_restrict_the_fill(tiny_model: DiffusionModel, schedule: s
         assert not any(ch in '"\\' or ord(ch) < 0x20 for ch in spans["h"].text), spans["h"].text
         assert result.text.endswith(spans["h"].text + '"}')
     # The same positions without a class do produce such characters (so the checks above bite).
-    free = fill_documents(tiny_model, [parse_document("Total: [MASK 10]")] * 12,
-                          SamplerOptions(schedule=schedule, temperature=1.0, seed=7))
+    free = fill_documents(
+        tiny_model,
+        [parse_document("Total: [MASK 10]")] * 12,
+        SamplerOptions(schedule=schedule, temperature=1.0, seed=7),
+    )
     assert not all(CLASS_PATTERNS["int"].fullmatch(r.spans[0].text) for r in free)
     assert not all(CLASS_PATTERNS["word"].fullmatch(r.spans[0].text) for r in free)
 
@@ -420,7 +441,9 @@ def test_a_token_that_may_be_the_whole_fill_is_a_complete_value(tiny_model: Diff
     strongly prefers those)."""
     tokenizer = tiny_model.tokenizer
     minus, space, pad = encode(tokenizer, "-")[0], encode(tokenizer, " ")[0], tiny_model.special.pad
-    source = "Total: [MASK 1 as=int] and $[MASK 1 as=int] or [MASK 1 as=number] name [MASK 1 as=word] r $[MASK 1-3 as=int]."
+    source = (
+        "Total: [MASK 1 as=int] and $[MASK 1 as=int] or [MASK 1 as=number] name [MASK 1 as=word] r $[MASK 1-3 as=int]."
+    )
     canvas = canvases_for(tiny_model, [source])[0]
     boosts: dict[tuple[int, int], float] = {}
     for layout in canvas.spans:
@@ -462,8 +485,9 @@ def test_range_span_drops_padding(tiny_model: DiffusionModel) -> None:
     pad_text = tiny_model.tokenizer.decode([pad])
     source = "Start [MASK 2-6 name=r] middle [MASK 0-3 name=z]\n[MASK 3-5 name=w as=word] end"
     events: list[StepEvent] = []
-    (result,) = fill_documents(probe, [parse_document(source)], SamplerOptions(temperature=1.0, seed=1),
-                               on_step=events.append)
+    (result,) = fill_documents(
+        probe, [parse_document(source)], SamplerOptions(temperature=1.0, seed=1), on_step=events.append
+    )
     spans = {s.name: s for s in result.spans}
     assert [len(spans[n].token_ids) for n in "rzw"] == [2, 0, 3]
     assert pad_text not in result.text and all(pad not in s.token_ids for s in result.spans)
@@ -472,14 +496,20 @@ def test_range_span_drops_padding(tiny_model: DiffusionModel) -> None:
     decode = tiny_model.tokenizer.decode
     assert result.text == (
         # z is empty, so the space before it goes too: no trailing space before the newline.
-        "Start" + decode(spans["r"].token_ids).rstrip(" ") + " middle" + decode(spans["z"].token_ids) + "\n"
-        + decode(spans["w"].token_ids).lstrip(" ") + " end"
+        "Start"
+        + decode(spans["r"].token_ids).rstrip(" ")
+        + " middle"
+        + decode(spans["z"].token_ids)
+        + "\n"
+        + decode(spans["w"].token_ids).lstrip(" ")
+        + " end"
     )
 
 
 def test_range_span_without_padding_bias_stays_in_range(tiny_model: DiffusionModel) -> None:
-    results = fill_documents(tiny_model, [parse_document("Start [MASK 2-6] end")] * 6,
-                             SamplerOptions(temperature=1.0, seed=5))
+    results = fill_documents(
+        tiny_model, [parse_document("Start [MASK 2-6] end")] * 6, SamplerOptions(temperature=1.0, seed=5)
+    )
     for result in results:
         assert 2 <= len(result.spans[0].token_ids) <= 6
 
@@ -495,7 +525,7 @@ def test_choice_picks_the_option_the_model_scores_best(tiny_model: DiffusionMode
     option_ids = {option: set(encode(tokenizer, " " + option)) for option in CHOICES}
     for option in CHOICES:  # precondition: the bias favours exactly one option
         assert option == favourite or not option_ids[option] & option_ids[favourite]
-    probe = Probe(tiny_model, token_bias(tiny_model.vocab_size, {t: 30.0 for t in option_ids[favourite]}))
+    probe = Probe(tiny_model, token_bias(tiny_model.vocab_size, dict.fromkeys(option_ids[favourite], 30.0)))
     source = 'The answer is [MASK choice="pear|lemon|banana" name=pick]. And [MASK 3] more.'
     (result,) = fill_documents(probe, [parse_document(source)], SamplerOptions(seed=0))
     assert result.text.startswith(f"The answer is {favourite}. And ")
@@ -508,11 +538,12 @@ def must_run(model: DiffusionModel, source: str, word: str) -> tuple[Canvas, str
     """Fill with the must word's tokens made nearly impossible, so they can only come from pinning."""
     tokenizer = model.tokenizer
     banned = set(encode(tokenizer, word)) | set(encode(tokenizer, " " + word))
-    probe = Probe(model, token_bias(model.vocab_size, {t: -40.0 for t in banned}))
+    probe = Probe(model, token_bias(model.vocab_size, dict.fromkeys(banned, -40.0)))
     canvas = prepare_canvas(probe, parse_document(source))
     events: list[StepEvent] = []
-    (result,) = fill_documents(probe, [parse_document(source)], SamplerOptions(temperature=1.0, seed=2),
-                               on_step=events.append)
+    (result,) = fill_documents(
+        probe, [parse_document(source)], SamplerOptions(temperature=1.0, seed=2), on_step=events.append
+    )
     return canvas, result.text, result.spans[0].token_ids, events
 
 
@@ -553,12 +584,16 @@ def test_free_must_goes_where_the_model_scores_it_best(tiny_model: DiffusionMode
     start = canvas.spans[0].start
     word = encode(tiny_model.tokenizer, " Monday")
     best = 4
-    probe = Probe(tiny_model, position_bias(tiny_model.vocab_size, {(start + best + i, t): 30.0 for i, t in enumerate(word)}))
+    probe = Probe(
+        tiny_model, position_bias(tiny_model.vocab_size, {(start + best + i, t): 30.0 for i, t in enumerate(word)})
+    )
     (result,) = fill_documents(probe, [parse_document(source)], SamplerOptions(seed=0))
     assert contiguous_at(result.spans[0].token_ids, word) == [best]
 
 
-@pytest.mark.parametrize("must", ['must="a very long sentence that cannot possibly fit"', 'must="a long sentence here"@1'])
+@pytest.mark.parametrize(
+    "must", ['must="a very long sentence that cannot possibly fit"', 'must="a long sentence here"@1']
+)
 def test_must_too_long_for_its_span_names_the_span(tiny_model: DiffusionModel, must: str) -> None:
     source = f"First line\nThe reply: [MASK 3 {must}] end"
     probe = Probe(tiny_model)

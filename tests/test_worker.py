@@ -11,18 +11,18 @@ import pytest
 from api_fixtures import SlowModel, make_settings
 
 from editor.document import DocumentError
-from editor.fill import fill_documents
+from editor.filling import fill_documents
 from editor.models.base import DiffusionModel
+from editor.options import FillCancelled, SamplerOptions
 from editor.parser import parse_document
-from editor.sampler import FillCancelled, SamplerOptions
-from editor.settings import Settings
-from editor.worker import (
+from editor.server.worker import (
     ModelWorker,
     QueueFull,
     WorkerUnavailable,
     compatible,
     deterministic,
 )
+from editor.settings import Settings
 
 pytest_plugins = ("api_fixtures",)  # its fixtures; conftest.py belongs to the core tests
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,12 +96,14 @@ def test_a_model_that_fails_to_load_makes_submissions_unavailable(worker_setting
 
 
 @pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_worker_result_equals_a_direct_fill(worker_settings: Settings, api_model: DiffusionModel,
-                                            options: SamplerOptions) -> None:
+def test_worker_result_equals_a_direct_fill(
+    worker_settings: Settings, api_model: DiffusionModel, options: SamplerOptions
+) -> None:
     document = parse_document(DOC)
     (expected,) = fill_documents(api_model, [document], options)
     worker = started_worker(worker_settings, api_model)
     try:
+
         async def fill():  # type: ignore[no-untyped-def]
             return await worker.submit([document], options).result()
 
@@ -129,6 +131,7 @@ def test_batched_jobs_give_the_same_results_as_alone(worker_settings: Settings, 
     slow = SlowModel(api_model, delay=0.0)
     worker = started_worker(worker_settings, slow)  # type: ignore[arg-type]
     try:
+
         async def fill_all() -> list[str]:
             jobs = [worker.submit([d], GREEDY) for d in documents]
             return [(await job.result()).results[0].text for job in jobs]
@@ -148,6 +151,7 @@ def test_a_full_queue_raises_queue_full_with_retry_after(worker_settings: Settin
     worker = started_worker(settings, slow)  # type: ignore[arg-type]
     document = parse_document(DOC)
     try:
+
         async def flood() -> tuple[int, list[QueueFull]]:
             accepted, refused = [], []
             for _ in range(6):
@@ -171,6 +175,7 @@ def test_steps_stream_in_order_and_cover_every_mask(worker_settings: Settings, a
     worker = started_worker(worker_settings, api_model)
     document = parse_document(DOC)
     try:
+
         async def stream():  # type: ignore[no-untyped-def]
             job = worker.submit([document], SamplerOptions(steps=4), stream=True)
             await job.wait_started()
@@ -197,6 +202,7 @@ def test_cancel_stops_the_job_at_the_next_step(worker_settings: Settings, api_mo
     worker = started_worker(worker_settings, slow)  # type: ignore[arg-type]
     long_doc = parse_document("Start [MASK 40] end.")
     try:
+
         async def cancel_after_two_steps() -> int:
             job = worker.submit([long_doc], GREEDY, stream=True)
             async for update in job.steps():
@@ -226,6 +232,7 @@ def test_a_cancelled_job_does_not_stop_its_batch(worker_settings: Settings, api_
     documents = [parse_document("A [MASK 12] b."), parse_document("C [MASK 10] d.")]
     expected = fill_documents(api_model, [documents[1]], GREEDY)[0].text
     try:
+
         async def both() -> str:
             quitter = worker.submit([documents[0]], GREEDY, stream=True)
             stayer = worker.submit([documents[1]], GREEDY)
@@ -247,6 +254,7 @@ def test_a_bad_canvas_fails_only_its_own_job(worker_settings: Settings, api_mode
     settings = worker_settings.model_copy(update={"max_canvas_tokens": 24})
     worker = started_worker(settings, api_model)
     try:
+
         async def two() -> tuple[BaseException | None, str]:
             too_long = worker.submit([parse_document("x [MASK 30]")], GREEDY)
             fine = worker.submit([parse_document("ok [MASK 3]")], GREEDY)
@@ -269,8 +277,12 @@ def test_compatible_requires_equal_options(worker_settings: Settings, api_model:
 
     async def jobs():  # type: ignore[no-untyped-def]
         document = parse_document(DOC)
-        return (worker.submit([document], GREEDY), worker.submit([document], GREEDY),
-                worker.submit([document], SamplerOptions(seed=2)), worker.submit([document], SAMPLED))
+        return (
+            worker.submit([document], GREEDY),
+            worker.submit([document], GREEDY),
+            worker.submit([document], SamplerOptions(seed=2)),
+            worker.submit([document], SAMPLED),
+        )
 
     a, b, c, d = run(jobs())
     assert compatible(a, b) and not compatible(a, c) and not compatible(d, d)

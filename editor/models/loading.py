@@ -1,0 +1,140 @@
+"""One entry point, `load_model`, for every checkpoint format we serve, and the native format
+(`model_type: "editor-dlm"`) that the bundled model and the training command use."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
+
+from editor.models.base import DiffusionModel, SpecialIds
+from editor.models.checkpoints import FAMILIES, load_checkpoint
+from editor.models.hf_masked import MaskedLMAdapter
+from editor.models.native import ModelLoadError, default_dtype, read_config, resolve_checkpoint
+from editor.models.transformer import BidirectionalTransformer
+from editor.settings import Settings
+
+NATIVE_TYPE = "editor-dlm"
+DEFAULT_SPECS = ("default", "bundled", "tiny")  # the 17M model shipped in the package
+# What a hub snapshot needs: configs, tokenizers, safetensors weights (not duplicate .bin/.pth).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+_SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def bundled_path() -> Path:
+    """The model directory shipped inside the package (`editor/bundled`)."""
+    return Path(str(resources.files("editor").joinpath("bundled")))
+
+
+def model_format(path: Path) -> str:
+    """'dream', 'llada', 'native' or 'masked-lm', from config.json's model_type."""
+    config = read_config(path)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelLoadError(f"{path}: config.json has no model_type")
+    lowered = model_type.lower()
+    if lowered == "dream":
+        return "dream"
+    if lowered == "llada":
+        return "llada"
+    if lowered == NATIVE_TYPE:
+        return "native"
+    return "masked-lm"
+
+
+def _hub_snapshot(spec: str) -> Path:
+    path = resolve_checkpoint(spec, allow_patterns=_HUB_PATTERNS)
+    if not any(path.glob("*.safetensors")):  # older encoders ship only pytorch_model.bin
+        path = resolve_checkpoint(spec, allow_patterns=[*_HUB_PATTERNS, "*.bin"])
+    return path
+
+
+def resolve_device(name: torch.device | str) -> torch.device | str:
+    """ "auto" means CUDA when there is a GPU, else the CPU; anything else is taken as given."""
+    if str(name) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    """'float32', 'float16', 'bfloat16' -> that dtype; 'auto' or None -> None (the per-device default)."""
+    if name is None or name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, not {name!r}")
+    return _DTYPES[name]
+
+
+def load_configured(settings: Settings, *, model: str | None = None, device: str | None = None) -> DiffusionModel:
+    """The model the settings name (EDITOR_MODEL, EDITOR_DEVICE, EDITOR_DTYPE), with command-line
+    overrides on top: the one way every command and the server load their model."""
+    return load_model(model or settings.model, device=device or settings.device, dtype=dtype_named(settings.dtype))
+
+
+def load_model(
+    spec: str | Path | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> DiffusionModel:
+    """`None`/"default" -> the bundled model; a directory -> by its config.json's model_type;
+    anything else -> a Hugging Face id, fetched (or found in the cache) and dispatched the same way.
+    `device` may be "auto"."""
+    device = resolve_device(device)
+    if spec is None or str(spec) in DEFAULT_SPECS:
+        path = bundled_path()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: the bundled model is missing (no config.json); train or install it")
+        name = "bundled"
+    else:
+        local = Path(spec).expanduser()
+        path = local if local.exists() else _hub_snapshot(str(spec))
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: expected a model directory, found a file")
+        name = str(spec)
+    kind = model_format(path)
+    resolved = default_dtype(device, dtype)
+    if kind in FAMILIES:
+        return load_checkpoint(FAMILIES[kind], path, device=device, dtype=resolved, name=name)
+    return MaskedLMAdapter.load(path, device=device, dtype=resolved, name=name)
+
+
+def save_native(
+    model: BidirectionalTransformer,
+    tokenizer: PreTrainedTokenizerBase,
+    special: SpecialIds,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    logits_shifted: bool = False,
+) -> Path:
+    """Write config.json, the tokenizer files and model.safetensors (in `dtype`) into `path`."""
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"save dtype must be one of {_SAVE_DTYPES}, not {dtype}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": NATIVE_TYPE,
+        **model.config.to_dict(),
+        "mask_token_id": special.mask,
+        "pad_token_id": special.pad,
+        "bos_token_id": special.bos,
+        "eos_token_id": special.eos,
+        "extra_end_token_ids": list(special.extra_end),
+        "logits_shifted": logits_shifted,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tokenizer.save_pretrained(str(path))
+    state = {
+        key: tensor.detach().to("cpu", dtype).contiguous()
+        for key, tensor in model.state_dict().items()
+        # A tied head is the embedding; safetensors refuses to store the shared tensor twice.
+        if not (model.config.tie_embeddings and key == "lm_head.weight")
+    }
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

@@ -1,0 +1,295 @@
+"""A diffusion model served by our own `BidirectionalTransformer`, plus the checkpoint plumbing that
+the Dream, LLaDA and native loaders share (config reading, safetensors shards, tokenizer loading,
+special ids). Nothing here runs code shipped with a checkpoint (`trust_remote_code` stays off)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from editor.models.base import SpecialIds
+from editor.models.transformer import BidirectionalTransformer, TransformerConfig
+
+DEFAULT_INSTRUCTION = "Fill in the blanks of the document."
+# Only used when a chat template cannot be rendered to find its end-of-turn marker.
+_END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint is missing, incomplete, or in a format we cannot load."""
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def resolve_checkpoint(spec: str | Path, allow_patterns: list[str] | None = None) -> Path:
+    """A local directory as is; otherwise a Hugging Face id resolved through `snapshot_download`,
+    which honours HF_HUB_OFFLINE and the local cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{path}: expected a model directory, found a file")
+    text = str(spec)
+    if text.startswith((".", "/", "~")) or not _HF_ID.match(text):
+        raise ModelLoadError(f"{path}: no such model directory")
+    import huggingface_hub  # local import: only needed for hub ids
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id=text, allow_patterns=allow_patterns))
+    except Exception as error:  # offline without cache, unknown repo, network failure...
+        raise ModelLoadError(
+            f"{text}: not a local directory and could not be fetched from the hub ({error})"
+        ) from error
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: missing config.json")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file}: expected a JSON object")
+    return config
+
+
+def require(config: Mapping[str, Any], key: str, path: Path) -> Any:
+    if config.get(key) is None:
+        raise ModelLoadError(f"{path}: config.json lacks {key!r}")
+    return config[key]
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files: those named by model.safetensors.index.json, else every *.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{path}: shards named in {index.name} are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weight files")
+    return files
+
+
+def load_tensors(
+    path: Path,
+    rename: Callable[[str], str | None],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> dict[str, torch.Tensor]:
+    """Read every shard, renaming keys into our module's names (None = skip the tensor) and casting
+    floating tensors to `dtype` one at a time, so peak memory stays near the final model size."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle:
+                name = rename(key)
+                if name is None:
+                    continue
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                tensors[name] = tensor.to(device)
+    return tensors
+
+
+def build_network(config: TransformerConfig, tensors: dict[str, torch.Tensor], path: Path) -> BidirectionalTransformer:
+    """Our transformer holding exactly `tensors`. Large models start on `meta` so no memory or time
+    goes into a random init; small ones start on the CPU, because the first `meta` op costs ~1 s of
+    one-off set-up, more than initialising a small model (the bundled one loads in well under 1 s)."""
+    parameters = sum(t.numel() for t in tensors.values())
+    with torch.device("meta" if parameters > 100_000_000 else "cpu"):
+        network = BidirectionalTransformer(config)
+    expected = set(network.state_dict())
+    if config.tie_embeddings:
+        expected.discard("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    missing = sorted(expected - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path}: weights do not match the architecture; missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    try:
+        network.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as error:  # shape mismatches between config.json and the weights
+        raise ModelLoadError(f"{path}: weights disagree with config.json: {error}") from error
+    if config.tie_embeddings:
+        network.lm_head.weight = network.embed_tokens.weight
+    return network.eval()
+
+
+def default_dtype(device: torch.device | str, dtype: torch.dtype | None) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are slow there), bfloat16 on accelerators, unless told."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer without running its code. Dream ships a custom `DreamTokenizer`
+    class; its files are a plain tokenizer.json or Qwen2 BPE (vocab.json + merges.txt)."""
+    try:
+        # A blank config: Dream/LLaDA/native config.json files are not transformers configs, and
+        # letting AutoTokenizer parse them only produces warnings.
+        return AutoTokenizer.from_pretrained(
+            str(path), config=PretrainedConfig(), trust_remote_code=False, local_files_only=True
+        )
+    except Exception as first_error:  # custom tokenizer class, or no tokenizer at all
+        try:
+            if (path / "tokenizer.json").is_file():
+                return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+            if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+                from transformers import Qwen2Tokenizer
+
+                return Qwen2Tokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as error:
+            raise ModelLoadError(f"{path}: cannot load the tokenizer ({error})") from error
+        raise ModelLoadError(f"{path}: no usable tokenizer files ({first_error})") from first_error
+
+
+def _special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(index for index, token in tokenizer.added_tokens_decoder.items() if token.special)
+    return ids
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The special token(s) a chat template writes right after an assistant message
+    (`<|im_end|>` for Qwen/Dream, `<|eot_id|>` for LLaDA), read off the template itself."""
+    if not tokenizer.chat_template:
+        return ()
+    sentinel = "zqxsentinel"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}], tokenize=False
+        )
+    except Exception:  # templates may reject this conversation; fall back to known names
+        text = None
+    if isinstance(text, str) and sentinel in text:
+        tail = text[text.rindex(sentinel) + len(sentinel) :]
+        specials = _special_token_ids(tokenizer)
+        found: list[int] = []
+        for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+            if token_id not in specials:
+                break
+            found.append(token_id)
+        if found:
+            return tuple(found)
+    added = tokenizer.get_added_vocab()
+    return tuple(added[name] for name in _END_OF_TURN_NAMES if name in added)[:1]
+
+
+def _first_id(value: Any) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def special_ids_from(
+    config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, path: Path, *, instruct: bool
+) -> SpecialIds:
+    """Special ids from config.json first (the model's own truth), then the tokenizer."""
+    mask = _first_id(config.get("mask_token_id"))
+    if mask is None:
+        mask = tokenizer.mask_token_id
+    if mask is None:
+        raise ModelLoadError(f"{path}: no mask token (config.json mask_token_id or tokenizer mask_token)")
+    eos_values = config.get("eos_token_id")
+    eos = _first_id(eos_values)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = _first_id(config.get("pad_token_id"))
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if pad is None:
+        raise ModelLoadError(f"{path}: no pad or eos token id")
+    # The tokenizer's bos is what the model saw at the start of text; config.json may only echo eos.
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else _first_id(config.get("bos_token_id"))
+    extra = [int(v) for v in eos_values[1:]] if isinstance(eos_values, list) else []
+    if instruct:
+        extra.extend(end_of_turn_ids(tokenizer))
+    extra_end = tuple(dict.fromkeys(i for i in extra if i not in (pad, eos)))
+    return SpecialIds(mask=int(mask), pad=int(pad), bos=bos, eos=eos, extra_end=extra_end)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class NativeDiffusionModel:
+    """`DiffusionModel` over a `BidirectionalTransformer` (Dream, LLaDA and our own checkpoints)."""
+
+    def __init__(
+        self,
+        network: BidirectionalTransformer,
+        tokenizer: PreTrainedTokenizerBase,
+        special: SpecialIds,
+        *,
+        logits_shifted: bool,
+        name: str,
+        use_chat_template: bool | None = None,
+    ) -> None:
+        self.network = network.eval()
+        self.tokenizer = tokenizer
+        self.special = special
+        self.logits_shifted = logits_shifted
+        self.name = name
+        self.vocab_size = network.config.vocab_size
+        # Instruct models are framed with their chat template; base models with a bare bos.
+        self.use_chat_template = bool(tokenizer.chat_template) if use_chat_template is None else use_chat_template
+        self._end_of_turn = end_of_turn_ids(tokenizer) if self.use_chat_template else ()
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.embed_tokens.weight.dtype
+
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L], attention_mask [B, L] bool -> float32 logits [B, L, V]."""
+        with torch.inference_mode():
+            ids = input_ids.to(self.device)
+            mask = attention_mask.to(self.device, torch.bool)
+            # Positions count real tokens only, so left padding does not shift a row (as Dream does).
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+            logits = self.network(ids, attention_mask=mask, position_ids=positions)
+            assert isinstance(logits, torch.Tensor)
+            return logits.float()
+
+    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+        if not self.use_chat_template:
+            return ([self.special.bos] if self.special.bos is not None else []), []
+        messages = [{"role": "user", "content": instruction or DEFAULT_INSTRUCTION}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert isinstance(text, str)
+        prefix = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        suffix = list(self._end_of_turn) or ([self.special.eos] if self.special.eos is not None else [])
+        return prefix, suffix
+
+    def __repr__(self) -> str:
+        return (
+            f"NativeDiffusionModel(name={self.name!r}, params={self.network.num_parameters():,}, device={self.device})"
+        )

@@ -1,0 +1,77 @@
+"""`create_app`: the Litestar application around one model worker and one database."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio.to_thread
+from litestar import Litestar, Router
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from editor import __version__
+from editor.db.engine import make_engine, make_session_factory
+from editor.db.services import Store
+from editor.server.auth import token_guard
+from editor.server.controllers import CONTROLLERS, HealthController
+from editor.server.errors import EXCEPTION_HANDLERS
+from editor.server.streaming import FillService
+from editor.server.worker import ModelWorker
+from editor.settings import Settings
+
+log = logging.getLogger(__name__)
+_BODY_SLACK = 64 * 1024  # room for JSON around the document
+
+
+def create_app(settings: Settings | None = None, *, worker: ModelWorker | None = None) -> Litestar:
+    """The API on `settings`' database, with `worker` (default: one loading the configured model).
+
+    The app starts the worker (the model loads in its thread; /ready says when) and stops it on
+    shutdown. It does not migrate the database: `editor serve` and `editor db upgrade` do.
+    """
+    settings = settings or Settings()
+    worker = worker or ModelWorker(settings)
+    engine = make_engine(settings.database_url)
+    store = Store(make_session_factory(engine))
+    fills = FillService(settings, worker, store)
+    guard = token_guard(settings)
+
+    async def start() -> None:
+        worker.start()
+
+    async def stop() -> None:
+        await anyio.to_thread.run_sync(worker.stop)
+        engine.dispose()
+
+    def provide(value: Any) -> Provide:
+        return Provide(lambda: value, use_cache=True, sync_to_thread=False)
+
+    api = Router(path="/", route_handlers=CONTROLLERS, guards=[guard] if guard else [])
+    app = Litestar(
+        route_handlers=[api, HealthController],
+        dependencies={
+            "settings": provide(settings),
+            "worker": provide(worker),
+            "store": provide(store),
+            "fills": provide(fills),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        on_startup=[start],
+        on_shutdown=[stop],
+        openapi_config=OpenAPIConfig(
+            title="editor",
+            version=__version__,
+            path="/schema",
+            description="Constrained and infilling text editing on masked diffusion language models. "
+            "Documents use [MASK n] spans (see docs/language.md).",
+        ),
+        request_max_body_size=4 * settings.max_document_chars + _BODY_SLACK,  # UTF-8 is at most 4 bytes a char
+    )
+    app.state.settings = settings
+    app.state.worker = worker
+    app.state.store = store
+    return app
+
+
+__all__ = ["create_app"]

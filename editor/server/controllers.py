@@ -1,0 +1,321 @@
+"""One controller per resource: stateless fills, documents, revisions, health."""
+
+from __future__ import annotations
+
+import html
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, delete, get, patch, post, put
+from litestar.di import NamedDependency
+from litestar.enums import MediaType
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.status_codes import (
+    HTTP_200_OK,
+    HTTP_201_CREATED,
+    HTTP_204_NO_CONTENT,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+
+from editor.db.services import Store
+from editor.server.revisions import (
+    diff_revisions,
+    find_span,
+    new_revision,
+    pin_all_but,
+    regenerated,
+    revision_options,
+)
+from editor.server.schemas import (
+    DiffOut,
+    DocumentCreate,
+    DocumentOut,
+    DocumentPage,
+    DocumentPatch,
+    DocumentReplace,
+    DocumentSummary,
+    ErrorOut,
+    FillOut,
+    FillParameters,
+    FillRequest,
+    Health,
+    Readiness,
+    RegenerateRequest,
+    RevisionOut,
+    RevisionPage,
+    RevisionSummary,
+)
+from editor.server.streaming import FillService, Finisher, fill_body, in_thread, store_revision, wants_stream
+from editor.server.worker import FillJob, ModelWorker
+
+AnyRequest = Request[Any, Any, Any]
+# Explicit parameter markers (Litestar 2.25 style): path, query, body and injected dependencies.
+Limit = Annotated[int, QueryParameter(ge=1, le=100, description="items per page")]
+Offset = Annotated[int, QueryParameter(ge=0, description="items to skip")]
+StreamQuery = Annotated[bool | None, QueryParameter(name="stream", description="same as the body's `stream`")]
+DocumentId = FromPath[int]
+Number = FromPath[int]
+Fills = NamedDependency[FillService]
+Storage = NamedDependency[Store]
+Worker = NamedDependency[ModelWorker]
+SSE = "text/event-stream"
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    descriptions = {
+        401: "missing or wrong bearer token",
+        404: "unknown document, revision or span",
+        413: "the document is over the size limit",
+        422: "the document has a mistake (with line and column) or is over a limit",
+        429: "the fill queue is full; see Retry-After",
+        503: "the model is not available",
+    }
+    return {code: ResponseSpec(ErrorOut, description=descriptions[code]) for code in codes}
+
+
+FILL_ERRORS = _errors(401, 413, 422, 429, 503)
+
+
+def _fill_responses(status: int, body: type, what: str) -> dict[int, ResponseSpec]:
+    ok = ResponseSpec(
+        body,
+        description=f"{what}; with stream=true or Accept: {SSE}, server-sent events instead: "
+        "`step` for each sampler step, then `result` (this body) or `error`",
+    )
+    return {status: ok, **FILL_ERRORS}
+
+
+async def _new_revision_response(
+    fills: FillService,
+    request: Request[Any, Any, Any],
+    job: FillJob,
+    finish: Finisher,
+    *,
+    stream: bool,
+    document_id: int,
+) -> Any:
+    """Stream the fill, or answer 201 with the stored revision and its Location."""
+    if stream:
+        return await fills.stream(request, job, finish)
+    body = await fills.run(request, job, finish)
+    return Response(body, status_code=HTTP_201_CREATED, headers=_location(document_id, body["number"]))
+
+
+def _location(document_id: int, number: int) -> dict[str, str]:
+    return {"Location": f"/api/v1/documents/{document_id}/revisions/{number}"}
+
+
+class FillController(Controller):
+    path = "/api/v1/fill"
+    tags = ("fill",)
+
+    @post("/", status_code=HTTP_200_OK, responses=_fill_responses(200, FillOut, "the filled document"))
+    async def fill(
+        self, request: AnyRequest, data: JSONBody[FillRequest], fills: Fills, stream_query: StreamQuery = None
+    ) -> Response[Any]:
+        """Fill a document without storing anything: text, spans, parameters, seed and timings."""
+        document = fills.parse(data.document)
+        stream = wants_stream(request, body_flag=data.stream, query_flag=stream_query)
+        job = fills.submit(document, data.options, data.instruction, stream=stream, trace=data.trace)
+
+        async def finish(outcome: Any) -> dict[str, Any]:
+            return fill_body(outcome, trace=data.trace)
+
+        if stream:
+            return await fills.stream(request, job, finish)
+        return Response(await fills.run(request, job, finish), status_code=HTTP_200_OK)
+
+
+class DocumentController(Controller):
+    path = "/api/v1/documents"
+    tags = ("documents",)
+
+    @post("/", responses=_errors(401, 413, 422))
+    async def create(self, data: JSONBody[DocumentCreate], store: Storage, fills: Fills) -> DocumentOut:
+        """Create a document. Its source must parse (mistakes are 422 with line and column)."""
+        fills.parse(data.source)
+        return DocumentOut.from_info(await in_thread(store.create_document, data.title, data.source))
+
+    @get("/")
+    async def list_documents(self, store: Storage, limit: Limit = 20, offset: Offset = 0) -> DocumentPage:
+        """Documents, most recently changed first, a page at a time."""
+        page = await in_thread(lambda: store.list_documents(limit=limit, offset=offset))
+        return DocumentPage(
+            items=[DocumentSummary.from_info(i) for i in page.items], total=page.total, limit=limit, offset=offset
+        )
+
+    @get("/{document_id:int}", responses=_errors(401, 404))
+    async def read(self, document_id: DocumentId, store: Storage) -> DocumentOut:
+        """One document with its source."""
+        return DocumentOut.from_info(await in_thread(store.get_document, document_id))
+
+    @put("/{document_id:int}", responses=_errors(401, 404, 413, 422))
+    async def replace(
+        self, document_id: DocumentId, data: JSONBody[DocumentReplace], store: Storage, fills: Fills
+    ) -> DocumentOut:
+        """Replace a document's title and source. Existing revisions keep the source they filled."""
+        fills.parse(data.source)
+        info = await in_thread(lambda: store.update_document(document_id, title=data.title, source=data.source))
+        return DocumentOut.from_info(info)
+
+    @patch("/{document_id:int}", responses=_errors(401, 404, 413, 422))
+    async def update(
+        self, document_id: DocumentId, data: JSONBody[DocumentPatch], store: Storage, fills: Fills
+    ) -> DocumentOut:
+        """Change a document's title, source or both."""
+        if data.source is not None:
+            fills.parse(data.source)
+        info = await in_thread(lambda: store.update_document(document_id, title=data.title, source=data.source))
+        return DocumentOut.from_info(info)
+
+    @delete("/{document_id:int}", status_code=HTTP_204_NO_CONTENT, responses=_errors(401, 404))
+    async def remove(self, document_id: DocumentId, store: Storage) -> None:
+        """Delete a document and all of its revisions."""
+        await in_thread(store.delete_document, document_id)
+
+    @post(
+        "/{document_id:int}/fill",
+        status_code=HTTP_201_CREATED,
+        responses=_fill_responses(201, RevisionOut, "the new revision") | _errors(404),
+    )
+    async def fill(
+        self,
+        request: AnyRequest,
+        document_id: DocumentId,
+        fills: Fills,
+        store: Storage,
+        data: JSONBody[FillParameters | None] = None,
+        stream_query: StreamQuery = None,
+    ) -> Response[Any]:
+        """Fill the document's current source and store the result as its next revision (whose
+        parent is the previous latest revision). Nothing is stored if the fill fails."""
+        data = data or FillParameters()
+        info = await in_thread(store.get_document, document_id)
+        source = info.document.source
+        document = fills.parse(source)
+        stream = wants_stream(request, body_flag=data.stream, query_flag=stream_query)
+        job = fills.submit(document, data.options, data.instruction, stream=stream, trace=data.trace)
+        instruction = data.instruction or fills.settings.instruction
+
+        async def finish(outcome: Any) -> dict[str, Any]:
+            new = new_revision(outcome.results[0], outcome, source=source, instruction=instruction)
+            return await store_revision(store, document_id, new, trace=data.trace)
+
+        return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
+
+
+class RevisionController(Controller):
+    path = "/api/v1/documents/{document_id:int}"
+    tags = ("revisions",)
+
+    @get("/revisions", responses=_errors(401, 404))
+    async def list_revisions(
+        self, document_id: DocumentId, store: Storage, limit: Limit = 20, offset: Offset = 0
+    ) -> RevisionPage:
+        """A document's revisions, newest first."""
+        page = await in_thread(lambda: store.list_revisions(document_id, limit=limit, offset=offset))
+        return RevisionPage(
+            items=[RevisionSummary.from_revision(r) for r in page.items], total=page.total, limit=limit, offset=offset
+        )
+
+    @get("/revisions/{number:int}", responses=_errors(401, 404))
+    async def read(
+        self,
+        document_id: DocumentId,
+        number: Number,
+        store: Storage,
+        trace: Annotated[bool, QueryParameter(description="include the step trace")] = False,
+    ) -> RevisionOut:
+        """One revision: source, filled text, spans, every sampler parameter, timings."""
+        return RevisionOut.from_revision(await in_thread(store.get_revision, document_id, number), trace=trace)
+
+    @get("/diff", responses=_errors(401, 404))
+    async def diff(
+        self,
+        document_id: DocumentId,
+        store: Storage,
+        from_revision: Annotated[int, QueryParameter(name="from", description="the older revision")],
+        to_revision: Annotated[int, QueryParameter(name="to", description="the newer revision")],
+    ) -> DiffOut:
+        """What changed between two revisions: each span's text, and a word and line diff of the text."""
+        before = await in_thread(store.get_revision, document_id, from_revision)
+        after = await in_thread(store.get_revision, document_id, to_revision)
+        return diff_revisions(before, after)
+
+    @post(
+        "/revisions/{number:int}/spans/{key:str}/regenerate",
+        status_code=HTTP_201_CREATED,
+        responses=_fill_responses(201, RevisionOut, "the new revision") | _errors(404),
+    )
+    async def regenerate(
+        self,
+        request: AnyRequest,
+        document_id: DocumentId,
+        number: Number,
+        key: FromPath[str],
+        fills: Fills,
+        store: Storage,
+        data: JSONBody[RegenerateRequest | None] = None,
+        stream_query: StreamQuery = None,
+    ) -> Response[Any]:
+        """Refill one span (by name or 0-based index) with every other span pinned to this
+        revision's text; stored as a new revision whose parent is this one. Options default to
+        this revision's, with a fresh seed."""
+        data = data or RegenerateRequest()
+        revision = await in_thread(store.get_revision, document_id, number)
+        original = fills.parse(revision.source)
+        span = find_span(original, key, f"revision {number} of document {document_id}")
+        pinned = pin_all_but(original, revision, span.index)
+        options = data.options or revision_options(revision)
+        instruction = data.instruction or revision.instruction or fills.settings.instruction
+        stream = wants_stream(request, body_flag=data.stream, query_flag=stream_query)
+        job = fills.submit(pinned, options, instruction, stream=stream, trace=data.trace)
+
+        async def finish(outcome: Any) -> dict[str, Any]:
+            new = regenerated(revision, span.index, outcome, instruction)
+            return await store_revision(store, document_id, new, trace=data.trace)
+
+        return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
+
+
+class HealthController(Controller):
+    path = "/"
+    tags = ("health",)
+
+    @get("/health")
+    async def health(self) -> Health:
+        """The process is up."""
+        return Health(status="ok")
+
+    @get("/ready", responses={503: ResponseSpec(Readiness, description="not ready yet (or broken)")})
+    async def ready(self, worker: Worker, store: Storage) -> Response[Readiness]:
+        """Ready to fill: the model is loaded and the database answers."""
+        try:
+            await in_thread(store.ping)
+            database = "ok"
+        except Exception:
+            database = "unreachable"
+        error = str(worker.load_error) if worker.load_error is not None else None
+        body = Readiness(
+            ready=worker.ready and database == "ok",
+            model=worker.model_name,
+            model_error=error,
+            database=database,
+            queued=worker.queued,
+        )  # type: ignore[arg-type]
+        return Response(body, status_code=HTTP_200_OK if body.ready else HTTP_503_SERVICE_UNAVAILABLE)
+
+    @get("/", media_type=MediaType.HTML, include_in_schema=False)
+    async def index(self, worker: Worker) -> str:
+        """A placeholder until the web editor arrives."""
+        model = html.escape(worker.model_name or "loading...")
+        return (
+            "<!doctype html><html lang=en><head><meta charset=utf-8><title>editor</title></head><body>"
+            "<h1>editor</h1><p>The web editor is coming. Meanwhile, the REST API is documented at "
+            f'<a href="/schema">/schema</a>.</p><p>Model: {model}</p></body></html>'
+        )
+
+
+CONTROLLERS = [FillController, DocumentController, RevisionController]
+
+__all__ = ["CONTROLLERS", "DocumentController", "FillController", "HealthController", "RevisionController"]

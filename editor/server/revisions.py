@@ -1,0 +1,203 @@
+"""What a fill means for the stored history: the revision a fill becomes, the "everything else
+pinned" document that regenerates one span, the spans of the merged result, and the diff between
+two revisions. Pure functions of documents, fill results and stored revisions: no HTTP here."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+from editor.canvas import SpanFill, split_literals
+from editor.db.models import Revision
+from editor.db.services import NewRevision, NotFound
+from editor.document import Document, MaskSpan
+from editor.filling import FillResult
+from editor.options import SamplerOptions
+from editor.server.schemas import DiffOut, SpanChange, TextChunk
+from editor.server.worker import JobOutcome
+
+_WORDS = re.compile(r"\s+|\w+|[^\w\s]")
+
+
+def new_revision(
+    result: FillResult,
+    outcome: JobOutcome,
+    *,
+    source: str,
+    instruction: str | None,
+    spans: list[SpanFill] | None = None,
+    **extra: Any,
+) -> NewRevision:
+    """What to store for a fill: the options as given, with the seed that was used."""
+    records = spans if spans is not None else result.spans
+    options = result.options.model_copy(update={"seed": result.seed}).model_dump(mode="json")
+    return NewRevision(
+        source=source,
+        text=result.text,
+        spans=records,
+        model=result.model,
+        seed=result.seed,
+        options=options,
+        steps=result.steps,
+        queued_s=outcome.queued_s,
+        fill_s=outcome.fill_s,
+        total_s=outcome.total_s,
+        instruction=instruction,
+        trace=outcome.trace,
+        **extra,
+    )
+
+
+def revision_options(revision: Revision) -> SamplerOptions:
+    """The revision's sampler options with a fresh seed (fields this version does not know are dropped)."""
+    known = {k: v for k, v in revision.options.items() if k in SamplerOptions.model_fields and k != "seed"}
+    return SamplerOptions.model_validate(known)
+
+
+# --------------------------------------------------------------------------- regenerate one span
+
+
+def find_span(document: Document, key: str, where: str) -> MaskSpan:
+    """A span by name or 0-based index; NotFound otherwise."""
+    try:
+        return document.span(key)
+    except KeyError:
+        raise NotFound(f"span {key!r} of {where}") from None
+
+
+def pin_all_but(document: Document, revision: Revision, target: int) -> Document:
+    """The document with every span but `target` replaced by the revision's fill, as literal text.
+
+    Literal text comes from the revision's filled text, so the seams read exactly as they did;
+    only the literal right before the target is the document's own (the old fill may have taken
+    over its trailing space, and the new fill must be free to do so again)."""
+    literals, spans = split_literals(document)
+    fills = {s.index: s for s in revision.spans}
+    if sorted(fills) != list(range(len(spans))):
+        raise ValueError(f"revision {revision.number} does not cover the spans of its source")
+    segments: list[str | MaskSpan] = []
+    at = 0  # offset in the revision's text where the next literal starts
+    for span in spans:
+        fill = fills[span.index]
+        if span.index == target:
+            segments += [literals[span.index], span]
+        else:
+            segments += [revision.text[at : fill.start], fill.text]
+        at = fill.end
+    segments.append(revision.text[at:])
+    return Document(_merge_literals(segments))
+
+
+def _merge_literals(segments: list[str | MaskSpan]) -> tuple[str | MaskSpan, ...]:
+    merged: list[str | MaskSpan] = []
+    for segment in segments:
+        if isinstance(segment, str):
+            if not segment:
+                continue
+            if merged and isinstance(merged[-1], str):
+                merged[-1] += segment
+                continue
+        merged.append(segment)
+    return tuple(merged)
+
+
+def merged_spans(revision: Revision, target: int, result: FillResult) -> list[SpanFill]:
+    """All of the original document's spans for the new text: the refilled one from `result`, the
+    ones before it unchanged, the ones after it moved by the change in length."""
+    (new,) = result.spans
+    old = next(s for s in revision.spans if s.index == target)
+    shift = new.end - old.end
+    records: list[SpanFill] = []
+    for span in revision.spans:
+        if span.index == target:
+            records.append(new.model_copy(update={"index": target, "name": span.name}))
+        else:
+            moved = shift if span.index > target else 0
+            records.append(
+                SpanFill(
+                    index=span.index,
+                    name=span.name,
+                    start=span.start + moved,
+                    end=span.end + moved,
+                    text=span.text,
+                    token_ids=list(span.token_ids),
+                    confidence=span.confidence,
+                )
+            )
+    for record in records:  # the offsets must point at the fills, or the revision would lie
+        if result.text[record.start : record.end] != record.text:
+            raise RuntimeError(f"span {record.index} does not line up with the regenerated text")
+    return records
+
+
+def regenerated(revision: Revision, target: int, outcome: JobOutcome, instruction: str | None) -> NewRevision:
+    result = outcome.results[0]
+    return new_revision(
+        result,
+        outcome,
+        source=revision.source,
+        instruction=instruction,
+        spans=merged_spans(revision, target, result),
+        kind="regenerate",
+        regenerated_span=target,
+        parent_number=revision.number,
+    )
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def diff_revisions(before: Revision, after: Revision) -> DiffOut:
+    """Per-span changes (spans matched by name, else index) and a word- and line-level text diff."""
+    old = {_key(s.name, s.index): s for s in before.spans}
+    changes: list[SpanChange] = []
+    for span in after.spans:
+        previous = old.pop(_key(span.name, span.index), None)
+        was = previous.text if previous is not None else None
+        changes.append(
+            SpanChange(
+                key=_key(span.name, span.index), index=span.index, before=was, after=span.text, changed=was != span.text
+            )
+        )
+    changes += [SpanChange(key=key, index=None, before=s.text, after=None, changed=True) for key, s in old.items()]
+    return DiffOut(
+        document_id=after.document_id,
+        from_revision=before.number,
+        to_revision=after.number,
+        source_changed=before.source != after.source,
+        spans=changes,
+        chunks=word_diff(before.text, after.text),
+        unified=line_diff(before.text, after.text, f"revision {before.number}", f"revision {after.number}"),
+    )
+
+
+def _key(name: str | None, index: int) -> str:
+    return name if name is not None else str(index)
+
+
+def word_diff(before: str, after: str) -> list[TextChunk]:
+    a, b = _WORDS.findall(before), _WORDS.findall(after)
+    matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+    return [
+        TextChunk(op=op, before="".join(a[i1:i2]), after="".join(b[j1:j2]))  # type: ignore[arg-type]
+        for op, i1, i2, j1, j2 in matcher.get_opcodes()
+    ]
+
+
+def line_diff(before: str, after: str, from_name: str, to_name: str) -> str:
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True), after.splitlines(keepends=True), fromfile=from_name, tofile=to_name
+    )
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+__all__ = [
+    "diff_revisions",
+    "find_span",
+    "merged_spans",
+    "new_revision",
+    "pin_all_but",
+    "regenerated",
+    "revision_options",
+]

@@ -1,0 +1,270 @@
+"""Request and response bodies of the REST API (pydantic; they make up the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from editor.canvas import SpanFill
+from editor.db.models import Revision
+from editor.db.services import DocumentInfo
+from editor.filling import FillResult
+from editor.options import SamplerOptions
+from editor.server.worker import JobOutcome
+
+MAX_TITLE = 200
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- fills
+
+
+class FillParameters(_Request):
+    """How to fill: sampler options, an optional instruction (the user turn for instruct models),
+    whether to stream the steps as server-sent events, and whether to return the step trace."""
+
+    options: SamplerOptions = Field(default_factory=SamplerOptions, description="sampler parameters")
+    instruction: str | None = Field(None, description="instruction for instruct models; default: the server's")
+    stream: bool = Field(False, description="answer with server-sent events: one `step` per step, then `result`")
+    trace: bool = Field(False, description="include every step's commits in the result")
+
+
+class FillRequest(FillParameters):
+    """A stateless fill: nothing is stored."""
+
+    document: str = Field(description="the document, with [MASK ...] spans", examples=["Dear [MASK 3 name=greeting],"])
+
+
+class RegenerateRequest(_Request):
+    """Options for refilling one span; unset fields take the revision's own values (with a fresh seed)."""
+
+    options: SamplerOptions | None = Field(None, description="sampler parameters; default: the revision's, new seed")
+    instruction: str | None = Field(None, description="default: the revision's instruction")
+    stream: bool = False
+    trace: bool = False
+
+
+class Timings(BaseModel):
+    queued_s: float = Field(description="waiting for the model worker")
+    fill_s: float = Field(description="laying out the canvas and sampling")
+    total_s: float
+
+
+class FillOut(BaseModel):
+    """The result of a fill."""
+
+    text: str
+    spans: list[SpanFill]
+    model: str
+    seed: int = Field(description="the seed used; pass it back to reproduce the fill")
+    steps: int = Field(description="sampler steps run")
+    options: SamplerOptions
+    timings: Timings
+    trace: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def from_outcome(cls, result: FillResult, outcome: JobOutcome, *, trace: bool) -> FillOut:
+        return cls(
+            text=result.text,
+            spans=result.spans,
+            model=result.model,
+            seed=result.seed,
+            steps=result.steps,
+            options=result.options.model_copy(update={"seed": result.seed}),
+            timings=Timings(
+                queued_s=round(outcome.queued_s, 4), fill_s=round(outcome.fill_s, 4), total_s=round(outcome.total_s, 4)
+            ),
+            trace=outcome.trace if trace else None,
+        )
+
+
+# --------------------------------------------------------------------------- documents
+
+
+class DocumentCreate(_Request):
+    title: str = Field("Untitled", min_length=1, max_length=MAX_TITLE)
+    source: str = Field(description="the document source, with [MASK ...] spans")
+
+
+class DocumentReplace(_Request):
+    title: str = Field(min_length=1, max_length=MAX_TITLE)
+    source: str
+
+
+class DocumentPatch(_Request):
+    title: str | None = Field(None, min_length=1, max_length=MAX_TITLE)
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> DocumentPatch:
+        if self.title is None and self.source is None:
+            raise ValueError("give title, source or both")
+        return self
+
+
+class DocumentSummary(BaseModel):
+    id: int
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    revision_count: int
+    latest_revision: int | None
+
+    @classmethod
+    def from_info(cls, info: DocumentInfo) -> DocumentSummary:
+        d = info.document
+        return cls(
+            id=d.id,
+            title=d.title,
+            created_at=d.created_at,
+            updated_at=d.updated_at,
+            revision_count=info.revision_count,
+            latest_revision=info.latest_revision,
+        )
+
+
+class DocumentOut(DocumentSummary):
+    source: str
+
+    @classmethod
+    def from_info(cls, info: DocumentInfo) -> DocumentOut:
+        return cls(**DocumentSummary.from_info(info).model_dump(), source=info.document.source)
+
+
+class DocumentPage(BaseModel):
+    items: list[DocumentSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+# --------------------------------------------------------------------------- revisions
+
+
+class RevisionSummary(BaseModel):
+    document_id: int
+    number: int = Field(description="1, 2, 3... per document")
+    parent: int | None = Field(description="the parent revision's number")
+    kind: Literal["fill", "regenerate"]
+    regenerated_span: int | None = Field(description="for kind=regenerate: the index of the refilled span")
+    model: str
+    seed: int
+    steps: int
+    created_at: datetime
+
+    @staticmethod
+    def fields_of(revision: Revision) -> dict[str, Any]:
+        return {
+            "document_id": revision.document_id,
+            "number": revision.number,
+            "parent": revision.parent_number,
+            "kind": revision.kind,
+            "regenerated_span": revision.regenerated_span,
+            "model": revision.model,
+            "seed": revision.seed,
+            "steps": revision.steps,
+            "created_at": revision.created_at,
+        }
+
+    @classmethod
+    def from_revision(cls, revision: Revision) -> RevisionSummary:
+        return cls(**cls.fields_of(revision))
+
+
+class RevisionOut(RevisionSummary):
+    source: str = Field(description="the document source that was filled")
+    instruction: str | None
+    text: str
+    spans: list[SpanFill]
+    options: dict[str, Any] = Field(description="every sampler parameter, with the seed used")
+    timings: Timings
+    trace: list[dict[str, Any]] | None = Field(None, description="step events, when asked for with ?trace=true")
+
+    @classmethod
+    def from_revision(cls, revision: Revision, *, trace: bool = False) -> RevisionOut:
+        return cls(
+            **cls.fields_of(revision),
+            source=revision.source,
+            instruction=revision.instruction,
+            text=revision.text,
+            spans=[
+                SpanFill(
+                    index=s.index,
+                    name=s.name,
+                    start=s.start,
+                    end=s.end,
+                    text=s.text,
+                    token_ids=list(s.token_ids),
+                    confidence=s.confidence,
+                )
+                for s in revision.spans
+            ],
+            options=revision.options,
+            timings=Timings(queued_s=revision.queued_s, fill_s=revision.fill_s, total_s=revision.total_s),
+            trace=revision.trace if trace else None,
+        )
+
+
+class RevisionPage(BaseModel):
+    items: list[RevisionSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class SpanChange(BaseModel):
+    key: str = Field(description="the span's name, or its index as text")
+    index: int | None = Field(description="index in the newer revision (None if it has no such span)")
+    before: str | None
+    after: str | None
+    changed: bool
+
+
+class TextChunk(BaseModel):
+    op: Literal["equal", "insert", "delete", "replace"]
+    before: str
+    after: str
+
+
+class DiffOut(BaseModel):
+    """What changed from one revision to another."""
+
+    document_id: int
+    from_revision: int
+    to_revision: int
+    source_changed: bool = Field(description="whether the two revisions filled different document sources")
+    spans: list[SpanChange]
+    chunks: list[TextChunk] = Field(description="word-level diff of the filled texts")
+    unified: str = Field(description="line-level unified diff of the filled texts")
+
+
+# --------------------------------------------------------------------------- misc
+
+
+class ErrorOut(BaseModel):
+    """Every error answer has this shape; document errors add where and what was expected."""
+
+    status_code: int
+    detail: str
+    message: str | None = Field(None, description="for document errors: what is wrong, without the place")
+    line: int | None = None
+    column: int | None = None
+    expected: str | None = None
+    extra: Any = Field(None, description="for malformed requests: which fields are wrong")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model: str | None = Field(description="the loaded model, once loaded")
+    model_error: str | None = None
+    database: Literal["ok", "unreachable"]
+    queued: int = Field(description="fills waiting for the worker")

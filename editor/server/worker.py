@@ -1,0 +1,538 @@
+"""The single model worker (DESIGN.md §8).
+
+One thread owns the model: it loads it at start, then takes fill jobs from a bounded queue, one
+batch at a time. The event loop never runs model code; it only puts jobs in (`submit`, which
+raises `QueueFull` when the queue is at capacity) and awaits what the thread hands back through
+`loop.call_soon_threadsafe`: a "started" signal once the canvases are laid out, each step (for
+streaming jobs), and the outcome.
+
+Batching: jobs are run together when their sampler options are equal and deterministic
+(temperature 0, no random schedule, no position sampling). With randomness, a shared sampler run
+would draw different numbers than the job run alone, and the reported seed would not reproduce
+the fill, so such jobs run alone. Each job keeps its own cancel flag: a batch stops early only
+when every job in it is cancelled; a cancelled job in a running batch just has its result dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any, Literal
+
+import torch
+
+from editor.canvas import Canvas
+from editor.document import Document
+from editor.filling import FillResult, fill_canvases, locate, prepare_canvas
+from editor.models.base import DiffusionModel
+from editor.models.loading import load_configured
+from editor.options import FillCancelled, SamplerOptions
+from editor.sampler import StepEvent
+from editor.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+ModelLoader = Callable[[], DiffusionModel]
+_RANDOM_SCHEDULES = ("random",)
+_POSITION_SAMPLING = ("confidence", "margin", "entropy", "blocks")  # schedules that use alg_temp
+
+
+class QueueFull(RuntimeError):
+    """The queue is at capacity; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"the fill queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class WorkerUnavailable(RuntimeError):
+    """The model could not be loaded, or the worker is shutting down."""
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """One token committed at a step, located in the document."""
+
+    row: int  # which of the job's documents
+    span: int  # the span's index in its document
+    name: str | None
+    offset: int  # token offset inside the span
+    position: int  # canvas position
+    token_id: int
+    token: str
+    confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "row": self.row,
+            "span": self.span,
+            "name": self.name,
+            "offset": self.offset,
+            "position": self.position,
+            "token_id": self.token_id,
+            "token": self.token,
+            "confidence": round(self.confidence, 6),
+        }
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    step: int
+    commits: list[CommitInfo]
+    remaining: int  # masks left over all of the job's rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "commits": [c.to_dict() for c in self.commits], "remaining": self.remaining}
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    results: list[FillResult]  # one per document, in order
+    trace: list[dict[str, Any]] | None
+    queued_s: float  # waiting in the queue
+    fill_s: float  # laying out canvases and sampling
+    total_s: float
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What the worker remembers about a finished job (for /ready and tests)."""
+
+    id: int
+    state: JobState
+    steps_done: int
+    rows: int
+    error: str | None
+
+
+_job_ids = count(1)
+
+
+@dataclass(eq=False)
+class FillJob:
+    """A unit of work: documents filled with one set of options. Created by `ModelWorker.submit`;
+    the awaiting methods must be used on the event loop that submitted it."""
+
+    documents: list[Document]
+    options: SamplerOptions
+    instruction: str | None
+    max_canvas_tokens: int | None
+    stream: bool
+    keep_trace: bool
+    loop: asyncio.AbstractEventLoop
+    id: int = field(default_factory=lambda: next(_job_ids))
+    state: JobState = "queued"
+    steps_done: int = 0
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    canvases: list[Canvas] = field(default_factory=list)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _started: asyncio.Future[None] = field(init=False)
+    _outcome: asyncio.Future[JobOutcome] = field(init=False)
+    _events: asyncio.Queue[StepUpdate | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._started = self.loop.create_future()
+        self._outcome = self.loop.create_future()
+        self._events = asyncio.Queue()
+
+    # -- event-loop side --
+
+    def cancel(self) -> None:
+        """Stop this job at the sampler's next step (safe from any thread)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def rows(self) -> int:
+        return len(self.documents)
+
+    async def wait_started(self) -> None:
+        """Returns once the canvases are laid out; raises the job's error if it failed before."""
+        await asyncio.shield(self._started)
+
+    async def result(self) -> JobOutcome:
+        return await asyncio.shield(self._outcome)
+
+    async def steps(self) -> AsyncIterator[StepUpdate]:
+        """Each step as it happens (streaming jobs only), until the job ends."""
+        while (update := await self._events.get()) is not None:
+            yield update
+
+    # -- worker-thread side --
+
+    def _call(self, callback: Callable[..., object], *args: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            self.cancel()
+
+    def _signal_started(self) -> None:
+        self._call(_resolve, self._started, None)
+
+    def _publish(self, update: StepUpdate) -> None:
+        if self.stream:
+            self._call(self._events.put_nowait, update)
+
+    def _finish(self, state: JobState, outcome: JobOutcome | None = None, error: BaseException | None = None) -> None:
+        self.state = state  # set before the loop is told, so waiters see the final state
+        if error is not None:
+            self._call(_fail, self._started, error)
+            self._call(_fail, self._outcome, error)
+        else:
+            self._call(_resolve, self._started, None)
+            self._call(_resolve, self._outcome, outcome)
+        self._call(self._events.put_nowait, None)
+
+
+def _resolve(future: asyncio.Future[Any], value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+        future.exception()  # mark retrieved: a client that went away never awaits it
+
+
+def deterministic(options: SamplerOptions) -> bool:
+    """True when a fill draws no random numbers, so batching cannot change its result."""
+    if options.temperature > 0 or options.schedule in _RANDOM_SCHEDULES:
+        return False
+    return not (options.alg_temp > 0 and options.schedule in _POSITION_SAMPLING)
+
+
+def compatible(first: FillJob, other: FillJob) -> bool:
+    """Whether `other` may share a sampler run with `first`."""
+    return deterministic(first.options) and other.options == first.options
+
+
+class _JobQueue:
+    """A bounded FIFO that the batcher can also search for compatible jobs."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._jobs: deque[FillJob] = deque()
+        self._ready = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def put(self, job: FillJob, retry_after: Callable[[int], int]) -> None:
+        with self._ready:
+            if len(self._jobs) >= self.capacity:
+                raise QueueFull(retry_after(len(self._jobs)))
+            self._jobs.append(job)
+            self._ready.notify()
+
+    def take(self, timeout: float) -> FillJob | None:
+        with self._ready:
+            if not self._jobs:
+                self._ready.wait(timeout)
+            return self._jobs.popleft() if self._jobs else None
+
+    def take_matching(self, matches: Callable[[FillJob], bool], rows_left: int) -> list[FillJob]:
+        """Remove and return queued jobs that match and fit in `rows_left` rows, oldest first."""
+        taken: list[FillJob] = []
+        with self._ready:
+            for job in list(self._jobs):
+                if job.rows <= rows_left and matches(job):
+                    self._jobs.remove(job)
+                    taken.append(job)
+                    rows_left -= job.rows
+        return taken
+
+    def wait(self, timeout: float) -> None:
+        with self._ready:
+            self._ready.wait(timeout)
+
+    def drain(self) -> list[FillJob]:
+        with self._ready:
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            return jobs
+
+
+def settings_loader(settings: Settings) -> ModelLoader:
+    """Loads the configured model (None = the bundled default) on the configured device."""
+
+    def load() -> DiffusionModel:
+        return load_configured(settings)
+
+    return load
+
+
+class ModelWorker:
+    """Owns the model in one thread; see the module docstring."""
+
+    def __init__(self, settings: Settings, loader: ModelLoader | None = None) -> None:
+        self.settings = settings
+        self._loader = loader or settings_loader(settings)
+        self._queue = _JobQueue(settings.queue_size)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._loaded = threading.Event()
+        self._running: list[FillJob] = []
+        self.model: DiffusionModel | None = None
+        self.load_error: BaseException | None = None
+        self.recent: deque[JobSummary] = deque(maxlen=256)
+        self._job_seconds = 1.0  # moving average of a batch's duration, for Retry-After
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        """Start the thread; the model loads there, and `ready` turns true when it has."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="editor-model-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel running and queued jobs and wait for the thread to end."""
+        self._stopping.set()
+        for job in list(self._running):
+            job.cancel()
+        for job in self._queue.drain():
+            job._finish("cancelled", error=WorkerUnavailable("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded.is_set() and self.model is not None and not self._stopping.is_set()
+
+    @property
+    def model_name(self) -> str | None:
+        return self.model.name if self.model is not None else None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the model has loaded (or failed to); True when it is ready."""
+        self._loaded.wait(timeout)
+        return self.ready
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- submitting (event loop) --
+
+    def submit(
+        self,
+        documents: Sequence[Document],
+        options: SamplerOptions,
+        *,
+        instruction: str | None = None,
+        stream: bool = False,
+        keep_trace: bool | None = None,
+    ) -> FillJob:
+        """Queue a fill; call on the event loop. Raises `QueueFull` or `WorkerUnavailable`."""
+        if self._stopping.is_set():
+            raise WorkerUnavailable("the server is shutting down")
+        if self.load_error is not None:
+            raise WorkerUnavailable(f"the model failed to load: {self.load_error}")
+        job = FillJob(
+            documents=list(documents),
+            options=options,
+            instruction=instruction,
+            max_canvas_tokens=self.settings.max_canvas_tokens,
+            stream=stream,
+            keep_trace=self.settings.keep_step_trace if keep_trace is None else keep_trace,
+            loop=asyncio.get_running_loop(),
+        )
+        self._queue.put(job, self._retry_after)
+        return job
+
+    def _retry_after(self, waiting: int) -> int:
+        """Seconds until the queue has likely drained by one batch's worth."""
+        batches = waiting / max(1, self.settings.max_batch_rows) + 1
+        return max(1, min(60, math.ceil(batches * self._job_seconds)))
+
+    # -- the thread --
+
+    def _run(self) -> None:
+        try:
+            self.model = self._loader()
+            log.info("model %s loaded on %s", self.model.name, self.model.device)
+        except BaseException as error:
+            self.load_error = error
+            log.exception("the model failed to load")
+            for job in self._queue.drain():
+                job._finish("failed", error=WorkerUnavailable(f"the model failed to load: {error}"))
+            return
+        finally:
+            self._loaded.set()
+        while not self._stopping.is_set():
+            first = self._queue.take(timeout=0.1)
+            if first is None:
+                continue
+            batch = self._gather(first)
+            self._running = batch
+            try:
+                self._run_batch(batch)
+            except Exception as error:
+                log.exception("the worker failed on a batch")
+                for job in batch:
+                    if job.state in ("queued", "running"):
+                        self._close(job, "failed", error=error)
+            finally:
+                self._running = []
+
+    def _gather(self, first: FillJob) -> list[FillJob]:
+        """`first` plus compatible queued jobs, waiting up to the batch window for more to arrive."""
+        batch = [first]
+        if not deterministic(first.options):
+            return batch
+        rows_left = self.settings.max_batch_rows - first.rows
+        deadline = time.perf_counter() + self.settings.batch_window_ms / 1000
+        while rows_left > 0:
+            more = self._queue.take_matching(lambda job: compatible(first, job), rows_left)
+            batch += more
+            rows_left -= sum(job.rows for job in more)
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or rows_left <= 0:
+                break
+            self._queue.wait(remaining)
+        return batch
+
+    def _run_batch(self, jobs: list[FillJob]) -> None:
+        assert self.model is not None
+        started = time.perf_counter()
+        live = [job for job in jobs if self._prepare(job, started)]
+        if not live:
+            return
+        owners = [(job, row) for job in live for row in range(job.rows)]
+        canvases = [canvas for job in live for canvas in job.canvases]
+        try:
+            with torch.inference_mode():
+                results = fill_canvases(
+                    self.model,
+                    canvases,
+                    live[0].options,
+                    started=started,
+                    on_step=lambda event: self._route_step(event, live, owners),
+                    should_cancel=lambda: self._stopping.is_set() or all(job.cancelled for job in live),
+                )
+        except FillCancelled:
+            for job in live:
+                self._close(job, "cancelled", error=FillCancelled(f"fill cancelled after {job.steps_done} steps"))
+            return
+        except Exception as error:
+            log.exception("fill failed")
+            for job in live:
+                self._close(job, "failed", error=error)
+            return
+        finished = time.perf_counter()
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * (finished - started)
+        first_row = 0
+        for job in live:
+            mine = results[first_row : first_row + job.rows]
+            first_row += job.rows
+            if job.cancelled:
+                self._close(job, "cancelled", error=FillCancelled("fill cancelled"))
+                continue
+            assert job.started_at is not None
+            outcome = JobOutcome(
+                results=mine,
+                trace=job.trace if job.keep_trace else None,
+                queued_s=job.started_at - job.submitted_at,
+                fill_s=finished - job.started_at,
+                total_s=finished - job.submitted_at,
+            )
+            self._close(job, "done", outcome=outcome)
+
+    def _prepare(self, job: FillJob, started: float) -> bool:
+        """Lay out the job's canvases (choices and free musts use the model); False if it cannot run."""
+        assert self.model is not None
+        if job.cancelled:
+            self._close(job, "cancelled", error=FillCancelled("fill cancelled before it started"))
+            return False
+        job.state, job.started_at = "running", started
+        try:
+            with torch.inference_mode():
+                job.canvases = [
+                    prepare_canvas(
+                        self.model, document, instruction=job.instruction, max_canvas_tokens=job.max_canvas_tokens
+                    )
+                    for document in job.documents
+                ]
+        except Exception as error:
+            self._close(job, "failed", error=error)
+            return False
+        job._signal_started()
+        return True
+
+    def _route_step(self, event: StepEvent, live: list[FillJob], owners: list[tuple[FillJob, int]]) -> None:
+        """Split one sampler step between the jobs of the batch, and hand each its own part."""
+        commits: dict[int, list[CommitInfo]] = {job.id: [] for job in live}
+        counts: dict[int, int] = {job.id: 0 for job in live}
+        for commit in event.commits:
+            job, row = owners[commit.row]
+            counts[job.id] += 1
+            if job.stream or job.keep_trace:  # decoding token text costs time: only when someone reads it
+                commits[job.id].append(self._describe(job, row, commit.position, commit.token_id, commit.confidence))
+        first_row = 0
+        for job in live:
+            remaining = sum(event.remaining[first_row : first_row + job.rows])
+            first_row += job.rows
+            if counts[job.id] == 0 or job.cancelled:
+                continue
+            job.steps_done = event.step + 1
+            if not (job.stream or job.keep_trace):
+                continue
+            update = StepUpdate(step=event.step, commits=commits[job.id], remaining=remaining)
+            if job.keep_trace:
+                job.trace.append(update.to_dict())
+            job._publish(update)
+
+    def _describe(self, job: FillJob, row: int, position: int, token_id: int, confidence: float) -> CommitInfo:
+        assert self.model is not None
+        canvas = job.canvases[row]
+        where = locate(canvas, position)
+        span, offset = (canvas.spans[where[0]].span, where[1]) if where is not None else (None, -1)
+        token = str(self.model.tokenizer.decode([token_id], clean_up_tokenization_spaces=False))
+        return CommitInfo(
+            row=row,
+            span=span.index if span else -1,
+            name=span.name if span else None,
+            offset=offset,
+            position=position,
+            token_id=token_id,
+            token=token,
+            confidence=confidence,
+        )
+
+    def _close(
+        self, job: FillJob, state: JobState, *, outcome: JobOutcome | None = None, error: BaseException | None = None
+    ) -> None:
+        # Recorded before the waiter hears of it, so whoever awaited the job sees the summary.
+        self.recent.append(JobSummary(job.id, state, job.steps_done, job.rows, None if error is None else str(error)))
+        job._finish(state, outcome=outcome, error=error)
+
+
+__all__ = [
+    "CommitInfo",
+    "FillJob",
+    "JobOutcome",
+    "JobSummary",
+    "ModelWorker",
+    "QueueFull",
+    "StepUpdate",
+    "WorkerUnavailable",
+    "compatible",
+    "deterministic",
+    "settings_loader",
+]

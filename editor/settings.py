@@ -1,0 +1,93 @@
+"""One settings object for the server, the CLI and the database layer (DESIGN.md §7, §8).
+
+Values come from keyword arguments, then `EDITOR_*` environment variables, then a `.env` file in
+the current directory, then the defaults below. Every limit the API enforces is a field here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from editor.document import DocumentLimits
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+class Settings(BaseSettings):
+    """Everything an operator can configure. Environment variables are `EDITOR_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="EDITOR_", env_file=".env", extra="ignore", validate_default=True)
+
+    # Storage and model.
+    database_url: str = Field(
+        "sqlite:///editor.db", description="SQLAlchemy URL; default: editor.db in the working directory"
+    )
+    model: str | None = Field(None, description="a model directory or Hugging Face id; None = the bundled model")
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    dtype: Dtype = Field("auto", description="weights dtype; 'auto' = bfloat16 on GPU, float32 on CPU")
+    instruction: str | None = Field(None, description="default instruction for instruct models (the user turn)")
+
+    # Network.
+    host: str = Field("127.0.0.1", description="interface to listen on; anything but loopback requires api_token")
+    port: int = Field(8000, ge=1, le=65535)
+    api_token: SecretStr | None = Field(None, description="bearer token for /api routes (required off loopback)")
+
+    # Limits (DESIGN.md §8): exceeding any of them is a 4xx with a message.
+    max_document_chars: int = Field(100_000, ge=1, description="characters in a document's source")
+    max_spans: int = Field(64, ge=1, description="mask spans per document")
+    max_span_tokens: int = Field(512, ge=1, description="tokens in one span")
+    max_canvas_tokens: int = Field(4096, ge=8, description="tokens on one canvas (frame + literals + spans)")
+    max_steps: int = Field(1024, ge=1, description="largest `steps` a request may ask for")
+    max_batch_rows: int = Field(8, ge=1, description="canvases the worker runs in one sampler call")
+    queue_size: int = Field(32, ge=1, description="fills waiting for the worker; beyond this requests get 429")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the worker waits to gather a batch")
+    keep_step_trace: bool = Field(True, description="store each revision's step trace (for replay)")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        base, _, index = value.partition(":")
+        if base not in ("auto", "cpu", "cuda", "mps") or (index and (base != "cuda" or not index.isdigit())):
+            raise ValueError("device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return value
+
+    def document_limits(self) -> DocumentLimits:
+        """The parser's limits, taken from these settings."""
+        return DocumentLimits(
+            max_chars=self.max_document_chars, max_spans=self.max_spans, max_span_tokens=self.max_span_tokens
+        )
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when the server only listens on the local machine."""
+        return is_loopback_host(self.host)
+
+    @property
+    def token(self) -> str | None:
+        return self.api_token.get_secret_value() if self.api_token is not None else None
+
+    def check_serving(self) -> None:
+        """Refuse a configuration that would expose the API without a token."""
+        if not self.is_loopback and not self.token:
+            raise ValueError(
+                f"refusing to listen on {self.host}: off loopback the API needs a token; "
+                "set EDITOR_API_TOKEN (or api_token in .env), or listen on 127.0.0.1"
+            )
+
+
+def is_loopback_host(host: str) -> bool:
+    """'127.0.0.1', '::1', 'localhost' and friends; '0.0.0.0' and real interfaces are not."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+__all__ = ["Settings", "is_loopback_host"]

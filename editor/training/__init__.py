@@ -1,0 +1,1 @@
+"""Training, data preparation and evaluation of the models this project ships (`editor train`, ...)."""
