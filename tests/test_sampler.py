@@ -21,13 +21,11 @@ from editor.canvas import Canvas, encode, must_tokens
 from editor.document import DocumentError, Must
 from editor.filling import fill_documents, prepare_canvas, vocabulary_rules
 from editor.models import DiffusionModel, aligned_logits
+from editor.options import SCHEDULES, FillCancelled, SamplerOptions
 from editor.parser import parse_document
 from editor.sampler import (
-    SCHEDULES,
-    FillCancelled,
     Row,
     SampleOutput,
-    SamplerOptions,
     StepEvent,
     block_plan,
     sample,

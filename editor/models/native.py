@@ -99,7 +99,7 @@ def load_tensors(
     tensors: dict[str, torch.Tensor] = {}
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 name = rename(key)
                 if name is None:
                     continue
