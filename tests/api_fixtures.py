@@ -88,7 +88,7 @@ def make_settings(directory: Path, model_dir: Path, **overrides: Any) -> Setting
         "device": "cpu",
         "batch_window_ms": 5.0,
     }
-    settings = Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, **(values | overrides))
     migrate.upgrade(settings.database_url)
     return settings
 

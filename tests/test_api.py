@@ -12,7 +12,6 @@ from typing import Any
 
 import click
 import pytest
-from api_fixtures import SlowModel, make_settings
 from click.testing import CliRunner
 from litestar import Litestar
 from litestar.testing import TestClient
@@ -23,8 +22,9 @@ from editor.server import create_app
 from editor.server.commands import prepare_database, serve
 from editor.server.worker import ModelWorker
 from editor.settings import Settings
+from tests.api_fixtures import SlowModel, make_settings
 
-pytest_plugins = ("api_fixtures",)  # its fixtures; conftest.py belongs to the core tests
+pytest_plugins = ("tests.api_fixtures",)  # its fixtures; conftest.py belongs to the core tests
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LETTER = "Dear [MASK 3 name=greeting],\nthank you for [MASK 4]. Kind regards, [MASK 2 name=sign]"
@@ -32,7 +32,7 @@ Client = TestClient[Litestar]
 
 
 def app_for(settings: Settings, model: DiffusionModel | SlowModel) -> Litestar:
-    return create_app(settings, worker=ModelWorker(settings, loader=lambda: model))  # type: ignore[arg-type, return-value]
+    return create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
 
 
 @pytest.fixture
@@ -581,7 +581,7 @@ def test_serve_upgrades_the_database_and_prints_the_urls(
 
 
 def test_serve_no_migrate_refuses_a_database_that_is_behind(tmp_path: Path) -> None:
-    settings = Settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'old.db'}")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'old.db'}")
     with pytest.raises(click.ClickException, match="editor db upgrade"):
         prepare_database(settings, migrate_it=False)
     migrate.upgrade(settings.database_url)

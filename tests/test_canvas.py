@@ -44,7 +44,7 @@ class Biased:
 def fill_one(model: DiffusionModel, source: str | Document, **options: object) -> FillResult:
     document = parse_document(source) if isinstance(source, str) else source
     values: dict[str, object] = {"temperature": 1.0, "seed": 0, **options}
-    return fill_documents(model, [document], SamplerOptions(**values))[0]  # type: ignore[arg-type]
+    return fill_documents(model, [document], SamplerOptions(**values))[0]
 
 
 def span_start(model: DiffusionModel, source: str, number: int = 0) -> int:
@@ -58,7 +58,7 @@ def span_start(model: DiffusionModel, source: str, number: int = 0) -> int:
 
 _LITERAL_CHARS = st.one_of(
     st.sampled_from(list("  \n\t,.;:!?()[]\"'\\-$ab")),
-    st.characters(codec="utf-8", exclude_categories=("Cs",)),
+    st.characters(codec="utf-8", exclude_categories=["Cs"]),
 )
 _LITERAL = st.text(_LITERAL_CHARS, max_size=10).filter(lambda text: "[MASK" not in text)
 _LENGTH = st.tuples(st.integers(0, 3), st.integers(1, 4)).map(lambda pair: (min(pair), max(pair)))
@@ -174,7 +174,7 @@ def test_span_at_line_start_has_no_stray_space(tiny_model: DiffusionModel) -> No
         assert result.text[: span.start] == source[: source.index("[MASK")]
 
 
-def test_render_seams_with_chosen_tokens(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_render_seams_with_chosen_tokens(tiny_tokenizer) -> None:
     """`render` on hand-picked ids: the seam rules without any model."""
     mask = tiny_tokenizer.mask_token_id
     end_ids = (tiny_tokenizer.pad_token_id,)

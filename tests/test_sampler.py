@@ -163,7 +163,7 @@ def check_run(run: Run) -> None:
 def options_for(schedule: str, **values: object) -> SamplerOptions:
     if schedule == "blocks":
         values.setdefault("block_length", 4)  # several blocks on these small canvases
-    return SamplerOptions(schedule=schedule, **values)  # type: ignore[arg-type]
+    return SamplerOptions(schedule=schedule, **values)
 
 
 def expected_counts(options: SamplerOptions, masks: int) -> list[int]:
@@ -343,7 +343,7 @@ def test_threshold_commits_every_confident_position_at_once(tiny_model: Diffusio
 
 @pytest.mark.parametrize("schedule", ["random", "confidence"])
 def test_same_seed_same_fill_other_seed_other_fill(tiny_model: DiffusionModel, schedule: str) -> None:
-    def fill(seed: int) -> tuple[list[str], list[list[int]]]:
+    def fill(seed: int) -> tuple[list[str], list[int]]:
         options = SamplerOptions(schedule=schedule, temperature=1.0, steps=6, seed=seed)
         results = fill_documents(tiny_model, [parse_document(s) for s in BATCH], options)
         assert all(r.seed == seed for r in results)

@@ -243,19 +243,19 @@ def test_settings_come_from_the_environment_and_a_dotenv_file(tmp_path: Path, mo
 def test_settings_validate_their_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDITOR_DEVICE", "tpu")
     with pytest.raises(ValueError, match="device"):
-        Settings(_env_file=None)  # type: ignore[call-arg]
+        Settings(_env_file=None)
     monkeypatch.delenv("EDITOR_DEVICE")
     with pytest.raises(ValueError):
-        Settings(_env_file=None, queue_size=0)  # type: ignore[call-arg]
-    assert Settings(_env_file=None, device="cuda:1").device == "cuda:1"  # type: ignore[call-arg]
+        Settings(_env_file=None, queue_size=0)
+    assert Settings(_env_file=None, device="cuda:1").device == "cuda:1"
 
 
 def test_token_is_required_off_loopback() -> None:
     assert all(is_loopback_host(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2", "[::1]"))
     assert not any(is_loopback_host(h) for h in ("0.0.0.0", "192.168.1.5", "example.com", "::"))
-    Settings(_env_file=None).check_serving()  # type: ignore[call-arg]
+    Settings(_env_file=None).check_serving()
     with pytest.raises(ValueError, match="EDITOR_API_TOKEN"):
-        Settings(_env_file=None, host="0.0.0.0").check_serving()  # type: ignore[call-arg]
-    secret = Settings(_env_file=None, host="0.0.0.0", api_token="t")  # type: ignore[call-arg]
+        Settings(_env_file=None, host="0.0.0.0").check_serving()
+    secret = Settings(_env_file=None, host="0.0.0.0", api_token="t")
     secret.check_serving()
     assert secret.token == "t" and "t'" not in repr(secret)  # the token is not printed

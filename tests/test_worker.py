@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from api_fixtures import SlowModel, make_settings
 
 from editor.document import DocumentError
 from editor.filling import fill_documents
@@ -23,8 +22,9 @@ from editor.server.worker import (
     deterministic,
 )
 from editor.settings import Settings
+from tests.api_fixtures import SlowModel, make_settings
 
-pytest_plugins = ("api_fixtures",)  # its fixtures; conftest.py belongs to the core tests
+pytest_plugins = ("tests.api_fixtures",)  # its fixtures; conftest.py belongs to the core tests
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DOC = "Dear [MASK 3 name=greeting],\nthank you for [MASK 4]. Kind regards"
@@ -44,7 +44,7 @@ def started_worker(settings: Settings, model: DiffusionModel) -> ModelWorker:
     return worker
 
 
-def run(coroutine):  # type: ignore[no-untyped-def]
+def run(coroutine):
     return asyncio.run(coroutine)
 
 
@@ -104,7 +104,7 @@ def test_worker_result_equals_a_direct_fill(
     worker = started_worker(worker_settings, api_model)
     try:
 
-        async def fill():  # type: ignore[no-untyped-def]
+        async def fill():
             return await worker.submit([document], options).result()
 
         outcome = run(fill())
@@ -129,7 +129,7 @@ def test_batched_jobs_give_the_same_results_as_alone(worker_settings: Settings, 
     documents = [parse_document(s) for s in sources]
     alone = [fill_documents(api_model, [d], GREEDY)[0].text for d in documents]
     slow = SlowModel(api_model, delay=0.0)
-    worker = started_worker(worker_settings, slow)  # type: ignore[arg-type]
+    worker = started_worker(worker_settings, slow)
     try:
 
         async def fill_all() -> list[str]:
@@ -148,7 +148,7 @@ def test_batched_jobs_give_the_same_results_as_alone(worker_settings: Settings, 
 def test_a_full_queue_raises_queue_full_with_retry_after(worker_settings: Settings, api_model: DiffusionModel) -> None:
     settings = worker_settings.model_copy(update={"queue_size": 2})
     slow = SlowModel(api_model, delay=0.05)
-    worker = started_worker(settings, slow)  # type: ignore[arg-type]
+    worker = started_worker(settings, slow)
     document = parse_document(DOC)
     try:
 
@@ -176,7 +176,7 @@ def test_steps_stream_in_order_and_cover_every_mask(worker_settings: Settings, a
     document = parse_document(DOC)
     try:
 
-        async def stream():  # type: ignore[no-untyped-def]
+        async def stream():
             job = worker.submit([document], SamplerOptions(steps=4), stream=True)
             await job.wait_started()
             steps = [update async for update in job.steps()]
@@ -199,7 +199,7 @@ def test_steps_stream_in_order_and_cover_every_mask(worker_settings: Settings, a
 
 def test_cancel_stops_the_job_at_the_next_step(worker_settings: Settings, api_model: DiffusionModel) -> None:
     slow = SlowModel(api_model, delay=0.02)
-    worker = started_worker(worker_settings, slow)  # type: ignore[arg-type]
+    worker = started_worker(worker_settings, slow)
     long_doc = parse_document("Start [MASK 40] end.")
     try:
 
@@ -228,7 +228,7 @@ def test_cancel_stops_the_job_at_the_next_step(worker_settings: Settings, api_mo
 
 def test_a_cancelled_job_does_not_stop_its_batch(worker_settings: Settings, api_model: DiffusionModel) -> None:
     slow = SlowModel(api_model, delay=0.01)
-    worker = started_worker(worker_settings, slow)  # type: ignore[arg-type]
+    worker = started_worker(worker_settings, slow)
     documents = [parse_document("A [MASK 12] b."), parse_document("C [MASK 10] d.")]
     expected = fill_documents(api_model, [documents[1]], GREEDY)[0].text
     try:
@@ -275,7 +275,7 @@ def test_a_bad_canvas_fails_only_its_own_job(worker_settings: Settings, api_mode
 def test_compatible_requires_equal_options(worker_settings: Settings, api_model: DiffusionModel) -> None:
     worker = ModelWorker(worker_settings, loader=lambda: api_model)
 
-    async def jobs():  # type: ignore[no-untyped-def]
+    async def jobs():
         document = parse_document(DOC)
         return (
             worker.submit([document], GREEDY),

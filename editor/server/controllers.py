@@ -302,7 +302,7 @@ class HealthController(Controller):
             model_error=error,
             database=database,
             queued=worker.queued,
-        )  # type: ignore[arg-type]
+        )
         return Response(body, status_code=HTTP_200_OK if body.ready else HTTP_503_SERVICE_UNAVAILABLE)
 
     @get("/", media_type=MediaType.HTML, include_in_schema=False)

@@ -180,7 +180,7 @@ def word_diff(before: str, after: str) -> list[TextChunk]:
     a, b = _WORDS.findall(before), _WORDS.findall(after)
     matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
     return [
-        TextChunk(op=op, before="".join(a[i1:i2]), after="".join(b[j1:j2]))  # type: ignore[arg-type]
+        TextChunk(op=op, before="".join(a[i1:i2]), after="".join(b[j1:j2]))
         for op, i1, i2, j1, j2 in matcher.get_opcodes()
     ]
 

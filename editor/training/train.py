@@ -77,7 +77,7 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
-class BatchStream(torch.utils.data.IterableDataset):
+class BatchStream(torch.utils.data.IterableDataset[dict[str, torch.Tensor]]):
     """Endless batches; each DataLoader worker draws from its own seed so the GPU never waits."""
 
     def __init__(self, corpus: TokenizedCorpus, spec: BatchSpec, special: SpecialIds, seed: int) -> None:
@@ -89,8 +89,8 @@ class BatchStream(torch.utils.data.IterableDataset):
         sampler = BatchSampler(
             self.corpus,
             self.spec,
-            bos_id=self.special.bos,
-            pad_id=self.special.pad,  # type: ignore[arg-type]
+            bos_id=self.special.bos,  # type: ignore[arg-type]
+            pad_id=self.special.pad,
             mask_id=self.special.mask,
             seed=self.seed * 1000 + worker,
         )
