@@ -87,11 +87,12 @@ class Document:
         return tuple(s for s in self.segments if isinstance(s, MaskSpan))
 
     def span(self, key: str | int) -> MaskSpan:
-        """Find a span by name or by 0-based index (an int or digits)."""
+        """Find a span by name or by 0-based index (an int or ASCII digits: `str.isdigit` would take
+        `³`, `١` or `１` for indexes)."""
         for span in self.spans:
             if span.name is not None and span.name == key:
                 return span
-        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+        if isinstance(key, int) or (isinstance(key, str) and key.isascii() and key.isdigit()):
             index = int(key)
             if 0 <= index < len(self.spans):
                 return self.spans[index]
@@ -105,3 +106,4 @@ class DocumentLimits:
     max_chars: int = 100_000
     max_spans: int = 64
     max_span_tokens: int = 512
+    max_choice_options: int = 16

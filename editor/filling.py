@@ -16,7 +16,7 @@ from editor.canvas import Canvas, FilledText, SpanFill, SpanLayout, build_canvas
 from editor.constraints import VocabularyRules
 from editor.document import Document, DocumentError
 from editor.models.base import DiffusionModel, aligned_logits
-from editor.options import SamplerOptions
+from editor.options import FillCancelled, SamplerOptions
 from editor.sampler import CancelCheck, Row, StepCallback, StepEvent, pad_rows, sample
 
 
@@ -42,6 +42,8 @@ class FillResult:
         }
 
 
+DEFAULT_BATCH_TOKENS = 16384  # canvas positions per forward pass when scoring choices
+
 _vocabularies: weakref.WeakKeyDictionary[object, VocabularyRules] = weakref.WeakKeyDictionary()
 
 
@@ -56,10 +58,19 @@ def vocabulary_rules(model: DiffusionModel) -> VocabularyRules:
 
 
 def prepare_canvas(
-    model: DiffusionModel, document: Document, *, instruction: str | None = None, max_canvas_tokens: int | None = None
+    model: DiffusionModel,
+    document: Document,
+    *,
+    instruction: str | None = None,
+    max_canvas_tokens: int | None = None,
+    max_choice_tokens: int | None = None,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    should_cancel: CancelCheck | None = None,
 ) -> Canvas:
     """Lay out the document, then resolve its `choice=` spans and place its free `must` words with
-    the model's scores. Raises DocumentError for anything that does not fit."""
+    the model's scores. Raises DocumentError for anything that does not fit (a choice option over
+    `max_choice_tokens` included). Choice scoring runs at most `max_batch_tokens` canvas positions
+    per forward pass, checking `should_cancel` (which raises FillCancelled) between passes."""
     prefix, suffix = model.frame(instruction)
 
     def lay_out(choices: dict[int, str], musts: dict[tuple[int, int], int]) -> Canvas:
@@ -78,15 +89,41 @@ def prepare_canvas(
     canvas = lay_out(choices, {})
     for layout in canvas.spans:
         if layout.span.choices is not None:
-            choices[layout.span.index] = best_choice(model, canvas, layout)
+            if max_choice_tokens is not None:
+                check_choice_tokens(model, layout, max_choice_tokens)
+            choices[layout.span.index] = best_choice(
+                model, canvas, layout, max_batch_tokens=max_batch_tokens, should_cancel=should_cancel
+            )
             canvas = lay_out(choices, {})
     musts = place_free_musts(model, canvas)
     return lay_out(choices, musts) if musts else canvas
 
 
-def best_choice(model: DiffusionModel, canvas: Canvas, layout: SpanLayout) -> str:
+def check_choice_tokens(model: DiffusionModel, layout: SpanLayout, limit: int) -> None:
+    """Scoring an option of n tokens takes n canvas rows: refuse options over `limit` tokens."""
+    assert layout.span.choices is not None
+    for number, option in enumerate(layout.span.choices, start=1):
+        size = len(choice_tokens(model.tokenizer, option, layout.joins_space))
+        if size > limit:
+            raise DocumentError(
+                f"choice option {number} is {size} tokens long; the limit is {limit} (max_choice_tokens)",
+                line=layout.span.line,
+                column=layout.span.column,
+                expected=f"options of at most {limit} tokens",
+            )
+
+
+def best_choice(
+    model: DiffusionModel,
+    canvas: Canvas,
+    layout: SpanLayout,
+    *,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    should_cancel: CancelCheck | None = None,
+) -> str:
     """The option with the highest chain-rule log-likelihood in context: each option's tokens are
-    scored left to right, token j with tokens < j filled and tokens >= j masked (one batch)."""
+    scored left to right, token j with tokens < j filled and tokens >= j masked, in forward passes
+    of at most `max_batch_tokens` positions (at least one row each)."""
     assert layout.span.choices is not None
     rows: list[Row] = []
     owners: list[tuple[int, int, int]] = []  # (option number, position, token id) scored by each row
@@ -100,16 +137,29 @@ def best_choice(model: DiffusionModel, canvas: Canvas, layout: SpanLayout) -> st
             rows.append(Row(ids=ids, pinned=[True] * len(ids), rules=[]))
             owners.append((number, layout.start + j, token_id))
     scores = [0.0] * len(layout.span.choices)
-    for number, value in zip((o[0] for o in owners), _token_log_probs(model, rows, owners), strict=True):
-        scores[number] += value
+    per_pass = max(1, max_batch_tokens // max((len(row.ids) for row in rows), default=1))
+    for first in range(0, len(rows), per_pass):
+        if should_cancel is not None and should_cancel():
+            raise FillCancelled("fill cancelled while scoring choices")
+        chunk = slice(first, first + per_pass)
+        for (number, _, _), value in zip(
+            owners[chunk], _token_log_probs(model, rows[chunk], owners[chunk]), strict=True
+        ):
+            scores[number] += value
     return layout.span.choices[max(range(len(scores)), key=scores.__getitem__)]
 
 
 def _token_log_probs(model: DiffusionModel, rows: list[Row], owners: list[tuple[int, int, int]]) -> list[float]:
+    """The log-probability of each row's scored token at its position (softmax over that position only)."""
     ids, _, attention = pad_rows(rows, model.special.pad, model.device)
     with torch.inference_mode():
-        log_probs = torch.log_softmax(aligned_logits(model, ids, attention).float(), dim=-1)  # [B, L, V]
-    return [float(log_probs[row, position, token]) for row, (_, position, token) in enumerate(owners)]
+        logits = aligned_logits(model, ids, attention)  # [B, L, V]
+        rows_index = torch.arange(len(rows), device=logits.device)
+        positions = torch.tensor([position for _, position, _ in owners], device=logits.device)
+        log_probs = torch.log_softmax(logits[rows_index, positions].float(), dim=-1)  # [B, V]
+        tokens = torch.tensor([token for _, _, token in owners], device=logits.device)
+        picked = log_probs[rows_index, tokens].nan_to_num(nan=float("-inf"))  # [B]
+    return [float(value) for value in picked.tolist()]
 
 
 def place_free_musts(model: DiffusionModel, canvas: Canvas) -> dict[tuple[int, int], int]:

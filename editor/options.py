@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Floors that keep every division and comparison in float32 finite: a temperature of 1e-300 turns
+# logits into inf - inf = NaN, and a top_p below float32's resolution drops every token.
+MIN_TEMPERATURE = 0.01  # temperature and alg_temp: 0 (off) or at least this
+MIN_PROBABILITY = 0.001  # top_p and threshold: at least this
+MAX_BLOCK_LENGTH = 65536
 
 Schedule: TypeAlias = Literal["random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold"]
 SCHEDULES: tuple[Schedule, ...] = ("random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold")
@@ -14,21 +20,47 @@ SCHEDULES: tuple[Schedule, ...] = ("random", "left-to-right", "confidence", "mar
 class SamplerOptions(BaseModel):
     """Every knob of a fill. Shared by the CLI, the API and the batch runner."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     schedule: Schedule = Field("confidence", description="which masked positions to commit each step")
-    steps: int | None = Field(None, ge=1, description="denoising steps")
-    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 picks the most likely token")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
-    alg_temp: float = Field(0.0, ge=0.0, description="> 0 samples positions from softmax(confidence / alg_temp)")
-    block_length: int = Field(32, ge=1, description="masked positions per block for the blocks schedule")
-    threshold: float = Field(0.9, gt=0.0, le=1.0, description="confidence to commit at for the threshold schedule")
+    steps: int | None = Field(None, ge=1, description="denoising steps; default: one per masked token")
+    temperature: float = Field(
+        0.0, ge=0.0, le=10.0, description=f"0 picks the most likely token; otherwise at least {MIN_TEMPERATURE}"
+    )
+    top_p: float = Field(1.0, ge=MIN_PROBABILITY, le=1.0, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, le=2**31 - 1, description="keep the k most likely tokens; 0 keeps all")
+    alg_temp: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description=f"> 0 samples positions from softmax(confidence / alg_temp); 0 or at least {MIN_TEMPERATURE}",
+    )
+    block_length: int = Field(
+        32, ge=1, le=MAX_BLOCK_LENGTH, description="masked positions per block for the blocks schedule"
+    )
+    threshold: float = Field(
+        0.9, ge=MIN_PROBABILITY, le=1.0, description="confidence to commit at for the threshold schedule"
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
+
+    @field_validator("temperature", "alg_temp")
+    @classmethod
+    def _off_or_above_the_floor(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (off) or at least {MIN_TEMPERATURE}")
+        return value
 
 
 class FillCancelled(RuntimeError):
     """Raised when the cancel check says stop (a client went away)."""
 
 
-__all__ = ["SCHEDULES", "FillCancelled", "SamplerOptions", "Schedule"]
+__all__ = [
+    "MAX_BLOCK_LENGTH",
+    "MIN_PROBABILITY",
+    "MIN_TEMPERATURE",
+    "SCHEDULES",
+    "FillCancelled",
+    "SamplerOptions",
+    "Schedule",
+]

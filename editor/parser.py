@@ -396,6 +396,13 @@ class _TagParser:
         for part, at in zip(parts, starts, strict=False):
             if not part:
                 raise self.error("empty choice option", at, "a non-empty option between | separators")
+        limit = self.parser.limits.max_choice_options
+        if len(parts) > limit:
+            raise self.error(
+                f"choice has {len(parts)} options; the limit is {limit} (max_choice_options)",
+                quote,
+                f"at most {limit} options",
+            )
         self.choices = tuple("".join(part) for part in parts)
 
     def refuse_with_choice(self, key: str, at: int) -> None:

@@ -79,11 +79,37 @@ def block_plan(masks: int, steps: int, block_length: int) -> list[tuple[int, int
     return plan
 
 
+def effective_steps(masks: int, options: SamplerOptions) -> int:
+    """The most steps a row with `masks` masked positions takes under `options` (defaults counted:
+    one step per mask when `steps` is unset; the blocks schedule takes at least one per block)."""
+    if masks == 0:
+        return 0
+    steps = options.steps if options.steps is not None else masks
+    if options.schedule == "blocks":
+        return len(block_plan(masks, steps, options.block_length))
+    if options.schedule == "threshold":
+        return masks if options.steps is None else min(masks, options.steps)
+    return len(step_counts(masks, steps))
+
+
+def _finite(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits [M, V] with NaN as -inf and +inf as the largest float, so softmax cannot make NaN; a
+    row left with no finite allowed logit becomes uniform over its allowed tokens (a NaN must never
+    pick a disallowed token: argmax treats NaN as the largest value)."""
+    largest = torch.finfo(logits.dtype).max
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=largest, neginf=float("-inf"))
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    dead = ~torch.isfinite(logits).any(dim=-1, keepdim=True)  # [M, 1]
+    return torch.where(dead & allowed, torch.zeros_like(logits), logits)
+
+
 def choose_tokens(
     logits: torch.Tensor, options: SamplerOptions, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [M, V] (disallowed already -inf) -> tokens [M], probabilities [M, V] they were drawn from."""
     logits = logits.float()
+    allowed = ~torch.isneginf(logits)  # [M, V]; NaN logits count as allowed but unusable
+    logits = _finite(logits, allowed)
     if options.temperature > 0:
         logits = logits / options.temperature
         if options.top_p < 1.0:
@@ -91,6 +117,7 @@ def choose_tokens(
         if options.top_k > 0:
             kth = torch.topk(logits, min(options.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = _finite(logits, allowed)  # a division by a small temperature may overflow
     probs = torch.softmax(logits, dim=-1)
     if options.temperature == 0:
         return probs.argmax(dim=-1), probs
@@ -105,6 +132,7 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     # Drop a token when the mass before it already reaches top_p (the top token always stays).
     drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -36,14 +36,30 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to listen on; anything but loopback requires api_token")
     port: int = Field(8000, ge=1, le=65535)
     api_token: SecretStr | None = Field(None, description="bearer token for /api routes (required off loopback)")
+    allowed_hosts: list[str] = Field(
+        ["localhost", "127.0.0.1", "[::1]"],
+        description="Host header values served (DNS-rebinding guard); the host the server binds is added; "
+        "'*' allows any, '*.example.org' a domain's subdomains",
+    )
 
     # Limits (DESIGN.md §8): exceeding any of them is a 4xx with a message.
     max_document_chars: int = Field(100_000, ge=1, description="characters in a document's source")
     max_spans: int = Field(64, ge=1, description="mask spans per document")
     max_span_tokens: int = Field(512, ge=1, description="tokens in one span")
     max_canvas_tokens: int = Field(4096, ge=8, description="tokens on one canvas (frame + literals + spans)")
-    max_steps: int = Field(1024, ge=1, description="largest `steps` a request may ask for")
+    max_steps: int = Field(1024, ge=1, description="most sampler steps a fill may take (the default steps counted)")
     max_batch_rows: int = Field(8, ge=1, description="canvases the worker runs in one sampler call")
+    max_batch_tokens: int = Field(
+        16384, ge=8, description="canvas positions x rows in one forward pass (batches and choice scoring)"
+    )
+    max_choice_options: int = Field(16, ge=2, description="options in one choice= span")
+    max_choice_tokens: int = Field(64, ge=1, description="tokens in one choice= option")
+    fill_timeout_s: float = Field(
+        300.0, gt=0, allow_inf_nan=False, description="wall-clock budget of one fill once it runs; then 504"
+    )
+    shutdown_timeout_s: float = Field(
+        5.0, gt=0, allow_inf_nan=False, description="after SIGTERM, how long to wait for responses to finish"
+    )
     queue_size: int = Field(32, ge=1, description="fills waiting for the worker; beyond this requests get 429")
     batch_window_ms: float = Field(5.0, ge=0, description="how long the worker waits to gather a batch")
     keep_step_trace: bool = Field(True, description="store each revision's step trace (for replay)")
@@ -59,8 +75,19 @@ class Settings(BaseSettings):
     def document_limits(self) -> DocumentLimits:
         """The parser's limits, taken from these settings."""
         return DocumentLimits(
-            max_chars=self.max_document_chars, max_spans=self.max_spans, max_span_tokens=self.max_span_tokens
+            max_chars=self.max_document_chars,
+            max_spans=self.max_spans,
+            max_span_tokens=self.max_span_tokens,
+            max_choice_options=self.max_choice_options,
         )
+
+    def hosts_allowed(self) -> list[str]:
+        """`allowed_hosts` plus the host the server binds (unless it binds every interface)."""
+        hosts = list(self.allowed_hosts)
+        bound = self.host if ":" not in self.host or self.host.startswith("[") else f"[{self.host}]"
+        if self.host not in ("0.0.0.0", "::", "[::]") and bound not in hosts:
+            hosts.append(bound)
+        return hosts
 
     @property
     def is_loopback(self) -> bool:

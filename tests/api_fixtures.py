@@ -87,6 +87,8 @@ def make_settings(directory: Path, model_dir: Path, **overrides: Any) -> Setting
         "model": str(model_dir),
         "device": "cpu",
         "batch_window_ms": 5.0,
+        # Litestar's test client sends `Host: testserver.local`.
+        "allowed_hosts": ["localhost", "127.0.0.1", "[::1]", "testserver.local"],
     }
     settings = Settings(_env_file=None, **(values | overrides))
     migrate.upgrade(settings.database_url)

@@ -18,7 +18,7 @@ from litestar.testing import TestClient
 
 from editor.db import migrate
 from editor.models.base import DiffusionModel
-from editor.server import create_app
+from editor.server import commands, create_app
 from editor.server.commands import prepare_database, serve
 from editor.server.worker import ModelWorker
 from editor.settings import Settings
@@ -537,7 +537,7 @@ async def stream_then_disconnect(app: Litestar, path: str) -> list[bytes]:
         "root_path": "",
         "query_string": b"",
         "headers": [
-            (b"host", b"test"),
+            (b"host", b"localhost"),
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ],
@@ -569,7 +569,11 @@ def test_serve_upgrades_the_database_and_prints_the_urls(
     import uvicorn
 
     ran: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw, app=app))
+
+    def run(config: uvicorn.Config, *, on_exit: Any) -> None:
+        ran.update(host=config.host, port=config.port, app=config.app, on_exit=on_exit)
+
+    monkeypatch.setattr(commands, "run_server", run)
     monkeypatch.setenv("EDITOR_DATABASE_URL", f"sqlite:///{tmp_path / 'new' / 'editor.db'}")
     result = CliRunner().invoke(serve, ["--port", "8123", "--model", str(api_model_dir), "--device", "cpu"])
     assert result.exit_code == 0, result.output

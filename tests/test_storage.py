@@ -256,6 +256,6 @@ def test_token_is_required_off_loopback() -> None:
     Settings(_env_file=None).check_serving()
     with pytest.raises(ValueError, match="EDITOR_API_TOKEN"):
         Settings(_env_file=None, host="0.0.0.0").check_serving()
-    secret = Settings(_env_file=None, host="0.0.0.0", api_token="t")
+    secret = Settings(_env_file=None, host="0.0.0.0", api_token="s3cr3t-t0ken")
     secret.check_serving()
-    assert secret.token == "t" and "t'" not in repr(secret)  # the token is not printed
+    assert secret.token == "s3cr3t-t0ken" and "s3cr3t" not in repr(secret)  # the token is not printed

@@ -9,6 +9,7 @@ import anyio.to_thread
 from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 
 from editor import __version__
 from editor.db.engine import make_engine, make_session_factory
@@ -16,12 +17,15 @@ from editor.db.services import Store
 from editor.server.auth import token_guard
 from editor.server.controllers import CONTROLLERS, HealthController
 from editor.server.errors import EXCEPTION_HANDLERS
+from editor.server.openapi import OfflineSwagger, refine
+from editor.server.protection import RequestGuard, add_headers
 from editor.server.streaming import FillService
 from editor.server.worker import ModelWorker
 from editor.settings import Settings
 
 log = logging.getLogger(__name__)
 _BODY_SLACK = 64 * 1024  # room for JSON around the document
+BEARER = "bearer"  # the security scheme's name in the OpenAPI document
 
 
 def create_app(settings: Settings | None = None, *, worker: ModelWorker | None = None) -> Litestar:
@@ -41,13 +45,14 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
         worker.start()
 
     async def stop() -> None:
-        await anyio.to_thread.run_sync(worker.stop)
+        await anyio.to_thread.run_sync(worker.stop)  # cancels running fills at their next step
         engine.dispose()
 
     def provide(value: Any) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
-    api = Router(path="/", route_handlers=CONTROLLERS, guards=[guard] if guard else [])
+    security: list[dict[str, list[str]]] | None = [{BEARER: []}] if guard else None
+    api = Router(path="/", route_handlers=CONTROLLERS, guards=[guard] if guard else [], security=security)
     app = Litestar(
         route_handlers=[api, HealthController],
         dependencies={
@@ -57,6 +62,8 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
             "fills": provide(fills),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        middleware=[RequestGuard(settings.hosts_allowed())],
+        before_send=[add_headers],
         on_startup=[start],
         on_shutdown=[stop],
         openapi_config=OpenAPIConfig(
@@ -64,10 +71,16 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
             version=__version__,
             path="/schema",
             description="Constrained and infilling text editing on masked diffusion language models. "
-            "Documents use [MASK n] spans (see docs/language.md).",
+            "Documents use [MASK n] spans (see docs/language.md). Limits, cross-site rules and request "
+            "ids: docs/security.md.",
+            render_plugins=[OfflineSwagger("/schema")],
+            components=Components(
+                security_schemes={BEARER: SecurityScheme(type="http", scheme="bearer")} if guard else None
+            ),
         ),
         request_max_body_size=4 * settings.max_document_chars + _BODY_SLACK,  # UTF-8 is at most 4 bytes a char
     )
+    refine(app.openapi_schema, max_steps=settings.max_steps)  # built once here, then served as refined
     app.state.settings = settings
     app.state.worker = worker
     app.state.store = store

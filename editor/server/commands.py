@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -100,7 +101,28 @@ def serve(
     click.echo(f"Model: {settings.model or 'bundled default'} (loading in the background; {base}/ready says when)")
     click.echo(f"Editor:   {base}/")
     click.echo(f"API docs: {base}/schema")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
+    )
+    run_server(config, on_exit=app.state.worker.shut_down)
+
+
+def run_server(config: Any, *, on_exit: Callable[[], None]) -> None:
+    """Run uvicorn; on SIGINT/SIGTERM call `on_exit` first. Uvicorn waits for open connections
+    before the app's shutdown hook runs, so the worker must hear of the signal at once: it cancels
+    running fills at their next step (their requests answer 503 and close) and refuses queued ones."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
+
+    GracefulServer(config).run()
 
 
 @click.group()

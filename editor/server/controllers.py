@@ -9,7 +9,7 @@ from litestar import Controller, Request, Response, delete, get, patch, post, pu
 from litestar.di import NamedDependency
 from litestar.enums import MediaType
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_201_CREATED,
@@ -50,11 +50,20 @@ from editor.server.worker import FillJob, ModelWorker
 
 AnyRequest = Request[Any, Any, Any]
 # Explicit parameter markers (Litestar 2.25 style): path, query, body and injected dependencies.
+MAX_ID = 2**63 - 1  # SQLite's largest integer: ids beyond it are a 400, not a database error
 Limit = Annotated[int, QueryParameter(ge=1, le=100, description="items per page")]
-Offset = Annotated[int, QueryParameter(ge=0, description="items to skip")]
+Offset = Annotated[int, QueryParameter(ge=0, le=MAX_ID, description="items to skip")]
 StreamQuery = Annotated[bool | None, QueryParameter(name="stream", description="same as the body's `stream`")]
-DocumentId = FromPath[int]
-Number = FromPath[int]
+DocumentId = Annotated[int, PathParameter(ge=1, le=MAX_ID, description="the document's id")]
+Number = Annotated[int, PathParameter(ge=1, le=MAX_ID, description="the revision's number (1, 2, 3...)")]
+SpanKey = Annotated[
+    str,
+    PathParameter(
+        pattern=r"^([0-9]{1,9}|[A-Za-z_][A-Za-z0-9_]{0,63})$",
+        description="the span's name, or its 0-based index in ASCII digits",
+    ),
+]
+
 Fills = NamedDependency[FillService]
 Storage = NamedDependency[Store]
 Worker = NamedDependency[ModelWorker]
@@ -64,16 +73,20 @@ SSE = "text/event-stream"
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
     descriptions = {
         401: "missing or wrong bearer token",
+        403: "cross-origin request: the Origin header names another site",
         404: "unknown document, revision or span",
-        413: "the document is over the size limit",
-        422: "the document has a mistake (with line and column) or is over a limit",
+        413: "the document or the request body is over its size limit (the message states the limit)",
+        415: "the body is not application/json",
+        422: "the document has a mistake (with line and column) or the fill is over a limit (named)",
         429: "the fill queue is full; see Retry-After",
-        503: "the model is not available",
+        503: "the model is not available, or the server is shutting down; see Retry-After",
+        504: "the fill ran past its time budget (fill_timeout_s) and was cancelled",
     }
-    return {code: ResponseSpec(ErrorOut, description=descriptions[code]) for code in codes}
+    return {code: ResponseSpec(ErrorOut, description=descriptions[code], generate_examples=False) for code in codes}
 
 
-FILL_ERRORS = _errors(401, 413, 422, 429, 503)
+CHANGE_ERRORS = (401, 403, 415)  # every state-changing route
+FILL_ERRORS = _errors(*CHANGE_ERRORS, 413, 422, 429, 503, 504)
 
 
 def _fill_responses(status: int, body: type, what: str) -> dict[int, ResponseSpec]:
@@ -81,6 +94,7 @@ def _fill_responses(status: int, body: type, what: str) -> dict[int, ResponseSpe
         body,
         description=f"{what}; with stream=true or Accept: {SSE}, server-sent events instead: "
         "`step` for each sampler step, then `result` (this body) or `error`",
+        generate_examples=False,  # random examples would break the option rules (temperature floors)
     )
     return {status: ok, **FILL_ERRORS}
 
@@ -130,7 +144,7 @@ class DocumentController(Controller):
     path = "/api/v1/documents"
     tags = ("documents",)
 
-    @post("/", responses=_errors(401, 413, 422))
+    @post("/", responses=_errors(*CHANGE_ERRORS, 413, 422))
     async def create(self, data: JSONBody[DocumentCreate], store: Storage, fills: Fills) -> DocumentOut:
         """Create a document. Its source must parse (mistakes are 422 with line and column)."""
         fills.parse(data.source)
@@ -149,7 +163,7 @@ class DocumentController(Controller):
         """One document with its source."""
         return DocumentOut.from_info(await in_thread(store.get_document, document_id))
 
-    @put("/{document_id:int}", responses=_errors(401, 404, 413, 422))
+    @put("/{document_id:int}", responses=_errors(*CHANGE_ERRORS, 404, 413, 422))
     async def replace(
         self, document_id: DocumentId, data: JSONBody[DocumentReplace], store: Storage, fills: Fills
     ) -> DocumentOut:
@@ -158,7 +172,7 @@ class DocumentController(Controller):
         info = await in_thread(lambda: store.update_document(document_id, title=data.title, source=data.source))
         return DocumentOut.from_info(info)
 
-    @patch("/{document_id:int}", responses=_errors(401, 404, 413, 422))
+    @patch("/{document_id:int}", responses=_errors(*CHANGE_ERRORS, 404, 413, 422))
     async def update(
         self, document_id: DocumentId, data: JSONBody[DocumentPatch], store: Storage, fills: Fills
     ) -> DocumentOut:
@@ -168,7 +182,7 @@ class DocumentController(Controller):
         info = await in_thread(lambda: store.update_document(document_id, title=data.title, source=data.source))
         return DocumentOut.from_info(info)
 
-    @delete("/{document_id:int}", status_code=HTTP_204_NO_CONTENT, responses=_errors(401, 404))
+    @delete("/{document_id:int}", status_code=HTTP_204_NO_CONTENT, responses=_errors(*CHANGE_ERRORS, 404))
     async def remove(self, document_id: DocumentId, store: Storage) -> None:
         """Delete a document and all of its revisions."""
         await in_thread(store.delete_document, document_id)
@@ -234,8 +248,8 @@ class RevisionController(Controller):
         self,
         document_id: DocumentId,
         store: Storage,
-        from_revision: Annotated[int, QueryParameter(name="from", description="the older revision")],
-        to_revision: Annotated[int, QueryParameter(name="to", description="the newer revision")],
+        from_revision: Annotated[int, QueryParameter(name="from", ge=1, le=MAX_ID, description="the older revision")],
+        to_revision: Annotated[int, QueryParameter(name="to", ge=1, le=MAX_ID, description="the newer revision")],
     ) -> DiffOut:
         """What changed between two revisions: each span's text, and a word and line diff of the text."""
         before = await in_thread(store.get_revision, document_id, from_revision)
@@ -252,7 +266,7 @@ class RevisionController(Controller):
         request: AnyRequest,
         document_id: DocumentId,
         number: Number,
-        key: FromPath[str],
+        key: SpanKey,
         fills: Fills,
         store: Storage,
         data: JSONBody[RegenerateRequest | None] = None,
@@ -287,7 +301,10 @@ class HealthController(Controller):
         """The process is up."""
         return Health(status="ok")
 
-    @get("/ready", responses={503: ResponseSpec(Readiness, description="not ready yet (or broken)")})
+    @get(
+        "/ready",
+        responses={503: ResponseSpec(Readiness, description="not ready yet (or broken)", generate_examples=False)},
+    )
     async def ready(self, worker: Worker, store: Storage) -> Response[Readiness]:
         """Ready to fill: the model is loaded and the database answers."""
         try:

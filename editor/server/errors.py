@@ -1,4 +1,9 @@
-"""Errors the API answers with, and how each maps to a JSON response (see `ErrorOut`)."""
+"""Errors the API answers with, and how each maps to a JSON response (see `ErrorOut`).
+
+Every exception reaches `handle`: known ones become 4xx/5xx with a message; anything else is a
+500 whose body says only "internal server error" and the request id, while the log gets the
+traceback under the same id.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +14,34 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.status_codes import (
     HTTP_404_NOT_FOUND,
+    HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_429_TOO_MANY_REQUESTS,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
+    HTTP_504_GATEWAY_TIMEOUT,
 )
 
 from editor.db.services import NotFound
 from editor.document import DocumentError
 from editor.options import FillCancelled
+from editor.server.limits import FillTimedOut, LimitExceeded
+from editor.server.protection import request_id
 from editor.server.worker import QueueFull, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class LimitExceeded(ValueError):
-    """A request over one of the configured limits; `status` is 413 for size, else 422."""
+def error_body(error: BaseException, *, request: str | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, JSON body, extra headers) for an error; also used for the SSE `error` event.
+    `request` is the request id, logged with unexpected errors and returned in the body."""
+    status, body, headers = _describe(error, request)
+    if request is not None:
+        body["request_id"] = request
+    return status, body, headers
 
-    def __init__(self, message: str, *, status: int = HTTP_422_UNPROCESSABLE_ENTITY) -> None:
-        super().__init__(message)
-        self.status = status
 
-
-def error_body(error: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(status, JSON body, extra headers) for an error; also used for the SSE `error` event."""
+def _describe(error: BaseException, request: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
     if isinstance(error, DocumentError):
         return HTTP_422_UNPROCESSABLE_ENTITY, {"status_code": 422, "detail": str(error), **error.to_dict()}, {}
     if isinstance(error, LimitExceeded):
@@ -42,29 +51,41 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any], dict[str, str
     if isinstance(error, QueueFull):
         headers = {"Retry-After": str(error.retry_after)}
         return HTTP_429_TOO_MANY_REQUESTS, {"status_code": 429, "detail": str(error)}, headers
+    if isinstance(error, FillTimedOut):
+        return HTTP_504_GATEWAY_TIMEOUT, {"status_code": 504, "detail": str(error)}, {}
     if isinstance(error, WorkerUnavailable | FillCancelled):
         return HTTP_503_SERVICE_UNAVAILABLE, {"status_code": 503, "detail": str(error)}, {"Retry-After": "5"}
-    if isinstance(error, HTTPException):
+    if isinstance(error, HTTPException) and error.status_code < HTTP_500_INTERNAL_SERVER_ERROR:
         body: dict[str, Any] = {"status_code": error.status_code, "detail": error.detail}
         if error.extra:
             body["extra"] = error.extra
         return error.status_code, body, dict(error.headers or {})
-    log.error("unexpected error", exc_info=error)
-    return HTTP_500_INTERNAL_SERVER_ERROR, {"status_code": 500, "detail": "internal server error"}, {}
+    log.error("unexpected error (request %s): %s", request or "-", error, exc_info=error)
+    detail = "internal server error" + (f"; quote request id {request} when reporting it" if request else "")
+    return HTTP_500_INTERNAL_SERVER_ERROR, {"status_code": 500, "detail": detail}, {}
 
 
-def handle(_request: Request[Any, Any, Any], error: Exception) -> Response[dict[str, Any]]:
-    status, body, headers = error_body(error)
+def handle(request: Request[Any, Any, Any], error: Exception) -> Response[dict[str, Any]]:
+    status, body, headers = error_body(error, request=request_id(request.scope))
+    if status == HTTP_413_REQUEST_ENTITY_TOO_LARGE and not isinstance(error, LimitExceeded):
+        limit = _body_limit(request)
+        body["detail"] = f"the request body is over the limit of {limit} bytes" + (
+            " (4 bytes per character of max_document_chars, plus 64 KiB for the JSON around it)"
+            if limit == request.app.request_max_body_size
+            else ""
+        )
     return Response(body, status_code=status, headers=headers)
 
 
-EXCEPTION_HANDLERS = {
-    DocumentError: handle,
-    LimitExceeded: handle,
-    NotFound: handle,
-    QueueFull: handle,
-    WorkerUnavailable: handle,
-    FillCancelled: handle,
-}
+def _body_limit(request: Request[Any, Any, Any]) -> int | None:
+    limit: object
+    try:
+        limit = request.route_handler.resolve_request_max_body_size()
+    except Exception:  # no route handler (the error came before routing)
+        limit = request.app.request_max_body_size
+    return limit if isinstance(limit, int) else None
+
+
+EXCEPTION_HANDLERS = {Exception: handle}
 
 __all__ = ["EXCEPTION_HANDLERS", "LimitExceeded", "error_body", "handle"]

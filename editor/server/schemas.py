@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from editor.canvas import SpanFill
 from editor.db.models import Revision
@@ -97,8 +97,17 @@ class DocumentReplace(_Request):
 
 
 class DocumentPatch(_Request):
+    """Give the fields to change; a field left out keeps its value (null is not a value here)."""
+
     title: str | None = Field(None, min_length=1, max_length=MAX_TITLE)
     source: str | None = None
+
+    @field_validator("title", "source", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("null is not allowed: leave the field out to keep its value")
+        return value
 
     @model_validator(mode="after")
     def _something(self) -> DocumentPatch:
@@ -256,6 +265,27 @@ class ErrorOut(BaseModel):
     column: int | None = None
     expected: str | None = None
     extra: Any = Field(None, description="for malformed requests: which fields are wrong")
+    request_id: str | None = Field(None, description="this request's id (also the X-Request-ID header)")
+
+
+class CommitOut(BaseModel):
+    """One token committed at a step."""
+
+    span: int = Field(description="the span's index (-1: not in a span)")
+    name: str | None
+    offset: int = Field(description="token offset inside the span")
+    position: int = Field(description="canvas position")
+    token_id: int
+    token: str
+    confidence: float
+
+
+class StepEvent(BaseModel):
+    """The data of a server-sent `step` event: the tokens committed at one sampler step."""
+
+    step: int = Field(description="0-based step number (also the event id)")
+    commits: list[CommitOut]
+    remaining: int = Field(description="masked tokens left after this step")
 
 
 class Health(BaseModel):

@@ -21,6 +21,7 @@ from editor.document import Document
 from editor.options import FillCancelled, SamplerOptions
 from editor.parser import parse_document
 from editor.server.errors import LimitExceeded, error_body
+from editor.server.protection import request_id
 from editor.server.schemas import FillOut, RevisionOut
 from editor.server.worker import FillJob, JobOutcome, ModelWorker, StepUpdate
 from editor.settings import Settings
@@ -88,7 +89,8 @@ class FillService:
         """Wait until the fill has started (so that queueing and canvas errors are still plain HTTP
         errors), then stream `step` events and a final `result` (or `error`) event."""
         await until_done(request, job, job.wait_started())
-        return ServerSentEvent(_events(job, finish), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        events = _events(job, finish, request_id(request.scope))
+        return ServerSentEvent(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def until_done(request: Request[Any, Any, Any], job: FillJob, waiting: Awaitable[Any]) -> Any:
@@ -116,7 +118,7 @@ async def _disconnected(request: Request[Any, Any, Any]) -> None:
         pass
 
 
-async def _events(job: FillJob, finish: Finisher) -> AsyncIterator[ServerSentEventMessage]:
+async def _events(job: FillJob, finish: Finisher, request: str) -> AsyncIterator[ServerSentEventMessage]:
     completed = False
     try:
         async for update in job.steps():
@@ -125,7 +127,7 @@ async def _events(job: FillJob, finish: Finisher) -> AsyncIterator[ServerSentEve
             body = await finish(await job.result())
             yield ServerSentEventMessage(event="result", data=json.dumps(body))
         except Exception as error:
-            yield ServerSentEventMessage(event="error", data=json.dumps(error_body(error)[1]))
+            yield ServerSentEventMessage(event="error", data=json.dumps(error_body(error, request=request)[1]))
         completed = True
     finally:
         if not completed:  # the client went away mid-stream: stop the model at its next step

@@ -34,7 +34,8 @@ from editor.filling import FillResult, fill_canvases, locate, prepare_canvas
 from editor.models.base import DiffusionModel
 from editor.models.loading import load_configured
 from editor.options import FillCancelled, SamplerOptions
-from editor.sampler import StepEvent
+from editor.sampler import StepEvent, effective_steps
+from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class FillJob:
     steps_done: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
+    deadline: float | None = None  # perf_counter time after which the fill is cancelled (fill_timeout_s)
     canvases: list[Canvas] = field(default_factory=list)
     trace: list[dict[str, Any]] = field(default_factory=list)
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -154,6 +156,15 @@ class FillJob:
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    @property
+    def timed_out(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    @property
+    def should_stop(self) -> bool:
+        """Cancelled by its client or by the server, or over its time budget."""
+        return self.cancelled or self.timed_out
 
     @property
     def rows(self) -> int:
@@ -300,13 +311,21 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="editor-model-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Cancel running and queued jobs and wait for the thread to end."""
+    def shut_down(self) -> None:
+        """Refuse new and queued jobs and cancel running ones at their next step, without waiting
+        (safe from a signal handler). Their waiters get WorkerUnavailable("... shutting down")."""
         self._stopping.set()
         for job in list(self._running):
             job.cancel()
+        self._refuse_queued()
+
+    def _refuse_queued(self) -> None:
         for job in self._queue.drain():
-            job._finish("cancelled", error=WorkerUnavailable("the server is shutting down"))
+            self._close(job, "cancelled", error=WorkerUnavailable("the server is shutting down; nothing was stored"))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel running and queued jobs and wait for the thread to end."""
+        self.shut_down()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -390,6 +409,7 @@ class ModelWorker:
                         self._close(job, "failed", error=error)
             finally:
                 self._running = []
+        self._refuse_queued()  # submitted while the last batch was ending
 
     def _gather(self, first: FillJob) -> list[FillJob]:
         """`first` plus compatible queued jobs, waiting up to the batch window for more to arrive."""
@@ -409,11 +429,45 @@ class ModelWorker:
         return batch
 
     def _run_batch(self, jobs: list[FillJob]) -> None:
-        assert self.model is not None
         started = time.perf_counter()
         live = [job for job in jobs if self._prepare(job, started)]
-        if not live:
-            return
+        for group in self._passes(live):
+            self._run_pass(group, started)
+
+    def _passes(self, jobs: list[FillJob]) -> list[list[FillJob]]:
+        """Jobs split, in order, into sampler runs of at most `max_batch_tokens` (rows x widest row)."""
+        budget = self.settings.max_batch_tokens
+        groups: list[list[FillJob]] = []
+        rows, width = 0, 0
+        for job in jobs:
+            job_width = max(len(canvas.ids) for canvas in job.canvases)
+            if groups and (rows + job.rows) * max(width, job_width) <= budget:
+                groups[-1].append(job)
+                rows, width = rows + job.rows, max(width, job_width)
+            else:
+                groups.append([job])
+                rows, width = job.rows, job_width
+        return groups
+
+    def _stop_reason(self, job: FillJob) -> BaseException:
+        """Why a job that the sampler stopped did not finish."""
+        if self._stopping.is_set():
+            return WorkerUnavailable(
+                f"the server is shutting down: the fill was cancelled after {job.steps_done} steps; nothing was stored"
+            )
+        if job.timed_out and not job.cancelled:
+            return FillTimedOut(
+                f"the fill ran past its time budget of {self.settings.fill_timeout_s:g} s (fill_timeout_s) after "
+                f"{job.steps_done} steps and was cancelled; nothing was stored. Ask for fewer steps or shorter spans"
+            )
+        return FillCancelled(f"fill cancelled after {job.steps_done} steps")
+
+    def _close_stopped(self, job: FillJob) -> None:
+        error = self._stop_reason(job)
+        self._close(job, "failed" if isinstance(error, FillTimedOut) else "cancelled", error=error)
+
+    def _run_pass(self, live: list[FillJob], started: float) -> None:
+        assert self.model is not None
         owners = [(job, row) for job in live for row in range(job.rows)]
         canvases = [canvas for job in live for canvas in job.canvases]
         try:
@@ -424,11 +478,11 @@ class ModelWorker:
                     live[0].options,
                     started=started,
                     on_step=lambda event: self._route_step(event, live, owners),
-                    should_cancel=lambda: self._stopping.is_set() or all(job.cancelled for job in live),
+                    should_cancel=lambda: self._stopping.is_set() or all(job.should_stop for job in live),
                 )
         except FillCancelled:
             for job in live:
-                self._close(job, "cancelled", error=FillCancelled(f"fill cancelled after {job.steps_done} steps"))
+                self._close_stopped(job)
             return
         except Exception as error:
             log.exception("fill failed")
@@ -442,7 +496,7 @@ class ModelWorker:
             mine = results[first_row : first_row + job.rows]
             first_row += job.rows
             if job.cancelled:
-                self._close(job, "cancelled", error=FillCancelled("fill cancelled"))
+                self._close_stopped(job)
                 continue
             assert job.started_at is not None
             outcome = JobOutcome(
@@ -461,19 +515,51 @@ class ModelWorker:
             self._close(job, "cancelled", error=FillCancelled("fill cancelled before it started"))
             return False
         job.state, job.started_at = "running", started
+        job.deadline = started + self.settings.fill_timeout_s
+        settings = self.settings
         try:
             with torch.inference_mode():
                 job.canvases = [
                     prepare_canvas(
-                        self.model, document, instruction=job.instruction, max_canvas_tokens=job.max_canvas_tokens
+                        self.model,
+                        document,
+                        instruction=job.instruction,
+                        max_canvas_tokens=job.max_canvas_tokens,
+                        max_choice_tokens=settings.max_choice_tokens,
+                        max_batch_tokens=settings.max_batch_tokens,
+                        should_cancel=lambda: self._stopping.is_set() or job.should_stop,
                     )
                     for document in job.documents
                 ]
+            self._check_work(job)
+        except FillCancelled:
+            self._close_stopped(job)
+            return False
         except Exception as error:
             self._close(job, "failed", error=error)
             return False
         job._signal_started()
         return True
+
+    def _check_work(self, job: FillJob) -> None:
+        """Refuse, before sampling, a job whose steps (defaults counted) or size break the limits."""
+        limit = self.settings.max_steps
+        for canvas in job.canvases:
+            masks = canvas.pinned.count(False)
+            steps = effective_steps(masks, job.options)
+            if steps > limit:
+                given = "" if job.options.steps is not None else " (the default: one step per masked token)"
+                raise LimitExceeded(
+                    f"this fill needs {steps} sampler steps for {masks} masked tokens{given}; the limit is "
+                    f"{limit} (max_steps): ask for steps <= {limit}"
+                    + (" with a larger block_length" if job.options.schedule == "blocks" else "")
+                )
+        size = job.rows * max(len(canvas.ids) for canvas in job.canvases)
+        if size > self.settings.max_batch_tokens:
+            raise LimitExceeded(
+                f"this fill needs {size} canvas positions ({job.rows} rows x the widest canvas); the limit is "
+                f"{self.settings.max_batch_tokens} (max_batch_tokens)"
+            )
 
     def _route_step(self, event: StepEvent, live: list[FillJob], owners: list[tuple[FillJob, int]]) -> None:
         """Split one sampler step between the jobs of the batch, and hand each its own part."""

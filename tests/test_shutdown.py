@@ -1,0 +1,107 @@
+"""Graceful shutdown of a real `editor serve` process: SIGTERM cancels the running fill at its next
+step, answers it with a clear error, refuses what was queued, and exits within seconds with the
+database intact and no partial revision."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+pytest_plugins = ("tests.api_fixtures",)
+
+# Long enough to be mid-fill for many seconds on the tiny model: 8 spans of 500 masks, 4000 steps.
+LONG = " ".join(f"part {n}: [MASK 500]" for n in range(8))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited early"
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become ready")
+
+
+def test_sigterm_cancels_running_fills_and_exits_promptly(tmp_path: Path, api_model_dir: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    database = tmp_path / "editor.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDITOR_")}
+    env |= {
+        "EDITOR_DATABASE_URL": f"sqlite:///{database}",
+        "EDITOR_MAX_STEPS": "100000",
+        "EDITOR_MAX_CANVAS_TOKENS": "8192",
+        "EDITOR_FILL_TIMEOUT_S": "600",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "editor", "serve", "--port", str(port), "--model", str(api_model_dir)]
+    process = subprocess.Popen(
+        [*command, "--device", "cpu"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_ready(base, process)
+        doc_id = httpx.post(f"{base}/api/v1/documents", json={"title": "long", "source": LONG}).json()["id"]
+        answers: dict[str, Any] = {}
+        first_step = threading.Event()
+
+        def plain_fill() -> None:
+            response = httpx.post(f"{base}/api/v1/documents/{doc_id}/fill", json={}, timeout=120)
+            answers["plain"] = (response.status_code, response.json())
+
+        def streamed_fill() -> None:
+            events = []
+            with httpx.stream("POST", f"{base}/api/v1/fill", json={"document": LONG, "stream": True}, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        events.append(line.removeprefix("event: "))
+                        first_step.set()
+                    elif line.startswith("data: ") and events and events[-1] == "error":
+                        answers["stream_error"] = json.loads(line.removeprefix("data: "))
+            answers["stream"] = events
+
+        threads = [threading.Thread(target=streamed_fill), threading.Thread(target=plain_fill)]
+        threads[0].start()
+        assert first_step.wait(60), "the streamed fill never started"
+        threads[1].start()  # queued behind the running fill (a batch that has started takes no more jobs)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)  # exits within a few seconds, not after 4000 steps
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read().decode() if process.stdout else ""
+    # Uvicorn re-raises the signal once it has shut down cleanly, so the exit reads as SIGTERM.
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+    assert answers["stream"][0] == "step" and answers["stream"][-1] == "error", answers
+    assert "shutting down" in answers["stream_error"]["detail"]
+    status, body = answers["plain"]
+    assert status == 503 and "shutting down" in body["detail"], body
+    with sqlite3.connect(database) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT count(*) FROM revisions").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM revision_spans").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM documents").fetchone()[0] == 1
