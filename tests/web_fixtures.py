@@ -22,6 +22,7 @@ import uvicorn
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from editor.models.base import DiffusionModel
+from editor.models.loading import load_model
 from editor.server import create_app
 from editor.server.worker import ModelWorker
 from tests.api_fixtures import SlowModel, make_settings
@@ -71,8 +72,11 @@ def _free_port() -> int:
 def live_server(
     tmp_path_factory: pytest.TempPathFactory, api_model_dir: Path, api_model: DiffusionModel
 ) -> Iterator[LiveServer]:
-    settings = make_settings(tmp_path_factory.mktemp("web"), api_model_dir)
-    model = SlowModel(api_model, delay=STEP_DELAY)
+    # EDITOR_E2E_MODEL=editor/bundled runs the pages on a real model (for README screenshots).
+    chosen = os.environ.get("EDITOR_E2E_MODEL")
+    model_dir = Path(chosen) if chosen else api_model_dir
+    settings = make_settings(tmp_path_factory.mktemp("web"), model_dir)
+    model = SlowModel(load_model(model_dir, device="cpu") if chosen else api_model, delay=STEP_DELAY)
     app = create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
@@ -119,7 +123,14 @@ def page(browser: Browser, live_server: LiveServer) -> Iterator[Page]:
 def screenshot(page: Page, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path))
+    viewport = page.viewport_size
+    assert viewport is not None
+    # Down to the end of the page's content (and no further than the window), not empty margin.
+    bottom = page.evaluate(
+        "Math.ceil(document.querySelector('.workspace, .documents-page').getBoundingClientRect().bottom)"
+    )
+    height = min(viewport["height"], max(200, int(bottom) + 24))
+    page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": viewport["width"], "height": height})
     return path
 
 

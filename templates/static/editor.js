@@ -124,7 +124,7 @@ function renderHighlight() {
   fragment.append("\n");
   ui.highlight.replaceChildren(fragment);
   ui.source.style.height = "auto";
-  ui.source.style.height = `${Math.max(ui.source.scrollHeight, 220)}px`;
+  ui.source.style.height = `${ui.source.scrollHeight}px`; // grows with the text (CSS sets the minimum)
 }
 
 async function parseSource(source) {
@@ -570,7 +570,9 @@ async function openRevision(number) {
   ui.step.textContent = `Step ${state.current.steps}`;
   ui.elapsed.textContent = `${state.current.timings.fill_s.toFixed(1)} s`;
   ui.progress.style.width = "100%";
-  ui.fillState.textContent = `Revision ${number} · seed ${state.current.seed}`;
+  // Seeds above 2^53 do not survive JSON.parse exactly; show only what is exact.
+  const seed = Number.isSafeInteger(state.current.seed) ? ` · seed ${state.current.seed}` : "";
+  ui.fillState.textContent = `Revision ${number}${seed}`;
   showRevisionTools();
 }
 
