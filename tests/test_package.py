@@ -57,7 +57,7 @@ def test_public_api_names_are_the_real_objects() -> None:
     assert editor.DocumentError is DocumentError
     assert set(editor.__all__) <= set(dir(editor))
     with pytest.raises(AttributeError):
-        _ = editor.no_such_name  # type: ignore[attr-defined]
+        _ = editor.no_such_name
 
 
 def test_docstring_example_runs() -> None:
