@@ -1,4 +1,4 @@
-"""The stored schema (DESIGN.md §6): documents, their revisions and each revision's spans, and
+"""The stored schema (docs/architecture.md): documents, their revisions and each revision's spans, and
 batch jobs with their records. Alembic migrations in `editor/migrations` create these tables;
 `tests/test_storage.py` checks that the migrations and these models agree."""
 
