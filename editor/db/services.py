@@ -150,18 +150,7 @@ class Store:
                 fill_s=new.fill_s,
                 total_s=new.total_s,
                 trace=new.trace,
-                spans=[
-                    RevisionSpan(
-                        index=s.index,
-                        name=s.name,
-                        start=s.start,
-                        end=s.end,
-                        text=s.text,
-                        token_ids=list(s.token_ids),
-                        confidence=s.confidence,
-                    )
-                    for s in new.spans
-                ],
+                spans=[RevisionSpan.from_fill(span) for span in new.spans],
             )
             session.add(revision)
             document = session.get(Document, document_id)

@@ -208,18 +208,7 @@ class RevisionOut(RevisionSummary):
             source=revision.source,
             instruction=revision.instruction,
             text=revision.text,
-            spans=[
-                SpanFill(
-                    index=s.index,
-                    name=s.name,
-                    start=s.start,
-                    end=s.end,
-                    text=s.text,
-                    token_ids=list(s.token_ids),
-                    confidence=s.confidence,
-                )
-                for s in revision.spans
-            ],
+            spans=[span.to_fill() for span in revision.spans],
             options=revision.options,
             timings=Timings(queued_s=revision.queued_s, fill_s=revision.fill_s, total_s=revision.total_s),
             trace=revision.trace if trace else None,
