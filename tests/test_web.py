@@ -295,6 +295,9 @@ def test_weak_words_are_underlined_and_refilled(page: Page, live_server: LiveSer
     page.locator("#show-weak").check()
     page.locator("#weak-threshold").fill("0.95")  # a random model is unsure of everything
     expect(page.locator(".tok.weak").first).to_be_visible()
+    page.get_by_test_id("span").first.click()
+    expect(page.get_by_test_id("regenerate")).to_be_visible()
+    screenshot(page, "editor-weak-words-and-span-tools")
     page.locator("#refill-weak").click()
     wait_for_revision(page, 2)
     newest = live_server.revisions(document_id)[0]
