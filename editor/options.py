@@ -43,6 +43,14 @@ class SamplerOptions(BaseModel):
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object) -> object:
+        # pydantic would read true/false as 1/0; the schema says number, so refuse them.
+        if isinstance(value, bool):
+            raise ValueError("a number is expected, not true or false")
+        return value
+
     @field_validator("temperature", "alg_temp")
     @classmethod
     def _off_or_above_the_floor(cls, value: float) -> float:

@@ -143,7 +143,7 @@ class RequestGuard(ASGIMiddleware):
         if origin is not None and not same_origin(origin, host, scheme):
             raise HTTPException(
                 status_code=HTTP_403_FORBIDDEN,
-                detail=f"cross-origin request refused: Origin {origin!r} is not this server ({host}); "
+                detail=f"cross-site request refused: Origin {origin!r} is not this server ({host}); "
                 "the API accepts changes only from its own pages or from clients that send no Origin",
             )
 

@@ -30,8 +30,11 @@ class FillParameters(_Request):
 
     options: SamplerOptions = Field(default_factory=SamplerOptions, description="sampler parameters")
     instruction: str | None = Field(None, description="instruction for instruct models; default: the server's")
-    stream: bool = Field(False, description="answer with server-sent events: one `step` per step, then `result`")
-    trace: bool = Field(False, description="include every step's commits in the result")
+    # strict: JSON true/false only (pydantic would also read 0, 1, "yes" as booleans; the schema does not)
+    stream: bool = Field(
+        False, strict=True, description="answer with server-sent events: one `step` per step, then `result`"
+    )
+    trace: bool = Field(False, strict=True, description="include every step's commits in the result")
 
 
 class DocumentFillRequest(FillParameters):
@@ -61,8 +64,8 @@ class RegenerateRequest(_Request):
 
     options: SamplerOptions | None = Field(None, description="sampler parameters; default: the revision's, new seed")
     instruction: str | None = Field(None, description="default: the revision's instruction")
-    stream: bool = False
-    trace: bool = False
+    stream: bool = Field(False, strict=True)
+    trace: bool = Field(False, strict=True)
 
 
 class Timings(BaseModel):

@@ -99,7 +99,7 @@ def _fuzz_operation(operation: Any, mode: GenerationMode, examples: int, seed: i
         try:
             case.validate_response(response)
         except (Exception, BaseExceptionGroup) as failure:  # schemathesis raises a group of failed checks
-            report.failures.append(f"[{mode.value}] {where} -> {response.status_code}: {str(failure)[:600]}")
+            report.failures.append(f"[{mode.value}] {where} -> {response.status_code}: {str(failure)[:3000]}")
 
     with contextlib.suppress(Unsatisfiable):  # no negative cases exist for an operation without inputs
         call()
