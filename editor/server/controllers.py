@@ -86,6 +86,7 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
         401: "missing or wrong bearer token",
         403: "cross-origin request: the Origin header names another site",
         404: "unknown document, revision or span",
+        409: "locked spans need a revision of the current source to keep",
         413: "the document or the request body is over its size limit (the message states the limit)",
         415: "the body is not application/json",
         422: "the document has a mistake (with line and column) or the fill is over a limit (named)",
@@ -203,7 +204,7 @@ class DocumentController(Controller):
     @post(
         "/{document_id:int}/fill",
         status_code=HTTP_201_CREATED,
-        responses=_fill_responses(201, RevisionOut, "the new revision") | _errors(404),
+        responses=_fill_responses(201, RevisionOut, "the new revision") | _errors(404, 409),
     )
     async def fill(
         self,
