@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -124,16 +123,15 @@ def _template_error(error: TemplateError) -> ClientException:
 # --------------------------------------------------------------------------- the runner
 
 
-@dataclass
 class BatchRunner:
     """Runs stored jobs in the background, oldest first, a chunk of records at a time."""
 
-    settings: Settings
-    worker: ModelWorker
-    store: BatchStore
-    _wake: asyncio.Event | None = None
-    _task: asyncio.Task[None] | None = None
-    _templates: dict[int, Template] = field(default_factory=dict)
+    def __init__(self, settings: Settings, worker: ModelWorker, store: BatchStore) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.store = store
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -206,11 +204,13 @@ class BatchRunner:
 # --------------------------------------------------------------------------- creating jobs
 
 
-@dataclass
 class BatchService:
-    settings: Settings
-    store: BatchStore
-    runner: BatchRunner
+    """Checks and stores new jobs, then wakes the runner."""
+
+    def __init__(self, settings: Settings, store: BatchStore, runner: BatchRunner) -> None:
+        self.settings = settings
+        self.store = store
+        self.runner = runner
 
     def template_from(self, template: Any, schema: Any, instruction: str | None) -> tuple[str, Template]:
         """(stored template, compiled template) from a request; 422 with the JSON path if bad."""
@@ -224,13 +224,15 @@ class BatchService:
             raise _template_error(error) from error
 
     def records_from(self, lines: list[str]) -> list[NewRecord]:
-        if not lines:
+        """Input lines (JSONL) as records to store; bad lines become stored error lines."""
+        records = read_input(lines, max_chars=self.settings.max_record_chars)
+        if not records:
             raise ClientException(status_code=422, detail="the job has no records")
         limit = self.settings.max_batch_records
-        if len(lines) > limit:
-            raise LimitExceeded(f"the job has {len(lines)} records; the limit is {limit}")
+        if len(records) > limit:
+            raise LimitExceeded(f"the job has {len(records)} records; the limit is {limit}")
         new = []
-        for record in read_input(lines, max_chars=self.settings.max_record_chars):
+        for record in records:
             error_line = None
             if record.error is not None:
                 error_line = RecordResult(record.custom_id, error=record.error).to_dict()
@@ -264,7 +266,7 @@ class BatchService:
 
 
 def _jsonl_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
+    return text.splitlines()  # blank lines are skipped later but keep the line numbers
 
 
 async def _form_field(form: Any, name: str) -> str | None:
