@@ -45,8 +45,15 @@ def lines_of(records: list[Any]) -> list[str]:
     return [r if isinstance(r, str) else json.dumps(r) for r in records]
 
 
-def fill(model: DiffusionModel, template: Template, records: list[Any], **kwargs: Any) -> list[dict[str, Any]]:
-    filler = BatchFiller(model, template, kwargs.pop("options", GREEDY), batch_size=kwargs.pop("batch_size", 4))
+def fill(
+    model: DiffusionModel | OutOfMemoryOverTwoRows, template: Template, records: list[Any], **kwargs: Any
+) -> list[dict[str, Any]]:
+    filler = BatchFiller(
+        model,
+        template,
+        kwargs.pop("options", GREEDY),
+        batch_size=kwargs.pop("batch_size", 4),
+    )
     return [r.to_dict() for r in filler.fill(read_input(lines_of(records), max_chars=10_000))]
 
 
@@ -56,7 +63,7 @@ def fill(model: DiffusionModel, template: Template, records: list[Any], **kwargs
 def test_outputs_keep_the_structure_substitute_and_escape_record_values(tiny_model: DiffusionModel) -> None:
     template = Template.parse(json.dumps(TEMPLATE))
     tricky = 'say "hi" \\ [MASK 3] {x}\n'
-    records = [
+    records: list[dict[str, Any]] = [
         {"id": 7, "name": tricky, "user": {"name": "Ann"}},
         {"custom_id": "b", "id": "x", "name": "Shirt", "user": {"name": "Bo"}},
     ]
@@ -64,11 +71,13 @@ def test_outputs_keep_the_structure_substitute_and_escape_record_values(tiny_mod
     assert [r["custom_id"] for r in results] == ["7", "b"]
     for result, record in zip(results, records, strict=True):
         assert result["error"] is None
-        output = json.loads(json.dumps(result["output"]))
+        output: dict[str, Any] = json.loads(json.dumps(result["output"]))
         assert list(output) == list(TEMPLATE)
         assert output["id"] == record["id"]  # a string that is exactly one placeholder keeps the value's type
         assert output["title"] == "Product: " + record["name"]  # substituted as literal text, [MASK and all
-        assert output["description"].startswith("A ") and output["description"].endswith(" item for " + record["user"]["name"])
+        assert output["description"].startswith("A ") and output["description"].endswith(
+            " item for " + record["user"]["name"]
+        )
         assert type(output["quantity"]) is int
         assert type(output["in_stock"]) is bool
         assert output["size"] in ("small", "large")
@@ -126,7 +135,7 @@ class OutOfMemoryOverTwoRows:
 def test_a_batch_that_runs_out_of_memory_is_split_not_lost(tiny_model: DiffusionModel) -> None:
     model = OutOfMemoryOverTwoRows(tiny_model)
     template = Template.parse('{"id": "{id}", "text": "[MASK 3]"}')
-    results = fill(model, template, [{"id": n} for n in range(7)], batch_size=7)  # type: ignore[arg-type]
+    results = fill(model, template, [{"id": n} for n in range(7)], batch_size=7)
     assert [r["custom_id"] for r in results] == [str(n) for n in range(7)]
     assert all(r["error"] is None for r in results)
     assert model.widest == 2

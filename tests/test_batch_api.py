@@ -30,7 +30,9 @@ def app_for(settings: Settings, model: DiffusionModel | SlowModel) -> Litestar:
     return create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
 
 
-def wait_for(client: Client, job_id: int, done: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+def wait_for(
+    client: Client, job_id: int, done: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         body: dict[str, Any] = client.get(f"/api/v1/batches/{job_id}").json()

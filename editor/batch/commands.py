@@ -1,5 +1,6 @@
 """`editor batch`: fill a JSON template (or one derived from a JSON Schema) for every record of a
-JSONL file (docs/batch.md). torch and the model stack are imported inside the command."""
+JSONL file (docs/batch.md). torch and the model stack are imported inside the command; the
+sampler option flags are added where the command is registered (`editor.cli`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import IO, Any, BinaryIO
 
 import click
 
-from editor.cli import options_from, sampler_options
 from editor.options import SamplerOptions
 
 
@@ -26,6 +26,7 @@ def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
     """The command line's sampler options; `schedule` and `steps` default to the batch defaults
     (a small fixed number of steps) unless given."""
     from editor.batch.runner import BATCH_DEFAULTS
+    from editor.cli import options_from
 
     context = click.get_current_context()
     values = dict(sampler)
@@ -42,15 +43,20 @@ def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
     "--schema", "schema_name", default=None, help="derive the template from this JSON Schema file (then no TEMPLATE)"
 )
 @click.option("--resume", is_flag=True, help="continue an interrupted run: skip ids already in the output file")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="records per sampler call [default: "
-              "EDITOR_BATCH_SIZE, else 16]")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="records per sampler call [default: EDITOR_BATCH_SIZE, else 16]",
+)
 @click.option("--max-records", type=click.IntRange(min=1), default=None, help="stop after this many input records")
-@click.option("--model", "model_spec", default=None, help="Hugging Face id or local directory [default: the bundled model]")
+@click.option(
+    "--model", "model_spec", default=None, help="Hugging Face id or local directory [default: the bundled model]"
+)
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N [default: EDITOR_DEVICE, else auto]")
 @click.option("--instruction", default=None, help="user turn for instruct models; may use {field} placeholders")
 @click.option("--print-template", is_flag=True, help="print the (derived) template and exit")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
-@sampler_options
 def batch(
     inputs: tuple[str, ...],
     output_name: str,
@@ -132,9 +138,7 @@ def _run(
     from editor.models.loading import load_configured
 
     with ExitStack() as stack:
-        source: IO[str] = (
-            sys.stdin if records_name == "-" else stack.enter_context(_open_records(records_name))
-        )
+        source: IO[str] = sys.stdin if records_name == "-" else stack.enter_context(_open_records(records_name))
         records = read_input(source, max_chars=settings.max_record_chars)
     if max_records is not None:
         records = records[:max_records]
@@ -143,14 +147,18 @@ def _run(
     filler = BatchFiller(model, template, options, batch_size=batch_size, max_canvas_tokens=settings.max_canvas_tokens)
     with ExitStack() as stack:
         stream: BinaryIO = (
-            sys.stdout.buffer if output_name == "-" else stack.enter_context(Path(output_name).open("ab" if resume else "wb"))
+            sys.stdout.buffer
+            if output_name == "-"
+            else stack.enter_context(Path(output_name).open("ab" if resume else "wb"))
         )
         writer = ResultWriter(stream, sync=_is_regular_file(stream))
         todo = sum(1 for record in records if record.custom_id not in done)
         bar = stack.enter_context(
             tqdm(total=todo, unit="rec", desc="batch", file=sys.stderr, disable=not progress, dynamic_ncols=True)
         )
-        summary = run_records(filler, records, writer, done_ids=done, on_progress=lambda results: bar.update(len(results)))
+        summary = run_records(
+            filler, records, writer, done_ids=done, on_progress=lambda results: bar.update(len(results))
+        )
     errors = ", ".join(f"{code}: {count}" for code, count in sorted(summary.errors.items()))
     click.echo(
         f"done {summary.done}, failed {summary.failed}{f' ({errors})' if errors else ''}, skipped {summary.skipped} "

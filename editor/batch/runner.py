@@ -60,16 +60,21 @@ class InputRecord:
 def parse_input_line(text: str, line: int, *, max_chars: int) -> InputRecord:
     """The id is `custom_id`, else `id`, else the line number; a bad line becomes an error record."""
     if len(text) > max_chars:
-        return InputRecord(line, str(line), None, RecordError("too_long", f"line {line} has {len(text)} characters; "
-                                                                                f"the limit is {max_chars}"))
+        return InputRecord(
+            line,
+            str(line),
+            None,
+            RecordError("too_long", f"line {line} has {len(text)} characters; the limit is {max_chars}"),
+        )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         return InputRecord(line, str(line), None, RecordError("invalid_json", f"line {line}: {error}"))
     if not isinstance(value, dict):
         kind = type(value).__name__
-        return InputRecord(line, str(line), None, RecordError("invalid_record", f"line {line} is a JSON {kind}, "
-                                                                                        "not an object"))
+        return InputRecord(
+            line, str(line), None, RecordError("invalid_record", f"line {line} is a JSON {kind}, not an object")
+        )
     key = value.get("custom_id", value.get("id"))
     custom_id = str(line) if key is None or isinstance(key, dict | list) else str(key)
     return InputRecord(line, custom_id, value)
@@ -158,7 +163,10 @@ class BatchFiller:
             for start in range(0, len(prepared), self.batch_size):
                 for item, result in self._run(prepared[start : start + self.batch_size], records):
                     results[item.order] = result
-        return [r if r is not None else RecordResult(rec.custom_id, error=_lost()) for r, rec in zip(results, records)]
+        return [
+            r if r is not None else RecordResult(rec.custom_id, error=_lost())
+            for r, rec in zip(results, records, strict=True)
+        ]
 
     def _prepare(self, order: int, record: InputRecord) -> _Prepared:
         if record.error is not None or record.record is None:
@@ -166,7 +174,10 @@ class BatchFiller:
         document = self.template.render(record.record)
         try:
             canvas = prepare_canvas(
-                self.model, document.document, instruction=document.instruction, max_canvas_tokens=self.max_canvas_tokens
+                self.model,
+                document.document,
+                instruction=document.instruction,
+                max_canvas_tokens=self.max_canvas_tokens,
             )
         except DocumentError as error:
             code = "too_long" if "canvas" in error.message else "invalid_record"

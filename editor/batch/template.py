@@ -223,9 +223,7 @@ class Template:
         builder.node(self.root)
         instruction = None
         if self.instruction is not None:
-            instruction = "".join(
-                p if isinstance(p, str) else _as_text(p.lookup(record)) for p in self.instruction
-            )
+            instruction = "".join(p if isinstance(p, str) else _as_text(p.lookup(record)) for p in self.instruction)
         return RecordDocument(
             document=Document(tuple(builder.segments)),
             instruction=instruction,

@@ -11,7 +11,6 @@ def bench() -> None:
     """Benchmarks: print figures, or write them as JSON with --json."""
 
 
-
 from editor.benchmarks.batch import batch_bench  # noqa: E402 - registered after the group exists
 
 bench.add_command(batch_bench)

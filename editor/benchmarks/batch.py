@@ -42,7 +42,9 @@ def product_records(count: int) -> list[dict[str, Any]]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, help="records per sampler call")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="[default: the batch default]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's]")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write JSON here")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write JSON here"
+)
 def batch_bench(
     model_spec: str,
     device: str,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from editor.db.engine import read_session, write_session
@@ -111,7 +111,9 @@ class BatchStore:
                 )
             )
 
-    def set_status(self, job_id: int, status: str, *, error: str | None = None, only_if_active: bool = True) -> BatchJob:
+    def set_status(
+        self, job_id: int, status: str, *, error: str | None = None, only_if_active: bool = True
+    ) -> BatchJob:
         """Move a job to `status` (unless it has already ended, with `only_if_active`)."""
         with write_session(self.sessions) as session:
             job = _job(session, job_id)
@@ -130,7 +132,7 @@ class BatchStore:
         with write_session(self.sessions) as session:
             job = _job(session, job_id)
             for outcome in outcomes:
-                changed = session.execute(
+                result = session.execute(
                     update(BatchRecord)
                     .where(
                         BatchRecord.id == outcome.record_id,
@@ -144,8 +146,10 @@ class BatchStore:
                         seed=outcome.seed,
                         updated_at=utcnow(),
                     )
-                ).rowcount
-                if changed:  # a record is counted once, even if a result arrives twice
+                )
+                if cast(
+                    "CursorResult[Any]", result
+                ).rowcount:  # a record is counted once, even if a result arrives twice
                     if outcome.failed:
                         job.failed += 1
                     else:

@@ -15,7 +15,8 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from functools import partial
+from typing import Any, Literal
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
@@ -79,7 +80,7 @@ class BatchOut(BaseModel):
     def from_job(cls, job: BatchJob) -> BatchOut:
         return cls(
             id=job.id,
-            status=job.status,  # type: ignore[arg-type]
+            status=job.status,
             total=job.total,
             completed=job.completed,
             failed=job.failed,
@@ -167,14 +168,22 @@ class BatchRunner:
                     raise
                 except Exception as error:
                     log.exception("batch job %s failed", job_id)
-                    await in_thread(lambda: self.store.set_status(job_id, "failed", error=str(error)))
+                    await in_thread(partial(self.store.set_status, job_id, "failed", error=str(error)))
+
+    def _fill_chunk(
+        self, template: Template, options: SamplerOptions, inputs: list[InputRecord], model: DiffusionModel
+    ) -> list[RecordResult]:
+        """Runs in the worker thread."""
+        limit = self.settings.max_canvas_tokens
+        filler = BatchFiller(model, template, options, batch_size=len(inputs), max_canvas_tokens=limit)
+        return filler.fill(inputs)
 
     async def _run_job(self, job_id: int) -> None:
         job: BatchJob = await in_thread(self.store.get_job, job_id)
         try:
             template = compile_stored(job.template, self.settings, job.instruction)
         except TemplateError as error:
-            await in_thread(lambda: self.store.set_status(job_id, "failed", error=str(error)))
+            await in_thread(partial(self.store.set_status, job_id, "failed", error=str(error)))
             return
         options = SamplerOptions(**job.options)
         await in_thread(lambda: self.store.set_status(job_id, "running"))
@@ -187,12 +196,7 @@ class BatchRunner:
                 await in_thread(self.store.save_results, job_id, [])  # marks the job done
                 return
             inputs = [InputRecord(r.line, r.record_key or str(r.line), r.input) for r in pending]
-            chunk = self.settings.batch_chunk_rows
-            limit = self.settings.max_canvas_tokens
-
-            def work(model: DiffusionModel, inputs: list[InputRecord] = inputs) -> list[RecordResult]:
-                return BatchFiller(model, template, options, batch_size=chunk, max_canvas_tokens=limit).fill(inputs)
-
+            work = partial(self._fill_chunk, template, options, inputs)
             results: list[RecordResult] = await asyncio.wrap_future(self.worker.submit_background(work))
             outcomes = [
                 RecordOutcome(record.id, result.to_dict(), options.seed)
@@ -365,9 +369,8 @@ def batch_controller(settings: Settings) -> type[Controller]:
             async def lines() -> AsyncIterator[bytes]:
                 after = 0
                 while True:
-                    page = await in_thread(
-                        lambda: batch_store.result_lines(batch_id, after_line=after, limit=_RESULT_PAGE)
-                    )
+                    read = partial(batch_store.result_lines, batch_id, after_line=after, limit=_RESULT_PAGE)
+                    page = await in_thread(read)
                     if not page:
                         return
                     yield "".join(json.dumps(line, ensure_ascii=False) + "\n" for _, line in page).encode()
