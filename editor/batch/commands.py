@@ -37,8 +37,8 @@ def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, required=True, metavar="[TEMPLATE] RECORDS")
-@click.option("-o", "--output", "output_name", required=True, help="output JSONL file, or - for stdout")
+@click.argument("inputs", nargs=-1, metavar="[TEMPLATE] RECORDS")
+@click.option("-o", "--output", "output_name", default=None, help="output JSONL file, or - for stdout  [required]")
 @click.option(
     "--schema", "schema_name", default=None, help="derive the template from this JSON Schema file (then no TEMPLATE)"
 )
@@ -56,10 +56,11 @@ def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N [default: EDITOR_DEVICE, else auto]")
 @click.option("--instruction", default=None, help="user turn for instruct models; may use {field} placeholders")
 @click.option("--print-template", is_flag=True, help="print the (derived) template and exit")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's]")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
 def batch(
     inputs: tuple[str, ...],
-    output_name: str,
+    output_name: str | None,
     schema_name: str | None,
     resume: bool,
     batch_size: int | None,
@@ -68,6 +69,7 @@ def batch(
     device: str | None,
     instruction: str | None,
     print_template: bool,
+    threads: int | None,
     progress: bool,
     **sampler: Any,
 ) -> None:
@@ -84,10 +86,9 @@ def batch(
     settings = Settings()
     options = _batch_options(sampler)
     expected = 1 if schema_name else 2
-    if len(inputs) != expected:
+    if len(inputs) != expected and not (print_template and len(inputs) == expected - 1):
         usage = "--schema SCHEMA RECORDS" if schema_name else "TEMPLATE RECORDS"
         raise click.UsageError(f"expected {usage}, got {len(inputs)} argument(s)")
-    records_name = inputs[-1]
     try:
         if schema_name is not None:
             derived = template_from_schema(_read_text(schema_name, "schema"), settings.document_limits())
@@ -101,6 +102,9 @@ def batch(
     if print_template:
         click.echo(template_text)
         return
+    if output_name is None:
+        raise click.UsageError("missing option -o/--output (a file, or - for stdout)")
+    records_name = inputs[-1]
     if resume and output_name == "-":
         raise click.UsageError("--resume needs an output file, not -")
     _run(
@@ -114,6 +118,7 @@ def batch(
         max_records=max_records,
         model_spec=model_spec,
         device=device,
+        threads=threads,
         progress=progress,
     )
 
@@ -130,8 +135,10 @@ def _run(
     max_records: int | None,
     model_spec: str | None,
     device: str | None,
+    threads: int | None,
     progress: bool,
 ) -> None:
+    import torch
     from tqdm import tqdm
 
     from editor.batch.runner import BatchFiller, ResultWriter, read_done_ids, read_input, run_records
@@ -143,6 +150,8 @@ def _run(
     if max_records is not None:
         records = records[:max_records]
     done = read_done_ids(Path(output_name)) if resume else set()
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = load_configured(settings, model=model_spec, device=device)
     filler = BatchFiller(model, template, options, batch_size=batch_size, max_canvas_tokens=settings.max_canvas_tokens)
     with ExitStack() as stack:
