@@ -17,8 +17,11 @@ from editor.db.services import Store
 from editor.server.auth import token_guard
 from editor.server.batches import BatchRunner, BatchService, batch_controller
 from editor.server.controllers import CONTROLLERS, HealthController
+from editor.server.csrf import same_origin_guard
 from editor.server.errors import EXCEPTION_HANDLERS
+from editor.server.pages import page_handlers, template_config
 from editor.server.streaming import FillService
+from editor.server.tokens import TokenCounter
 from editor.server.worker import ModelWorker
 from editor.settings import Settings
 
@@ -54,9 +57,14 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
     def provide(value: Any) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
-    api = Router(path="/", route_handlers=[*CONTROLLERS, batch_controller(settings)], guards=[guard] if guard else [])
+    api = Router(
+        path="/",
+        route_handlers=[*CONTROLLERS, batch_controller(settings)],
+        guards=[same_origin_guard, *([guard] if guard else [])],
+    )
     app = Litestar(
-        route_handlers=[api, HealthController],
+        route_handlers=[api, HealthController, *page_handlers()],
+        template_config=template_config(),
         dependencies={
             "settings": provide(settings),
             "worker": provide(worker),
@@ -64,6 +72,7 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
             "fills": provide(fills),
             "batches": provide(batches),
             "batch_store": provide(batch_store),
+            "tokens": provide(TokenCounter(worker, settings.max_document_chars)),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         on_startup=[start],
