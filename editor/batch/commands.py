@@ -143,6 +143,7 @@ def _run(
 
     from editor.batch.runner import BatchFiller, ResultWriter, read_done_ids, read_input, run_records
     from editor.models.loading import load_configured
+    from editor.models.native import ModelLoadError
 
     with ExitStack() as stack:
         source: IO[str] = sys.stdin if records_name == "-" else stack.enter_context(_open_records(records_name))
@@ -152,7 +153,10 @@ def _run(
     done = read_done_ids(Path(output_name)) if resume else set()
     if threads is not None:
         torch.set_num_threads(threads)
-    model = load_configured(settings, model=model_spec, device=device)
+    try:
+        model = load_configured(settings, model=model_spec, device=device)
+    except (ModelLoadError, OSError) as error:
+        raise click.ClickException(f"cannot load the model: {error}") from error
     filler = BatchFiller(model, template, options, batch_size=batch_size, max_canvas_tokens=settings.max_canvas_tokens)
     with ExitStack() as stack:
         stream: BinaryIO = (

@@ -141,7 +141,7 @@ class BatchRunner:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
 
@@ -153,7 +153,14 @@ class BatchRunner:
     async def _loop(self) -> None:
         assert self._wake is not None
         while True:
-            jobs = await in_thread(self.store.active_jobs)
+            try:
+                jobs = await in_thread(self.store.active_jobs)
+            except Exception:
+                log.exception("cannot read the batch jobs; trying again shortly")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=5)
+                self._wake.clear()
+                continue
             if not jobs:
                 await self._wake.wait()
                 self._wake.clear()
