@@ -154,11 +154,12 @@ def test_records_of_different_lengths_are_grouped_and_each_row_keeps_its_budget(
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "required": ["name", "size", "count", "available", "tags", "kind", "dims"],
+    "required": ["name", "size", "flag", "count", "available", "tags", "kind", "dims"],
     "additionalProperties": False,
     "properties": {
         "name": {"type": "string", "maxLength": 12, "minLength": 2, "description": "a short product name"},
         "size": {"enum": ["S", "M", "L"]},
+        "flag": {"enum": ["true", "false"]},
         "count": {"type": "integer"},
         "available": {"type": "boolean"},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 2, "maxItems": 4},

@@ -63,11 +63,14 @@ class SchemaTemplate:
     value: Any
     instruction: str | None
     max_chars: dict[str, int] = field(default_factory=dict)
+    strings: frozenset[str] = frozenset()  # string enums that a template would read as booleans
 
     def compile(self, limits: DocumentLimits | None = None, *, instruction: str | None = None) -> Template:
         """The template; an explicit instruction goes before the descriptions' hints."""
         text = "\n".join(part for part in (instruction, self.instruction) if part) or None
-        return Template.from_value(self.value, limits=limits, instruction=text, max_chars=self.max_chars)
+        return Template.from_value(
+            self.value, limits=limits, instruction=text, max_chars=self.max_chars, strings=self.strings
+        )
 
     @property
     def text(self) -> str:
@@ -93,7 +96,7 @@ def template_from_schema(schema_text: str, limits: DocumentLimits | None = None)
         )
     hints = "\n".join(f"- {where}: {text}" for where, text in deriver.hints)
     instruction = f"Fill in the JSON. Field descriptions:\n{hints}" if hints else None
-    return SchemaTemplate(value, instruction, deriver.max_chars)
+    return SchemaTemplate(value, instruction, deriver.max_chars, frozenset(deriver.enum_strings))
 
 
 @dataclass
@@ -102,6 +105,7 @@ class _Deriver:
     unsupported: list[str] = field(default_factory=list)
     hints: list[tuple[str, str]] = field(default_factory=list)
     max_chars: dict[str, int] = field(default_factory=dict)
+    enum_strings: list[str] = field(default_factory=list)
 
     def node(self, schema: Any, where: str, path: str) -> Any:
         """`where` is the place in the schema (JSON pointer), `path` the place in the output."""
@@ -157,6 +161,7 @@ class _Deriver:
             options = schema["enum"]
             if not (isinstance(options, list) and options and all(isinstance(o, str) and o for o in options)):
                 raise SchemaError("enum must list non-empty strings", path=f"{where}/enum", expected="strings")
+            self.enum_strings.append(path)
             return _tag(MaskSpan(0, 0, 0, choices=tuple(options)))
         max_length = _count(schema, "maxLength", where)
         min_length = _count(schema, "minLength", where) or 0

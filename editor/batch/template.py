@@ -191,8 +191,11 @@ class Template:
         instruction: str | None = None,
         max_chars: Mapping[str, int] | None = None,
         source: str | None = None,
+        strings: frozenset[str] = frozenset(),
     ) -> Template:
-        compiler = _Compiler(limits or DocumentLimits(), dict(max_chars or {}))
+        """`strings`: JSON paths whose value stays a JSON string even when it is one
+        `choice="true|false"` tag (a schema's string enum of "true" and "false")."""
+        compiler = _Compiler(limits or DocumentLimits(), dict(max_chars or {}), strings)
         root = compiler.node(value, "$")
         if not compiler.keys:
             raise TemplateError("the template has no [MASK ...] tag", expected="at least one mask span to fill")
@@ -293,6 +296,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 class _Compiler:
     limits: DocumentLimits
     max_chars: dict[str, int]
+    strings: frozenset[str] = frozenset()
     keys: list[str] = field(default_factory=list)
 
     def node(self, value: Any, path: str) -> Node:
@@ -319,7 +323,7 @@ class _Compiler:
             return FieldNode(path, pieces[0])
         if len(pieces) == 1 and isinstance(pieces[0], MaskSpan):
             kind = _value_kind(pieces[0])
-            if kind is not None:
+            if kind is not None and not (kind == "boolean" and path in self.strings):
                 self.add_key(pieces[0], path, alone=True)
                 return SpanValueNode(path, pieces[0], kind)
         for span in spans:
