@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 from editor.batch.runner import BatchFiller, ResultWriter, read_done_ids, read_input, run_records
 from editor.batch.schema import SchemaError, template_from_schema
-from editor.batch.template import Template, TemplateError
+from editor.batch.template import RecordError, Template, TemplateError
+from editor.canvas import SpanFill
 from editor.cli import main
 from editor.models.base import DiffusionModel
 from editor.options import SamplerOptions
@@ -293,3 +294,21 @@ def test_run_records_skips_done_ids_and_appends(tiny_model: DiffusionModel, tmp_
         summary = run_records(filler, records, ResultWriter(stream), done_ids=read_done_ids(out))
     assert (summary.skipped, summary.done) == (3, 3)
     assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == [str(n) for n in range(6)]
+
+
+def span_fill(index: int, text: str, start: int) -> SpanFill:
+    return SpanFill(
+        index=index, name=None, start=start, end=start + len(text), text=text, token_ids=[1], confidence=0.5
+    )
+
+
+def test_number_spans_become_json_numbers_or_an_error_line() -> None:
+    template = Template.parse('{"price": "[MASK 3 as=number]"}')
+    document = template.render({})
+    start = len('{"price": ')
+    for text, value in ((" 1,250", 1250), (" 3.5", 3.5), ("-7", -7)):
+        output, _ = document.build([span_fill(0, text, start - (1 if text.startswith(" ") else 0))])
+        assert output == {"price": value} and type(output["price"]) is type(value)
+    with pytest.raises(RecordError) as caught:
+        document.build([span_fill(0, "1.2.3", start)])
+    assert caught.value.code == "invalid_value" and "$.price" in caught.value.message

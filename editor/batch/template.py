@@ -265,7 +265,7 @@ class RecordDocument:
         when a number span did not produce a number."""
         if len(spans) != len(self.template.span_keys):
             raise RecordError("fill_failed", f"expected {len(self.template.span_keys)} spans, got {len(spans)}")
-        kept = _kept_literals(self.literal_parts, spans, self.document)
+        kept = _kept_literals(self.literal_parts, spans)
         reader = _OutputReader(spans, kept, self.layout, self.record)
         output = reader.node(self.template.root)
         by_key = {
@@ -509,7 +509,7 @@ class _DocumentBuilder:
 
 
 def _kept_literals(
-    literal_parts: tuple[tuple[LiteralPart, ...], ...], spans: Sequence[SpanFill], document: Document
+    literal_parts: tuple[tuple[LiteralPart, ...], ...], spans: Sequence[SpanFill]
 ) -> list[list[str | None]]:
     """Per literal, each part's string content as it ended up in the filled text (None for
     skeleton parts): the same as written, except that the part right before a span may have lost
