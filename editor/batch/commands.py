@@ -23,16 +23,18 @@ def _read_text(name: str, what: str) -> str:
 
 
 def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
-    """The command line's sampler options; `schedule` and `steps` default to the batch defaults
-    (a small fixed number of steps) unless given."""
+    """The command line's sampler options. Without --schedule, the batch defaults apply (the
+    threshold schedule with at most 2 steps, unless --steps says otherwise); with --schedule,
+    the same defaults as `editor fill`."""
     from editor.batch.runner import BATCH_DEFAULTS
     from editor.cli import options_from
 
     context = click.get_current_context()
     values = dict(sampler)
-    for name in ("schedule", "steps"):
-        if context.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None):
-            values[name] = getattr(BATCH_DEFAULTS, name)
+    if context.get_parameter_source("schedule") in (click.core.ParameterSource.DEFAULT, None):
+        values["schedule"] = BATCH_DEFAULTS.schedule
+        if context.get_parameter_source("steps") in (click.core.ParameterSource.DEFAULT, None):
+            values["steps"] = BATCH_DEFAULTS.steps
     return options_from(values)
 
 
@@ -77,7 +79,7 @@ def batch(
     of RECORDS (JSONL; - for stdin), writing one JSON line per input line to --output.
 
     With --schema, the template is derived from a JSON Schema and TEMPLATE is left out. schedule
-    and steps default to the threshold schedule with at most 4 steps (fast); every sampler option
+    and steps default to the threshold schedule with at most 2 steps (fast); every sampler option
     can be given. Each output line is {"custom_id", "output", "spans", "error"}."""
     from editor.batch.schema import template_from_schema
     from editor.batch.template import Template, TemplateError

@@ -44,7 +44,7 @@ __all__ = [
 
 # Batch jobs favour throughput: the threshold schedule (commit every confident position at once)
 # capped at a few steps, so every row costs a small, fixed number of forward passes.
-BATCH_DEFAULTS = SamplerOptions(schedule="threshold", steps=4)
+BATCH_DEFAULTS = SamplerOptions(schedule="threshold", steps=2)
 
 
 @dataclass(frozen=True)

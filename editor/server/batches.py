@@ -56,7 +56,7 @@ class BatchCreate(BaseModel):
     template: Any = Field(None, description="the JSON template: JSON text, or the JSON value itself")
     json_schema: Any = Field(None, alias="schema", description="a JSON Schema (text or value) to derive the template")
     records: list[Any] = Field(description="one JSON object per record; `custom_id` or `id` names it")
-    options: SamplerOptions | None = Field(None, description="sampler options; default: threshold, at most 4 steps")
+    options: SamplerOptions | None = Field(None, description="sampler options; default: threshold, at most 2 steps")
     instruction: str | None = Field(None, description="instruction for instruct models; may use {field}")
 
 
