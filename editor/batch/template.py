@@ -16,11 +16,13 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-from editor.canvas import SpanFill
 from editor.document import Document, DocumentError, DocumentLimits, MaskSpan
 from editor.parser import parse_document
+
+if TYPE_CHECKING:
+    from editor.canvas import SpanFill  # editor.canvas imports torch; this module does not
 
 __all__ = [
     "RecordDocument",
