@@ -3,7 +3,9 @@ a restart in the middle of a job, and an interactive fill that finishes while a 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,8 +15,10 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from editor.models.base import DiffusionModel
+from editor.options import SamplerOptions
+from editor.parser import parse_document
 from editor.server import create_app
-from editor.server.worker import ModelWorker
+from editor.server.worker import FillJob, ModelWorker
 from editor.settings import Settings
 from tests.api_fixtures import SlowModel
 
@@ -129,3 +133,39 @@ def test_an_interactive_fill_finishes_while_a_batch_runs(settings: Settings, api
         during = client.get(f"/api/v1/batches/{job['id']}").json()
         assert during["status"] == "running" and during["pending"] > 0
         client.post(f"/api/v1/batches/{job['id']}/cancel")
+
+
+def test_the_worker_runs_queued_interactive_fills_before_more_background_work(
+    settings: Settings, api_model: DiffusionModel
+) -> None:
+    worker = ModelWorker(settings, loader=lambda: api_model)
+    worker.start()
+    assert worker.wait_ready(10)
+    seen: list[str] = []  # written in the worker thread, in the order the work ran there
+    release = threading.Event()
+    jobs: list[FillJob] = []
+
+    def piece(number: int) -> Callable[[DiffusionModel], None]:
+        def work(model: DiffusionModel) -> None:
+            if number == 1:
+                release.wait(10)
+            fill_state = jobs[0].state if jobs else "not submitted"
+            seen.append(f"background {number}, fill {fill_state}")
+
+        return work
+
+    async def scenario() -> None:
+        futures = [worker.submit_background(piece(1))]
+        time.sleep(0.2)  # the worker is now inside the first piece
+        futures += [worker.submit_background(piece(n)) for n in (2, 3)]
+        jobs.append(worker.submit([parse_document("Hi [MASK 2]")], SamplerOptions(steps=2)))
+        release.set()
+        await jobs[0].result()
+        for future in futures:
+            await asyncio.wrap_future(future)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert seen == ["background 1, fill queued", "background 2, fill done", "background 3, fill done"]
