@@ -11,4 +11,8 @@ def bench() -> None:
     """Benchmarks: print figures, or write them as JSON with --json."""
 
 
+from editor.benchmarks.batch import batch_bench  # noqa: E402 - registered after the group exists
+
+bench.add_command(batch_bench)
+
 __all__ = ["bench"]

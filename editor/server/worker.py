@@ -16,6 +16,7 @@ when every job in it is cancelled; a cancelled job in a running batch just has i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import threading
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 ModelLoader = Callable[[], DiffusionModel]
+BackgroundWork = Callable[[DiffusionModel], Any]
 _RANDOM_SCHEDULES = ("random",)
 _POSITION_SAMPLING = ("confidence", "margin", "entropy", "blocks")  # schedules that use alg_temp
 
@@ -270,6 +272,11 @@ class _JobQueue:
         with self._ready:
             self._ready.wait(timeout)
 
+    def wake(self) -> None:
+        """Wake a worker waiting in `take` (background work has arrived)."""
+        with self._ready:
+            self._ready.notify_all()
+
     def drain(self) -> list[FillJob]:
         with self._ready:
             jobs = list(self._jobs)
@@ -301,6 +308,9 @@ class ModelWorker:
         self.load_error: BaseException | None = None
         self.recent: deque[JobSummary] = deque(maxlen=256)
         self._job_seconds = 1.0  # moving average of a batch's duration, for Retry-After
+        # Low-priority lane (batch jobs): run only when no interactive fill is queued, one small
+        # piece at a time, so an interactive fill waits for at most one piece.
+        self._background: deque[tuple[BackgroundWork, concurrent.futures.Future[Any]]] = deque()
 
     # -- lifecycle --
 
@@ -322,6 +332,7 @@ class ModelWorker:
     def _refuse_queued(self) -> None:
         for job in self._queue.drain():
             self._close(job, "cancelled", error=WorkerUnavailable("the server is shutting down; nothing was stored"))
+        self._fail_background(WorkerUnavailable("the server is shutting down"))
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel running and queued jobs and wait for the thread to end."""
@@ -375,6 +386,37 @@ class ModelWorker:
         self._queue.put(job, self._retry_after)
         return job
 
+    def submit_background(self, work: BackgroundWork) -> concurrent.futures.Future[Any]:
+        """Queue low-priority work (a small piece of a batch job): `work(model)` runs in the worker
+        thread when no interactive fill is waiting. Await it with `asyncio.wrap_future`."""
+        if self._stopping.is_set():
+            raise WorkerUnavailable("the server is shutting down")
+        if self.load_error is not None:
+            raise WorkerUnavailable(f"the model failed to load: {self.load_error}")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._background.append((work, future))
+        self._queue.wake()
+        return future
+
+    def _run_background(self) -> None:
+        """Run one piece of background work, if any (interactive fills always go first)."""
+        if not self._background or self.model is None:
+            return
+        work, future = self._background.popleft()
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with torch.inference_mode():
+                future.set_result(work(self.model))
+        except BaseException as error:
+            future.set_exception(error)
+
+    def _fail_background(self, error: BaseException) -> None:
+        while self._background:
+            _, future = self._background.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
     def _retry_after(self, waiting: int) -> int:
         """Seconds until the queue has likely drained by one batch's worth."""
         batches = waiting / max(1, self.settings.max_batch_rows) + 1
@@ -391,12 +433,14 @@ class ModelWorker:
             log.exception("the model failed to load")
             for job in self._queue.drain():
                 job._finish("failed", error=WorkerUnavailable(f"the model failed to load: {error}"))
+            self._fail_background(WorkerUnavailable(f"the model failed to load: {error}"))
             return
         finally:
             self._loaded.set()
         while not self._stopping.is_set():
-            first = self._queue.take(timeout=0.1)
+            first = self._queue.take(timeout=0.0 if self._background else 0.1)
             if first is None:
+                self._run_background()
                 continue
             batch = self._gather(first)
             self._running = batch
@@ -610,6 +654,7 @@ class ModelWorker:
 
 
 __all__ = [
+    "BackgroundWork",
     "CommitInfo",
     "FillJob",
     "JobOutcome",
