@@ -16,13 +16,13 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import partial
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath
+from litestar.params import PathParameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_202_ACCEPTED
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -292,9 +292,11 @@ async def _form_field(form: Any, name: str) -> str | None:
 
 Batches = NamedDependency[BatchService]
 BatchStorage = NamedDependency[BatchStore]
-BatchId = FromPath[int]
+BatchId = Annotated[int, PathParameter(ge=1, le=2**63 - 1, description="the batch job's id")]  # SQLite's range
 _ERRORS = {
     401: ResponseSpec(ErrorOut, description="missing or wrong bearer token"),
+    403: ResponseSpec(ErrorOut, description="cross-origin request: the Origin header names another site"),
+    415: ResponseSpec(ErrorOut, description="the body is not application/json or multipart/form-data"),
     404: ResponseSpec(ErrorOut, description="unknown batch job"),
     413: ResponseSpec(ErrorOut, description="the body is over the size limit"),
     422: ResponseSpec(ErrorOut, description="a bad template (with its JSON path), schema, records or options"),
@@ -312,7 +314,7 @@ def batch_controller(settings: Settings) -> type[Controller]:
             "/",
             status_code=HTTP_202_ACCEPTED,
             request_max_body_size=settings.max_batch_body_bytes,
-            responses={k: _ERRORS[k] for k in (401, 413, 422)},
+            responses={k: _ERRORS[k] for k in (401, 403, 413, 415, 422)},
         )
         async def create(self, request: Request[Any, Any, Any], batches: Batches) -> Response[BatchOut]:
             """Create a stored batch job and answer 202 with its id; it runs in the background.
@@ -385,7 +387,7 @@ def batch_controller(settings: Settings) -> type[Controller]:
 
             return Stream(lines(), media_type=JSONL)
 
-        @post("/{batch_id:int}/cancel", status_code=200, responses={k: _ERRORS[k] for k in (401, 404)})
+        @post("/{batch_id:int}/cancel", status_code=200, responses={k: _ERRORS[k] for k in (401, 403, 404, 415)})
         async def cancel(self, batch_id: BatchId, batch_store: BatchStorage) -> BatchOut:
             """Stop a job: records not yet filled stay unfilled; finished results stay readable."""
             return BatchOut.from_job(await in_thread(lambda: batch_store.set_status(batch_id, "cancelled")))
