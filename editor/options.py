@@ -7,8 +7,19 @@ from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Schedule: TypeAlias = Literal["random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold"]
-SCHEDULES: tuple[Schedule, ...] = ("random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold")
+Schedule: TypeAlias = Literal[
+    "random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold", "factor"
+]
+SCHEDULES: tuple[Schedule, ...] = (
+    "random",
+    "left-to-right",
+    "confidence",
+    "margin",
+    "entropy",
+    "blocks",
+    "threshold",
+    "factor",
+)
 
 
 class SamplerOptions(BaseModel):
@@ -24,6 +35,16 @@ class SamplerOptions(BaseModel):
     alg_temp: float = Field(0.0, ge=0.0, description="> 0 samples positions from softmax(confidence / alg_temp)")
     block_length: int = Field(32, ge=1, description="masked positions per block for the blocks schedule")
     threshold: float = Field(0.9, gt=0.0, le=1.0, description="confidence to commit at for the threshold schedule")
+    factor: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="factor schedule: commit the top n while (n + 1) * (1 - nth confidence) < factor",
+    )
+    cache: bool = Field(True, description="reuse keys/values of positions whose input did not change (docs/engine.md)")
+    cache_refresh_every: int | None = Field(
+        None, ge=1, description="with cache: a full pass every k steps [default: at block starts only]"
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
 
 

@@ -11,4 +11,10 @@ def bench() -> None:
     """Benchmarks: print figures, or write them as JSON with --json."""
 
 
+from editor.benchmarks.engine import engine  # noqa: E402 - registered after the group exists
+from editor.benchmarks.quality import engine_quality  # noqa: E402
+
+bench.add_command(engine)
+bench.add_command(engine_quality)
+
 __all__ = ["bench"]
