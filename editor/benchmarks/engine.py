@@ -7,7 +7,7 @@ random literal text), for each model, batch size and decoding mode:
   step with float32 logits over the whole vocabulary at every position (the model is seen through
   a plain `DiffusionModel` view, so neither the cache nor position-only logits apply).
 - `fast`: the same schedule with the key/value cache, logits only at masked positions and the
-  step loop's single host read.
+  step loop's single host read; `fast-rK`: the cache refreshed by a full pass every K steps.
 
 Models: `tiny` (the bundled one), `default-shape` (SmolLM2-135M's shape, random weights, until the
 adapted default model is on main), `dream-7b` and `llada-8b` (their exact shapes, random weights,
@@ -259,7 +259,8 @@ def _measure(
     from editor.options import SamplerOptions
     from editor.sampler import SamplerRun
 
-    options = SamplerOptions(steps=steps, seed=0, cache=mode != "naive")
+    refresh = int(mode.split("-r")[1]) if "-r" in mode else None
+    options = SamplerOptions(steps=steps, seed=0, cache=mode != "naive", cache_refresh_every=refresh)
     vocabulary = _OpenVocabulary(network.config.vocab_size, model.special.mask)
     rows = _rows(batch, context, tokens, network.config.vocab_size, seed=batch)
     times, works, done_steps = [], [], 0
@@ -340,6 +341,7 @@ def _peak(device: str, override_flops: float | None, override_bandwidth: float |
 @click.option("--context", default=512, help="canvas length")
 @click.option("--tokens-per-step", "per_step", default="1,4", help="comma-separated; steps = tokens / this")
 @click.option("--naive-batches", default="1", help="batch sizes at which the naive loop is also run")
+@click.option("--refresh", default="", help="comma-separated k: also run the cache refreshed every k steps")
 @click.option("--naive-max-steps", default=None, type=int, help="time this many naive steps and extrapolate")
 @click.option("--repeats", default=1, help="timed runs after one warm-up (median)")
 @click.option("--peak-flops", default=None, type=float, help="override the assumed FLOP/s")
@@ -355,6 +357,7 @@ def engine(
     context: int,
     per_step: str,
     naive_batches: str,
+    refresh: str,
     naive_max_steps: int | None,
     repeats: int,
     peak_flops: float | None,
@@ -380,7 +383,7 @@ def engine(
     if peak is not None:
         click.echo(f"ceiling assumes {peak[0] / 1e12:.1f} TFLOP/s and {peak[1] / 1e9:.0f} GB/s")
     click.echo(
-        f"{'model':28} {'mode':6} {'batch':>5} {'tok/step':>8} {'steps':>5} {'tok/s':>9} {'ms/step':>8} "
+        f"{'model':28} {'mode':7} {'batch':>5} {'tok/step':>8} {'steps':>5} {'tok/s':>9} {'ms/step':>8} "
         f"{'peak MB':>8} {'TFLOP':>8} {'GB':>8} {'ceiling':>7}"
     )
     for name in models:
@@ -389,6 +392,7 @@ def engine(
             steps = max(1, tokens // rate)
             for batch in [int(b) for b in batches.split(",")]:
                 modes = ["naive", "fast"] if str(batch) in naive_batches.split(",") else ["fast"]
+                modes += [f"fast-r{k}" for k in refresh.split(",") if k]
                 for mode in modes:
                     figure = _measure(
                         model,
@@ -407,7 +411,7 @@ def engine(
                     figures.append(figure)
                     ceiling = "-" if figure.ceiling_fraction is None else f"{figure.ceiling_fraction:.0%}"
                     click.echo(
-                        f"{figure.model[:28]:28} {mode:6} {batch:>5} {figure.tokens_per_step:>8.2f} {figure.steps:>5} "
+                        f"{figure.model[:28]:28} {mode:7} {batch:>5} {figure.tokens_per_step:>8.2f} {figure.steps:>5} "
                         f"{figure.tokens_per_s:>9.1f} {figure.ms_per_step:>8.2f} {figure.peak_memory_mb:>8.0f} "
                         f"{figure.flops / 1e12:>8.2f} {figure.bytes / 1e9:>8.2f} {ceiling:>7}"
                     )
