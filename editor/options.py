@@ -43,7 +43,7 @@ class SamplerOptions(BaseModel):
     )
     cache: bool = Field(True, description="reuse keys/values of positions whose input did not change (docs/engine.md)")
     cache_refresh_every: int | None = Field(
-        None, ge=1, description="with cache: a full pass every k steps [default: at block starts only]"
+        4, ge=1, description="with cache: a full pass every k steps (and at block starts); none: block starts only"
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
 

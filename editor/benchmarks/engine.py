@@ -6,8 +6,9 @@ random literal text), for each model, batch size and decoding mode:
 - `naive`: the landed loop's shape of work, a full forward pass over the whole canvas at every
   step with float32 logits over the whole vocabulary at every position (the model is seen through
   a plain `DiffusionModel` view, so neither the cache nor position-only logits apply).
-- `fast`: the same schedule with the key/value cache, logits only at masked positions and the
-  step loop's single host read; `fast-rK`: the cache refreshed by a full pass every K steps.
+- `fast`: the same schedule with the key/value cache (no periodic refresh), logits only at masked
+  positions and the step loop's single host read; `fast-rK`: the cache refreshed by a full pass
+  every K steps (the sampler's default is K = 4).
 
 Models: `tiny` (the bundled one), `default-shape` (SmolLM2-135M's shape, random weights, until the
 adapted default model is on main), `dream-7b` and `llada-8b` (their exact shapes, random weights,
@@ -81,6 +82,7 @@ class Work:
     tokens_run: int = 0  # rows x positions through the layers
     tokens_scored: int = 0  # rows x positions through the output head
     attention_pairs: int = 0  # rows x queries x keys
+    keys_read: int = 0  # rows x keys, once per pass
 
 
 @dataclass
@@ -131,6 +133,7 @@ class CountingModel:
         self.work.tokens_run += batch * length
         self.work.tokens_scored += batch * length
         self.work.attention_pairs += batch * length * length
+        self.work.keys_read += batch * length
         return self._model.forward_logits(input_ids, attention_mask)
 
     def _score(self, input_ids: Any, attention_mask: Any, at: Any, *, keep_cache: bool) -> Any:
@@ -139,6 +142,7 @@ class CountingModel:
         self.work.tokens_run += batch * length
         self.work.tokens_scored += at.numel()
         self.work.attention_pairs += batch * length * length
+        self.work.keys_read += batch * length
         return self._model.score(input_ids, attention_mask, at, keep_cache=keep_cache)
 
     def _score_window(self, cache: Any, input_ids: Any, window: Any, at: Any) -> Any:
@@ -146,6 +150,7 @@ class CountingModel:
         self.work.tokens_run += window.numel()
         self.work.tokens_scored += at.numel()
         self.work.attention_pairs += window.numel() * input_ids.shape[1]
+        self.work.keys_read += input_ids.numel()
         return self._model.score_window(cache, input_ids, window, at)
 
 
@@ -157,9 +162,8 @@ def _flops_and_bytes(network: Any, work: Work, dtype_bytes: int) -> tuple[float,
     flops += 4.0 * work.attention_pairs * config.hidden_size * config.num_layers
     passes = work.full_passes + work.windows
     kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
-    weight_bytes = (body + head) * dtype_bytes * passes
-    # Keys/values read once per pass (approximated by the canvas length per scored row).
-    return flops, float(weight_bytes + kv_bytes * work.attention_pairs / max(1, work.tokens_run) * work.tokens_run)
+    weight_bytes = (body + head) * dtype_bytes * passes  # every weight read once per pass
+    return flops, float(weight_bytes + kv_bytes * work.keys_read)  # and every key/value once per pass
 
 
 def _build(name: str, device: str, dtype_name: str) -> tuple[Any, Any]:
@@ -259,14 +263,14 @@ def _measure(
     from editor.options import SamplerOptions
     from editor.sampler import SamplerRun
 
-    refresh = int(mode.split("-r")[1]) if "-r" in mode else None
+    refresh = int(mode.split("-r")[1]) if "-r" in mode else None  # `fast`: no periodic refresh
     options = SamplerOptions(steps=steps, seed=0, cache=mode != "naive", cache_refresh_every=refresh)
     vocabulary = _OpenVocabulary(network.config.vocab_size, model.special.mask)
     rows = _rows(batch, context, tokens, network.config.vocab_size, seed=batch)
     times, works, done_steps = [], [], 0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    for attempt in range(repeats + 1):  # the first run warms up kernels and allocator
+    for attempt in range(repeats + 1 if repeats else 1):  # the first run warms up kernels and allocator
         work = Work()
         counted = CountingModel(model, work, windowed=mode != "naive")
         with torch.inference_mode():
@@ -278,7 +282,7 @@ def _measure(
             _synchronize(device)
             elapsed = time.perf_counter() - started
         done_steps = run.step_number
-        if attempt:
+        if attempt or not repeats:  # --repeats 0: the one (cold) run is the figure
             times.append(elapsed)
             works.append(work)
     seconds = statistics.median(times)
@@ -343,7 +347,7 @@ def _peak(device: str, override_flops: float | None, override_bandwidth: float |
 @click.option("--naive-batches", default="1", help="batch sizes at which the naive loop is also run")
 @click.option("--refresh", default="", help="comma-separated k: also run the cache refreshed every k steps")
 @click.option("--naive-max-steps", default=None, type=int, help="time this many naive steps and extrapolate")
-@click.option("--repeats", default=1, help="timed runs after one warm-up (median)")
+@click.option("--repeats", default=1, help="timed runs after one warm-up (median); 0: one cold run")
 @click.option("--peak-flops", default=None, type=float, help="override the assumed FLOP/s")
 @click.option("--peak-bandwidth", default=None, type=float, help="override the assumed bytes/s")
 @click.option("--threads", default=None, type=int, help="torch CPU threads [default: torch's choice]")

@@ -30,12 +30,15 @@ DOCUMENTS = (
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "reference": {"cache": False},
-    "cached": {"cache": True},
+    "cached": {"cache": True, "cache_refresh_every": None},
+    "cached/2": {"cache": True, "cache_refresh_every": 2},
+    "cached/4 (default)": {"cache": True, "cache_refresh_every": 4},
+    "cached/8": {"cache": True, "cache_refresh_every": 8},
     "threshold": {"schedule": "threshold", "cache": False},
-    "threshold+cached": {"schedule": "threshold", "cache": True},
-    "factor+cached": {"schedule": "factor", "cache": True},
+    "threshold+cached": {"schedule": "threshold", "cache": True, "cache_refresh_every": None},
+    "factor+cached": {"schedule": "factor", "cache": True, "cache_refresh_every": None},
     "4/step": {"steps_per_token": 4, "cache": False},
-    "4/step+cached": {"steps_per_token": 4, "cache": True},
+    "4/step+cached": {"steps_per_token": 4, "cache": True, "cache_refresh_every": None},
 }
 
 
