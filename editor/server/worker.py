@@ -17,6 +17,7 @@ has its result dropped.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import random
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 ModelLoader = Callable[[], DiffusionModel]
+BackgroundWork = Callable[[DiffusionModel], Any]
 _RANDOM_SCHEDULES = ("random",)
 _POSITION_SAMPLING = ("confidence", "margin", "entropy", "blocks")  # schedules that use alg_temp
 
@@ -266,6 +268,11 @@ class _JobQueue:
         with self._ready:
             self._ready.wait(timeout)
 
+    def wake(self) -> None:
+        """Wake a worker waiting in `take` (background work has arrived)."""
+        with self._ready:
+            self._ready.notify_all()
+
     def drain(self) -> list[FillJob]:
         with self._ready:
             jobs = list(self._jobs)
@@ -297,6 +304,9 @@ class ModelWorker:
         self.load_error: BaseException | None = None
         self.recent: deque[JobSummary] = deque(maxlen=256)
         self._job_seconds = 1.0  # moving average of a batch's duration, for Retry-After
+        # Low-priority lane (batch jobs): run only when no interactive fill is queued, one small
+        # piece at a time, so an interactive fill waits for at most one piece.
+        self._background: deque[tuple[BackgroundWork, concurrent.futures.Future[Any]]] = deque()
 
     # -- lifecycle --
 
@@ -314,6 +324,7 @@ class ModelWorker:
             job.cancel()
         for job in self._queue.drain():
             job._finish("cancelled", error=WorkerUnavailable("the server is shutting down"))
+        self._fail_background(WorkerUnavailable("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -363,6 +374,37 @@ class ModelWorker:
         self._queue.put(job, self._retry_after)
         return job
 
+    def submit_background(self, work: BackgroundWork) -> concurrent.futures.Future[Any]:
+        """Queue low-priority work (a small piece of a batch job): `work(model)` runs in the worker
+        thread when no interactive fill is waiting. Await it with `asyncio.wrap_future`."""
+        if self._stopping.is_set():
+            raise WorkerUnavailable("the server is shutting down")
+        if self.load_error is not None:
+            raise WorkerUnavailable(f"the model failed to load: {self.load_error}")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._background.append((work, future))
+        self._queue.wake()
+        return future
+
+    def _run_background(self) -> None:
+        """Run one piece of background work, if any (interactive fills always go first)."""
+        if not self._background or self.model is None:
+            return
+        work, future = self._background.popleft()
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with torch.inference_mode():
+                future.set_result(work(self.model))
+        except BaseException as error:
+            future.set_exception(error)
+
+    def _fail_background(self, error: BaseException) -> None:
+        while self._background:
+            _, future = self._background.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
     def _retry_after(self, waiting: int) -> int:
         """Seconds until the queue has likely drained by one batch's worth."""
         batches = waiting / max(1, self.settings.max_batch_rows) + 1
@@ -379,12 +421,14 @@ class ModelWorker:
             log.exception("the model failed to load")
             for job in self._queue.drain():
                 job._finish("failed", error=WorkerUnavailable(f"the model failed to load: {error}"))
+            self._fail_background(WorkerUnavailable(f"the model failed to load: {error}"))
             return
         finally:
             self._loaded.set()
         while not self._stopping.is_set():
-            first = self._queue.take(timeout=0.1)
+            first = self._queue.take(timeout=0.0 if self._background else 0.1)
             if first is None:
+                self._run_background()
                 continue
             batch = self._gather(first)
             self._running = batch
@@ -542,6 +586,7 @@ class ModelWorker:
 
 
 __all__ = [
+    "BackgroundWork",
     "CommitInfo",
     "FillJob",
     "JobOutcome",
