@@ -27,7 +27,7 @@ from functools import cached_property
 import torch
 
 from editor.constraints import PositionRule, VocabularyRules
-from editor.models.base import CanvasCache, DiffusionModel, WindowedModel, scored_logits
+from editor.models.base import CanvasCache, DiffusionModel, scored_logits, windowed
 from editor.options import FillCancelled, SamplerOptions
 
 
@@ -221,7 +221,8 @@ class SamplerRun:
         self.fresh = torch.zeros_like(self.masked)  # committed at the last step: inputs changed
         mask_counts = [sum(1 for p in row.pinned if not p) for row in rows]
         self.plan = _plan_tables(mask_counts, self.masked, options)
-        self.windowed = options.cache and isinstance(model, WindowedModel)
+        self.fast = windowed(model)
+        self.windowed = options.cache and self.fast is not None
         self.cache: CanvasCache | None = None
         self._window_mask = self.masked
         self._window_width = 0
@@ -289,20 +290,19 @@ class SamplerRun:
     def _logits(self, candidates: torch.Tensor, step: int) -> torch.Tensor:
         """Aligned logits [B, M, V] at the candidates: a full pass, or a window run on the cache."""
         attention = self.attention if self.padded else None
-        if not self.windowed:
-            if isinstance(self.model, WindowedModel):
-                return self.model.score(self.ids, attention, candidates, keep_cache=False)[0]
+        if self.fast is None:
             return scored_logits(self.model, self.ids, self.attention, candidates)
-        assert isinstance(self.model, WindowedModel)
+        if not self.windowed:
+            return self.fast.score(self.ids, attention, candidates, keep_cache=False)[0]
         if self.cache is None or self._refresh_due(step):
-            logits, self.cache = self.model.score(self.ids, attention, candidates, keep_cache=True)
+            logits, self.cache = self.fast.score(self.ids, attention, candidates, keep_cache=True)
             return logits
         window = torch.argsort((~self._window_mask).to(torch.uint8), dim=1, stable=True)[:, : self._window_width]
         # A row with a narrower window repeats its first position: a duplicate computes exactly what
         # the original does, so no row's cache depends on what else is in the batch.
         in_window = torch.arange(window.shape[1], device=self.device)[None] < self._window_mask.sum(dim=1, keepdim=True)
         window = torch.where(in_window, window, window[:, :1])  # [B, W]
-        return self.model.score_window(self.cache, self.ids, window, candidates)
+        return self.fast.score_window(self.cache, self.ids, window, candidates)
 
     def _next_window(self) -> torch.Tensor:
         """[B, L] bool: positions to recompute next step. Inputs changed at the masked positions

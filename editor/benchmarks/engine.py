@@ -106,9 +106,10 @@ class Figure:
 
 
 class CountingModel:
-    """A `WindowedModel` view of a native model that counts the work of each call."""
+    """A plain `DiffusionModel` view of a native model that counts the work of each call (the
+    sampler finds no `score` on its class, so it runs the naive full pass)."""
 
-    def __init__(self, model: Any, work: Work, *, windowed: bool) -> None:
+    def __init__(self, model: Any, work: Work) -> None:
         self._model = model
         self.work = work
         self.name = model.name
@@ -116,9 +117,6 @@ class CountingModel:
         self.special = model.special
         self.logits_shifted = model.logits_shifted
         self.vocab_size = model.vocab_size
-        if windowed:  # only then does the sampler see the fast interface
-            self.score = self._score
-            self.score_window = self._score_window
 
     @property
     def device(self) -> Any:
@@ -136,7 +134,11 @@ class CountingModel:
         self.work.keys_read += batch * length
         return self._model.forward_logits(input_ids, attention_mask)
 
-    def _score(self, input_ids: Any, attention_mask: Any, at: Any, *, keep_cache: bool) -> Any:
+
+class CountingWindowedModel(CountingModel):
+    """The same with the fast interface (`WindowedModel`), counted too."""
+
+    def score(self, input_ids: Any, attention_mask: Any, at: Any, *, keep_cache: bool) -> Any:
         batch, length = input_ids.shape
         self.work.full_passes += 1
         self.work.tokens_run += batch * length
@@ -145,7 +147,7 @@ class CountingModel:
         self.work.keys_read += batch * length
         return self._model.score(input_ids, attention_mask, at, keep_cache=keep_cache)
 
-    def _score_window(self, cache: Any, input_ids: Any, window: Any, at: Any) -> Any:
+    def score_window(self, cache: Any, input_ids: Any, window: Any, at: Any) -> Any:
         self.work.windows += 1
         self.work.tokens_run += window.numel()
         self.work.tokens_scored += at.numel()
@@ -272,7 +274,7 @@ def _measure(
         torch.cuda.reset_peak_memory_stats()
     for attempt in range(repeats + 1 if repeats else 1):  # the first run warms up kernels and allocator
         work = Work()
-        counted = CountingModel(model, work, windowed=mode != "naive")
+        counted = CountingModel(model, work) if mode == "naive" else CountingWindowedModel(model, work)
         with torch.inference_mode():
             _synchronize(device)
             started = time.perf_counter()

@@ -91,6 +91,16 @@ class WindowedModel(Protocol):
         ...
 
 
+def windowed(model: DiffusionModel) -> WindowedModel | None:
+    """The model as a `WindowedModel` when its class implements one. Looked up on the class, not
+    the instance, so a wrapper that forwards unknown attributes to a model (and overrides
+    `forward_logits` to observe or restrict it) is still run through its own `forward_logits`."""
+    kind = type(model)
+    if callable(getattr(kind, "score", None)) and callable(getattr(kind, "score_window", None)):
+        return model  # type: ignore[return-value]
+    return None
+
+
 def scored_logits(
     model: DiffusionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: torch.Tensor
 ) -> torch.Tensor:
