@@ -13,8 +13,19 @@ MIN_TEMPERATURE = 0.01  # temperature and alg_temp: 0 (off) or at least this
 MIN_PROBABILITY = 0.001  # top_p and threshold: at least this
 MAX_BLOCK_LENGTH = 65536
 
-Schedule: TypeAlias = Literal["random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold"]
-SCHEDULES: tuple[Schedule, ...] = ("random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold")
+Schedule: TypeAlias = Literal[
+    "random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold", "factor"
+]
+SCHEDULES: tuple[Schedule, ...] = (
+    "random",
+    "left-to-right",
+    "confidence",
+    "margin",
+    "entropy",
+    "blocks",
+    "threshold",
+    "factor",
+)
 
 
 class SamplerOptions(BaseModel):
@@ -41,9 +52,30 @@ class SamplerOptions(BaseModel):
     threshold: float = Field(
         0.9, ge=MIN_PROBABILITY, le=1.0, description="confidence to commit at for the threshold schedule"
     )
+    factor: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="factor schedule: commit the top n while (n + 1) * (1 - nth confidence) < factor",
+    )
+    cache: bool = Field(True, description="reuse keys/values of positions whose input did not change (docs/engine.md)")
+    cache_refresh_every: int | None = Field(
+        4, ge=1, description="with cache: a full pass every k steps (and at block starts); none: block starts only"
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
 
-    @field_validator("*", mode="before")
+    @field_validator(
+        "steps",
+        "temperature",
+        "top_p",
+        "top_k",
+        "alg_temp",
+        "block_length",
+        "threshold",
+        "factor",
+        "seed",
+        mode="before",
+    )
     @classmethod
     def _no_booleans(cls, value: object) -> object:
         # pydantic would read true/false as 1/0; the schema says number, so refuse them.

@@ -6,11 +6,12 @@ raises `QueueFull` when the queue is at capacity) and awaits what the thread han
 `loop.call_soon_threadsafe`: a "started" signal once the canvases are laid out, each step (for
 streaming jobs), and the outcome.
 
-Batching: jobs are run together when their sampler options are equal and deterministic
-(temperature 0, no random schedule, no position sampling). With randomness, a shared sampler run
-would draw different numbers than the job run alone, and the reported seed would not reproduce
-the fill, so such jobs run alone. Each job keeps its own cancel flag: a batch stops early only
-when every job in it is cancelled; a cancelled job in a running batch just has its result dropped.
+Batching: jobs are run together when their sampler options are equal but for the seed. Every
+row draws its random numbers from its own generator, seeded from its job's seed and its index in
+the job (`editor.sampler.row_seed`), so a batched fill reproduces from its reported seed exactly
+as when run alone, random schedules and temperature included. Each job keeps its own cancel flag:
+a batch stops early only when every job in it is cancelled; a cancelled job in a running batch just
+has its result dropped.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 from typing import Any, Literal
 
@@ -35,7 +37,7 @@ from editor.filling import FillResult, fill_canvases, locate, prepare_canvas
 from editor.models.base import DiffusionModel
 from editor.models.loading import load_configured
 from editor.options import FillCancelled, SamplerOptions
-from editor.sampler import StepEvent, effective_steps
+from editor.sampler import StepEvent, effective_steps, row_seed
 from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.settings import Settings
 
@@ -221,6 +223,10 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
         future.exception()  # mark retrieved: a client that went away never awaits it
 
 
+def random_seed() -> int:
+    return random.SystemRandom().randrange(2**63)
+
+
 def deterministic(options: SamplerOptions) -> bool:
     """True when a fill draws no random numbers, so batching cannot change its result."""
     if options.temperature > 0 or options.schedule in _RANDOM_SCHEDULES:
@@ -229,8 +235,9 @@ def deterministic(options: SamplerOptions) -> bool:
 
 
 def compatible(first: FillJob, other: FillJob) -> bool:
-    """Whether `other` may share a sampler run with `first`."""
-    return deterministic(first.options) and other.options == first.options
+    """Whether `other` may share a sampler run with `first`: equal options but for the seed (each
+    row has its own generator, so seeds need not match)."""
+    return other.options.model_copy(update={"seed": None}) == first.options.model_copy(update={"seed": None})
 
 
 class _JobQueue:
@@ -458,8 +465,6 @@ class ModelWorker:
     def _gather(self, first: FillJob) -> list[FillJob]:
         """`first` plus compatible queued jobs, waiting up to the batch window for more to arrive."""
         batch = [first]
-        if not deterministic(first.options):
-            return batch
         rows_left = self.settings.max_batch_rows - first.rows
         deadline = time.perf_counter() + self.settings.batch_window_ms / 1000
         while rows_left > 0:
@@ -514,6 +519,7 @@ class ModelWorker:
         assert self.model is not None
         owners = [(job, row) for job in live for row in range(job.rows)]
         canvases = [canvas for job in live for canvas in job.canvases]
+        seeds = {job.id: job.options.seed if job.options.seed is not None else random_seed() for job in live}
         try:
             with torch.inference_mode():
                 results = fill_canvases(
@@ -521,6 +527,7 @@ class ModelWorker:
                     canvases,
                     live[0].options,
                     started=started,
+                    row_seeds=[row_seed(seeds[job.id], row) for job, row in owners],
                     on_step=lambda event: self._route_step(event, live, owners),
                     should_cancel=lambda: self._stopping.is_set() or all(job.should_stop for job in live),
                 )
@@ -537,7 +544,11 @@ class ModelWorker:
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * (finished - started)
         first_row = 0
         for job in live:
-            mine = results[first_row : first_row + job.rows]
+            # Each job reports its own seed and options (the batch shares all but the seed).
+            mine = [
+                replace(result, seed=seeds[job.id], options=job.options)
+                for result in results[first_row : first_row + job.rows]
+            ]
             first_row += job.rows
             if job.cancelled:
                 self._close_stopped(job)
@@ -607,6 +618,13 @@ class ModelWorker:
 
     def _route_step(self, event: StepEvent, live: list[FillJob], owners: list[tuple[FillJob, int]]) -> None:
         """Split one sampler step between the jobs of the batch, and hand each its own part."""
+        if not any(job.stream or job.keep_trace for job in live):
+            # Nobody reads the tokens: one small read of per-row commit counts, no token decoding.
+            per_row = event.committed_per_row
+            for row_number, (job, _) in enumerate(owners):
+                if per_row[row_number] and not job.cancelled:
+                    job.steps_done = event.step + 1
+            return
         commits: dict[int, list[CommitInfo]] = {job.id: [] for job in live}
         counts: dict[int, int] = {job.id: 0 for job in live}
         for commit in event.commits:
