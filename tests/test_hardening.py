@@ -65,6 +65,10 @@ class ShapeRecorder(SlowModel):
         self.shapes.append((int(input_ids.shape[0]), int(input_ids.shape[1])))
         return super().forward_logits(input_ids, attention_mask)
 
+    def score(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # the cached sampler's full pass
+        self.shapes.append((int(ids.shape[0]), int(ids.shape[1])))
+        return super().score(ids, *args, **kwargs)
+
 
 class NaNModel(SlowModel):
     """A model whose logits are NaN everywhere (as a float16 overflow would make them)."""
@@ -76,12 +80,19 @@ class NaNModel(SlowModel):
         logits = super().forward_logits(input_ids, attention_mask)
         return torch.full_like(logits, float("nan"))
 
+    def score(self, *args: Any, **kwargs: Any) -> Any:
+        logits, cache = super().score(*args, **kwargs)
+        return torch.full_like(logits, float("nan")), cache
+
+    def score_window(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.full_like(super().score_window(*args, **kwargs), float("nan"))
+
 
 class BrokenModel(SlowModel):
     def __init__(self, model: DiffusionModel) -> None:
         super().__init__(model, delay=0.0)
 
-    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _forward(self) -> None:
         raise RuntimeError("the GPU caught fire")
 
 
