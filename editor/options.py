@@ -24,6 +24,12 @@ class SamplerOptions(BaseModel):
     alg_temp: float = Field(0.0, ge=0.0, description="> 0 samples positions from softmax(confidence / alg_temp)")
     block_length: int = Field(32, ge=1, description="masked positions per block for the blocks schedule")
     threshold: float = Field(0.9, gt=0.0, le=1.0, description="confidence to commit at for the threshold schedule")
+    repetition_penalty: float = Field(
+        1.5,
+        ge=1.0,
+        le=10.0,
+        description="the tokens right beside a blank are this much less likely there (no 'team team'); 1 = off",
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
 
 

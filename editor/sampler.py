@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from editor.constraints import PositionRule, VocabularyRules
-from editor.models.base import DiffusionModel, aligned_logits
+from editor.models.base import DiffusionModel, SpecialIds, aligned_logits
 from editor.options import FillCancelled, SamplerOptions, Schedule
 
 
@@ -168,6 +168,24 @@ def masked_logits(
     return picked.masked_fill(~allowed[rule_index[masked]], float("-inf"))
 
 
+def penalize_neighbours(
+    logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, special: SpecialIds, penalty: float
+) -> torch.Tensor:
+    """logits [M, V] at `positions` [M, 2] made less keen on the token on either side (ids [B, L]),
+    CTRL-style (positive logits divided by `penalty`, negative ones multiplied), so that a fill does
+    not repeat the word beside it ("team team"). Masks and end tokens beside a blank are left alone."""
+    out = logits.clone()
+    skip = torch.tensor([special.mask, *special.end_ids], device=ids.device)
+    for offset in (-1, 1):
+        beside = positions[:, 1] + offset  # [M]
+        inside = (beside >= 0) & (beside < ids.shape[1])
+        tokens = ids[positions[:, 0], beside.clamp(0, ids.shape[1] - 1)]  # [M]
+        which = (inside & ~torch.isin(tokens, skip)).nonzero().squeeze(-1)
+        values = out[which, tokens[which]]
+        out[which, tokens[which]] = torch.where(values > 0, values / penalty, values * penalty)
+    return out
+
+
 def sample(
     model: DiffusionModel,
     rows: Sequence[Row],
@@ -193,9 +211,10 @@ def sample(
         if should_cancel is not None and should_cancel():
             raise FillCancelled(f"fill cancelled at step {step}")
         positions = masked.nonzero()  # [M, 2] (row, position), row-major
-        tokens, probs = choose_tokens(
-            masked_logits(model, ids, attention, masked, allowed, rule_index), options, generator
-        )
+        logits = masked_logits(model, ids, attention, masked, allowed, rule_index)
+        if options.repetition_penalty != 1.0:
+            logits = penalize_neighbours(logits, ids, positions, model.special, options.repetition_penalty)
+        tokens, probs = choose_tokens(logits, options, generator)
         scores, chosen = position_scores(options.schedule, tokens, probs, positions[:, 1], generator)
         if options.alg_temp > 0 and options.schedule in ("confidence", "margin", "entropy", "blocks"):
             # Sample positions (Gumbel-top-k) instead of taking the top ones.
