@@ -1,4 +1,4 @@
-"""The parsed form of an editor document (DESIGN.md §2).
+"""The parsed form of an editor document (docs/language.md).
 
 A document is a sequence of literal text pieces and mask spans. This module holds only data types
 and the error type; parsing lives in `editor.parser`. Pure Python: no torch import.
@@ -31,10 +31,6 @@ class DocumentError(ValueError):
 
     def to_dict(self) -> dict[str, object]:
         return {"message": self.message, "line": self.line, "column": self.column, "expected": self.expected}
-
-
-# The name used across the project for the parse error; the API maps it to 422.
-ParseError = DocumentError
 
 
 @dataclass(frozen=True)

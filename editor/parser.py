@@ -1,4 +1,4 @@
-"""Parser and renderer for the editor document language (DESIGN.md §2).
+"""Parser and renderer for the editor document language (docs/language.md).
 
 Everything outside a `[MASK ...]` tag is literal text. A tag opens at `[MASK` when the next
 character is not a word character (so `[MASKED]` stays literal); it then must read

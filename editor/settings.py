@@ -1,4 +1,4 @@
-"""One settings object for the server, the CLI and the database layer (DESIGN.md §7, §8).
+"""One settings object for the server, the CLI and the database layer (listed in README.md).
 
 Values come from keyword arguments, then `EDITOR_*` environment variables, then a `.env` file in
 the current directory, then the defaults below. Every limit the API enforces is a field here.
@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     api_token: SecretStr | None = Field(None, description="bearer token for /api routes (required off loopback)")
 
-    # Limits (DESIGN.md §8): exceeding any of them is a 4xx with a message.
+    # Limits: exceeding any of them is a 4xx with a message.
     max_document_chars: int = Field(100_000, ge=1, description="characters in a document's source")
     max_spans: int = Field(64, ge=1, description="mask spans per document")
     max_span_tokens: int = Field(512, ge=1, description="tokens in one span")

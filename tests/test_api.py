@@ -106,10 +106,10 @@ def test_not_ready_when_the_database_is_unreachable(
         assert response.json()["database"] == "unreachable" and response.json()["model"] == api_model.name
 
 
-def test_index_page_is_a_placeholder_and_schema_is_served(client: Client) -> None:
+def test_index_page_is_the_document_list_and_schema_is_served(client: Client) -> None:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "/schema" in page.text
+    assert 'data-testid="document-list"' in page.text and 'href="/schema"' in page.text
     schema = client.get("/schema/openapi.json").json()
     assert {
         "/api/v1/fill",

@@ -1,4 +1,4 @@
-"""Canvas layout and rendering (DESIGN.md §2): literal text comes back byte for byte, seams read
+"""Canvas layout and rendering (docs/language.md): literal text comes back byte for byte, seams read
 naturally, span offsets slice the text, limits and escapes behave. Fills come from tiny random
 models (conftest.py); where an outcome must be certain, a logit bias forces it."""
 

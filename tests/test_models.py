@@ -21,14 +21,15 @@ from transformers import (
 )
 
 from editor.models import (
+    DREAM,
+    LLADA,
     DiffusionModel,
     MaskedLMAdapter,
     ModelLoadError,
     NativeDiffusionModel,
     SpecialIds,
     aligned_logits,
-    load_dream,
-    load_llada,
+    load_checkpoint,
     load_model,
     load_native,
     loading,
@@ -339,7 +340,7 @@ def assert_bidirectional(model: DiffusionModel, reference: torch.nn.Module) -> N
 
 def test_dream_matches_qwen2_reference(tmp_path: Path) -> None:
     reference = write_dream(tmp_path / "dream")
-    model = load_dream(tmp_path / "dream")
+    model = load_checkpoint(DREAM, tmp_path / "dream")
     assert isinstance(model, NativeDiffusionModel) and isinstance(model, DiffusionModel)
     assert model.logits_shifted and model.vocab_size == MODEL_VOCAB
     assert model.network.config.qkv_bias  # Qwen2's q/k/v biases were found in the weights
@@ -349,7 +350,7 @@ def test_dream_matches_qwen2_reference(tmp_path: Path) -> None:
 
 def test_dream_special_ids_come_from_config_and_tokenizer(tmp_path: Path) -> None:
     write_dream(tmp_path / "dream")
-    model = load_dream(tmp_path / "dream")
+    model = load_checkpoint(DREAM, tmp_path / "dream")
     tokenizer = model.tokenizer
     assert tokenizer.mask_token_id is None  # so the mask id can only have come from config.json
     assert model.special.mask == token_id(tokenizer, "<|mask|>")
@@ -363,7 +364,7 @@ def test_dream_special_ids_come_from_config_and_tokenizer(tmp_path: Path) -> Non
 
 def test_llada_matches_llama_reference(tmp_path: Path) -> None:
     reference = write_llada(tmp_path / "llada")
-    model = load_llada(tmp_path / "llada")
+    model = load_checkpoint(LLADA, tmp_path / "llada")
     assert not model.logits_shifted
     assert model.network.config.rms_norm_eps == 1e-5 and model.network.config.intermediate_size == 96
     assert not model.network.config.qkv_bias
@@ -381,7 +382,7 @@ def test_llada_rejects_unsupported_block(tmp_path: Path) -> None:
     config["activation_type"] = "swiglu"
     config_file.write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="activation_type"):
-        load_llada(tmp_path / "llada")
+        load_checkpoint(LLADA, tmp_path / "llada")
 
 
 # --------------------------------------------------------------------------- (c) masked LM
@@ -408,7 +409,7 @@ def test_masked_lm_adapter_matches_bert(tmp_path: Path) -> None:
 @pytest.mark.parametrize("left", [False, True])
 def test_padding_does_not_change_a_row(tmp_path: Path, left: bool) -> None:
     write_dream(tmp_path / "dream")
-    model = load_dream(tmp_path / "dream")
+    model = load_checkpoint(DREAM, tmp_path / "dream")
     ids, valid = padded_batch(ROWS, pad=model.special.pad, left=left)
     batched = model.forward_logits(ids, valid)[1][valid[1]]
     short = torch.tensor([ROWS[1]])
@@ -544,7 +545,7 @@ def test_unknown_model_type_is_tried_as_masked_lm(tmp_path: Path) -> None:
 
 def test_dream_instruct_frame_uses_chat_template(tmp_path: Path) -> None:
     write_dream(tmp_path / "dream", chat=True)
-    model = load_dream(tmp_path / "dream")
+    model = load_checkpoint(DREAM, tmp_path / "dream")
     tokenizer = model.tokenizer
     prefix, suffix = model.frame("fill in the blanks")
     text = tokenizer.apply_chat_template(
@@ -561,7 +562,7 @@ def test_dream_instruct_frame_uses_chat_template(tmp_path: Path) -> None:
 
 def test_llada_instruct_frame_ends_with_eot(tmp_path: Path) -> None:
     write_llada(tmp_path / "llada", chat=True)
-    model = load_llada(tmp_path / "llada")
+    model = load_checkpoint(LLADA, tmp_path / "llada")
     tokenizer = model.tokenizer
     prefix, suffix = model.frame("hello world")
     assert prefix[0] == token_id(tokenizer, "<|startoftext|>")
@@ -575,7 +576,7 @@ def test_llada_instruct_frame_ends_with_eot(tmp_path: Path) -> None:
 
 def test_aligned_logits_shifts_dream_by_one(tmp_path: Path) -> None:
     write_dream(tmp_path / "dream")
-    model = load_dream(tmp_path / "dream")
+    model = load_checkpoint(DREAM, tmp_path / "dream")
     ids = torch.tensor([ROWS[0]])
     valid = torch.ones_like(ids, dtype=torch.bool)
     raw = model.forward_logits(ids, valid)
@@ -584,14 +585,14 @@ def test_aligned_logits_shifts_dream_by_one(tmp_path: Path) -> None:
     torch.testing.assert_close(aligned[:, 0], raw[:, 0])
     llada_dir = tmp_path / "llada"
     write_llada(llada_dir)
-    llada = load_llada(llada_dir)
+    llada = load_checkpoint(LLADA, llada_dir)
     torch.testing.assert_close(aligned_logits(llada, ids, valid), llada.forward_logits(ids, valid))
 
 
 def test_dream_loads_in_bfloat16(tmp_path: Path) -> None:
     write_dream(tmp_path / "dream")
-    full = load_dream(tmp_path / "dream")
-    half = load_dream(tmp_path / "dream", dtype=torch.bfloat16)
+    full = load_checkpoint(DREAM, tmp_path / "dream")
+    half = load_checkpoint(DREAM, tmp_path / "dream", dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.device == torch.device("cpu")
     ids = torch.tensor([ROWS[0]])
     valid = torch.ones_like(ids, dtype=torch.bool)

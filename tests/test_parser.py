@@ -1,4 +1,4 @@
-"""Tests for the document language parser and renderer (DESIGN.md §2)."""
+"""Tests for the document language parser and renderer (docs/language.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The sampler (DESIGN.md §3) and what `fill_documents` promises on top of it, on tiny random
+"""The sampler (docs/sampler.md) and what `fill_documents` promises on top of it, on tiny random
 models: pinned tokens never change, every mask is filled, each row commits exactly its own
 schedule, seeds reproduce, value classes hold, spans keep their lengths, must/choice/cancel work.
 
@@ -210,7 +210,7 @@ def test_batch_commits_each_rows_own_schedule(tiny_model: DiffusionModel, schedu
 
 
 def test_pinned_heavy_and_mask_heavy_rows_keep_their_own_budget(tiny_model: DiffusionModel) -> None:
-    """The batch-shared budget bug (DESIGN.md §3): with 2 and 19 masks and 3 steps, a shared count
+    """The batch-shared budget bug (docs/sampler.md): with 2 and 19 masks and 3 steps, a shared count
     would overwrite pinned tokens of the first row or leave masks in the second."""
     sources = (BATCH[0], "Hello [MASK 19]")
     for schedule in ("confidence", "random", "left-to-right"):

@@ -1,4 +1,4 @@
-"""Storage (DESIGN.md §6): SQLAlchemy models, the engine and sessions, Alembic migrations and the
+"""Storage (docs/architecture.md): SQLAlchemy models, the engine and sessions, Alembic migrations and the
 services that the API uses (each write one transaction)."""
 
 from editor.db.engine import (

@@ -1,4 +1,4 @@
-"""The stored schema (DESIGN.md §6): documents, their revisions and each revision's spans, and
+"""The stored schema (docs/architecture.md): documents, their revisions and each revision's spans, and
 batch jobs with their records. Alembic migrations in `editor/migrations` create these tables;
 `tests/test_storage.py` checks that the migrations and these models agree."""
 
@@ -30,6 +30,8 @@ from sqlalchemy.orm import (
     mapped_column,
     relationship,
 )
+
+from editor.canvas import SpanFill
 
 # Stable constraint names, so later migrations (SQLite batch mode) can refer to them.
 NAMING = {
@@ -148,6 +150,29 @@ class RevisionSpan(Base):
     confidence: Mapped[float] = mapped_column(Float)
 
     revision: Mapped[Revision] = relationship(back_populates="spans")
+
+    @classmethod
+    def from_fill(cls, span: SpanFill) -> RevisionSpan:
+        return cls(
+            index=span.index,
+            name=span.name,
+            start=span.start,
+            end=span.end,
+            text=span.text,
+            token_ids=list(span.token_ids),
+            confidence=span.confidence,
+        )
+
+    def to_fill(self) -> SpanFill:
+        return SpanFill(
+            index=self.index,
+            name=self.name,
+            start=self.start,
+            end=self.end,
+            text=self.text,
+            token_ids=list(self.token_ids),
+            confidence=self.confidence,
+        )
 
 
 class BatchJob(Base):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, true
 from sqlalchemy.orm import Session, sessionmaker
 
 from editor.canvas import SpanFill
@@ -86,14 +86,16 @@ class Store:
             session.flush()
             return DocumentInfo(document, 0, None)
 
-    def list_documents(self, *, limit: int, offset: int) -> Page:
-        """Newest first (by last update)."""
+    def list_documents(self, *, limit: int, offset: int, title_contains: str | None = None) -> Page:
+        """Newest first (by last update); with `title_contains`, only titles containing it (any case)."""
+        matching = Document.title.icontains(title_contains, autoescape=True) if title_contains else true()
         with read_session(self.sessions) as session:
-            total = session.scalar(select(func.count()).select_from(Document)) or 0
+            total = session.scalar(select(func.count()).select_from(Document).where(matching)) or 0
             stats = _revision_stats()
             rows = session.execute(
                 select(Document, stats.c.count, stats.c.latest)
                 .outerjoin(stats, stats.c.document_id == Document.id)
+                .where(matching)
                 .order_by(Document.updated_at.desc(), Document.id.desc())
                 .limit(limit)
                 .offset(offset)
@@ -148,18 +150,7 @@ class Store:
                 fill_s=new.fill_s,
                 total_s=new.total_s,
                 trace=new.trace,
-                spans=[
-                    RevisionSpan(
-                        index=s.index,
-                        name=s.name,
-                        start=s.start,
-                        end=s.end,
-                        text=s.text,
-                        token_ids=list(s.token_ids),
-                        confidence=s.confidence,
-                    )
-                    for s in new.spans
-                ],
+                spans=[RevisionSpan.from_fill(span) for span in new.spans],
             )
             session.add(revision)
             document = session.get(Document, document_id)

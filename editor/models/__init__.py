@@ -1,12 +1,15 @@
 """Model loading: every supported checkpoint format behind the `DiffusionModel` interface."""
 
 from editor.models.base import DiffusionModel, SpecialIds, aligned_logits
-from editor.models.checkpoints import Family, load_checkpoint, load_dream, load_llada, load_native
+from editor.models.checkpoints import DREAM, LLADA, NATIVE, Family, load_checkpoint, load_native
 from editor.models.hf_masked import MaskedLMAdapter, load_masked_lm
 from editor.models.loading import bundled_path, load_model, model_format, save_native
 from editor.models.native import ModelLoadError, NativeDiffusionModel
 
 __all__ = [
+    "DREAM",
+    "LLADA",
+    "NATIVE",
     "DiffusionModel",
     "Family",
     "MaskedLMAdapter",
@@ -16,8 +19,6 @@ __all__ = [
     "aligned_logits",
     "bundled_path",
     "load_checkpoint",
-    "load_dream",
-    "load_llada",
     "load_masked_lm",
     "load_model",
     "load_native",

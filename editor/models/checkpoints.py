@@ -274,28 +274,6 @@ def load_checkpoint(
     )
 
 
-def load_dream(
-    path_or_id: str | Path,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    name: str | None = None,
-) -> NativeDiffusionModel:
-    """A Dream-format checkpoint (Qwen2 names, shifted logits)."""
-    return load_checkpoint(DREAM, path_or_id, device=device, dtype=dtype, name=name)
-
-
-def load_llada(
-    path_or_id: str | Path,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    name: str | None = None,
-) -> NativeDiffusionModel:
-    """A LLaDA-format checkpoint (OLMo names, unshifted logits)."""
-    return load_checkpoint(LLADA, path_or_id, device=device, dtype=dtype, name=name)
-
-
 def load_native(
     path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, name: str | None = None
 ) -> NativeDiffusionModel:
@@ -311,7 +289,5 @@ __all__ = [
     "NATIVE",
     "Family",
     "load_checkpoint",
-    "load_dream",
-    "load_llada",
     "load_native",
 ]

@@ -15,8 +15,11 @@ from editor.db.engine import make_engine, make_session_factory
 from editor.db.services import Store
 from editor.server.auth import token_guard
 from editor.server.controllers import CONTROLLERS, HealthController
+from editor.server.csrf import same_origin_guard
 from editor.server.errors import EXCEPTION_HANDLERS
+from editor.server.pages import page_handlers, template_config
 from editor.server.streaming import FillService
+from editor.server.tokens import TokenCounter
 from editor.server.worker import ModelWorker
 from editor.settings import Settings
 
@@ -47,14 +50,16 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
     def provide(value: Any) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
-    api = Router(path="/", route_handlers=CONTROLLERS, guards=[guard] if guard else [])
+    api = Router(path="/", route_handlers=CONTROLLERS, guards=[same_origin_guard, *([guard] if guard else [])])
     app = Litestar(
-        route_handlers=[api, HealthController],
+        route_handlers=[api, HealthController, *page_handlers()],
+        template_config=template_config(),
         dependencies={
             "settings": provide(settings),
             "worker": provide(worker),
             "store": provide(store),
             "fills": provide(fills),
+            "tokens": provide(TokenCounter(worker, settings.max_document_chars)),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         on_startup=[start],

@@ -1,4 +1,4 @@
-"""Bearer-token guard for `/api` routes (DESIGN.md §8: off loopback, the API needs a token)."""
+"""Bearer-token guard for `/api` routes (off loopback, the API needs a token)."""
 
 from __future__ import annotations
 

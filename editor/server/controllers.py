@@ -1,13 +1,11 @@
-"""One controller per resource: stateless fills, documents, revisions, health."""
+"""One controller per resource: stateless fills, documents, revisions, editing help, health."""
 
 from __future__ import annotations
 
-import html
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
-from litestar.enums import MediaType
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import (
@@ -17,18 +15,24 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
+from editor.canvas import split_literals
 from editor.db.services import Store
+from editor.document import DocumentError
+from editor.server.errors import LimitExceeded, error_body
 from editor.server.revisions import (
     diff_revisions,
     find_span,
     new_revision,
     pin_all_but,
+    pin_except,
+    refilled,
     regenerated,
     revision_options,
 )
 from editor.server.schemas import (
     DiffOut,
     DocumentCreate,
+    DocumentFillRequest,
     DocumentOut,
     DocumentPage,
     DocumentPatch,
@@ -36,28 +40,35 @@ from editor.server.schemas import (
     DocumentSummary,
     ErrorOut,
     FillOut,
-    FillParameters,
     FillRequest,
     Health,
+    ParseOut,
+    ParseRequest,
     Readiness,
     RegenerateRequest,
     RevisionOut,
     RevisionPage,
     RevisionSummary,
+    SpanInfo,
+    TokenizeOut,
+    TokenizeRequest,
 )
 from editor.server.streaming import FillService, Finisher, fill_body, in_thread, store_revision, wants_stream
+from editor.server.tokens import TokenCounter
 from editor.server.worker import FillJob, ModelWorker
 
 AnyRequest = Request[Any, Any, Any]
 # Explicit parameter markers (Litestar 2.25 style): path, query, body and injected dependencies.
 Limit = Annotated[int, QueryParameter(ge=1, le=100, description="items per page")]
 Offset = Annotated[int, QueryParameter(ge=0, description="items to skip")]
+TitleQuery = Annotated[str | None, QueryParameter(max_length=200, description="only titles containing this (any case)")]
 StreamQuery = Annotated[bool | None, QueryParameter(name="stream", description="same as the body's `stream`")]
 DocumentId = FromPath[int]
 Number = FromPath[int]
 Fills = NamedDependency[FillService]
 Storage = NamedDependency[Store]
 Worker = NamedDependency[ModelWorker]
+Tokens = NamedDependency[TokenCounter]
 SSE = "text/event-stream"
 
 
@@ -137,9 +148,11 @@ class DocumentController(Controller):
         return DocumentOut.from_info(await in_thread(store.create_document, data.title, data.source))
 
     @get("/")
-    async def list_documents(self, store: Storage, limit: Limit = 20, offset: Offset = 0) -> DocumentPage:
-        """Documents, most recently changed first, a page at a time."""
-        page = await in_thread(lambda: store.list_documents(limit=limit, offset=offset))
+    async def list_documents(
+        self, store: Storage, limit: Limit = 20, offset: Offset = 0, q: TitleQuery = None
+    ) -> DocumentPage:
+        """Documents, most recently changed first, a page at a time; `q` keeps titles containing it."""
+        page = await in_thread(lambda: store.list_documents(limit=limit, offset=offset, title_contains=q))
         return DocumentPage(
             items=[DocumentSummary.from_info(i) for i in page.items], total=page.total, limit=limit, offset=offset
         )
@@ -184,21 +197,62 @@ class DocumentController(Controller):
         document_id: DocumentId,
         fills: Fills,
         store: Storage,
-        data: JSONBody[FillParameters | None] = None,
+        data: JSONBody[DocumentFillRequest | None] = None,
         stream_query: StreamQuery = None,
     ) -> Response[Any]:
         """Fill the document's current source and store the result as its next revision (whose
-        parent is the previous latest revision). Nothing is stored if the fill fails."""
-        data = data or FillParameters()
+        parent is the previous latest revision). With `lock`, the locked spans keep the text that
+        `revision` (default: the latest) gave them and only the others are filled. Nothing is
+        stored if the fill fails."""
+        data = data or DocumentFillRequest()
         info = await in_thread(store.get_document, document_id)
         source = info.document.source
         document = fills.parse(source)
         stream = wants_stream(request, body_flag=data.stream, query_flag=stream_query)
-        job = fills.submit(document, data.options, data.instruction, stream=stream, trace=data.trace)
         instruction = data.instruction or fills.settings.instruction
+        if data.lock:
+            return await self._fill_with_locks(request, document_id, info, data, fills, store, stream=stream)
+        job = fills.submit(document, data.options, data.instruction, stream=stream, trace=data.trace)
 
         async def finish(outcome: Any) -> dict[str, Any]:
             new = new_revision(outcome.results[0], outcome, source=source, instruction=instruction)
+            return await store_revision(store, document_id, new, trace=data.trace)
+
+        return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
+
+    async def _fill_with_locks(
+        self,
+        request: AnyRequest,
+        document_id: int,
+        info: Any,
+        data: DocumentFillRequest,
+        fills: FillService,
+        store: Store,
+        *,
+        stream: bool,
+    ) -> Response[Any]:
+        number = data.revision or info.latest_revision
+        if number is None:
+            raise LimitExceeded("there is no revision to lock spans of yet: fill the document first", status=409)
+        revision = await in_thread(store.get_revision, document_id, number)
+        if revision.source != info.document.source:
+            raise LimitExceeded(
+                f"revision {number} filled a different source than the document's current one; "
+                "locks keep spans of a fill of the current source",
+                status=409,
+            )
+        document = fills.parse(revision.source)
+        where = f"revision {number} of document {document_id}"
+        locked = {find_span(document, key, where).index for key in data.lock}
+        targets = {span.index for span in document.spans} - locked
+        if not targets:
+            raise LimitExceeded("every span is locked: unlock one to fill it")
+        pinned = pin_except(document, revision, targets)
+        instruction = data.instruction or revision.instruction or fills.settings.instruction
+        job = fills.submit(pinned, data.options, instruction, stream=stream, trace=data.trace)
+
+        async def finish(outcome: Any) -> dict[str, Any]:
+            new = refilled(revision, targets, outcome, instruction)
             return await store_revision(store, document_id, new, trace=data.trace)
 
         return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
@@ -278,6 +332,43 @@ class RevisionController(Controller):
         return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
 
 
+class EditingController(Controller):
+    """Help for editors: check a document as it is typed, count a selection's tokens."""
+
+    path = "/api/v1"
+    tags = ("editing",)
+
+    @post("/parse", status_code=HTTP_200_OK, responses=_errors(401))
+    async def parse(self, data: JSONBody[ParseRequest], fills: Fills) -> ParseOut:
+        """Check a document without running anything: its spans, or its first mistake with line
+        and column (the same checks and limits as a fill)."""
+        try:
+            document = fills.parse(data.source)
+        except (DocumentError, LimitExceeded) as error:
+            status, body, _ = error_body(error)
+            return ParseOut(
+                valid=False, spans=[], literals=[], error=ErrorOut.model_validate(body | {"status_code": status})
+            )
+        spans = [
+            SpanInfo(
+                index=s.index,
+                name=s.name,
+                min_tokens=s.min_tokens,
+                max_tokens=s.max_tokens,
+                line=s.line,
+                column=s.column,
+            )
+            for s in document.spans
+        ]
+        return ParseOut(valid=True, spans=spans, literals=split_literals(document)[0])
+
+    @post("/tokenize", status_code=HTTP_200_OK, responses=_errors(401, 413, 503))
+    async def tokenize(self, data: JSONBody[TokenizeRequest], tokens: Tokens) -> TokenizeOut:
+        """How many tokens the loaded model makes of a text: the length a mask needs to replace
+        it. Runs on a copy of the model's tokenizer in a thread (never the model itself)."""
+        return await tokens.count(data.text)
+
+
 class HealthController(Controller):
     path = "/"
     tags = ("health",)
@@ -306,17 +397,14 @@ class HealthController(Controller):
         )
         return Response(body, status_code=HTTP_200_OK if body.ready else HTTP_503_SERVICE_UNAVAILABLE)
 
-    @get("/", media_type=MediaType.HTML, include_in_schema=False)
-    async def index(self, worker: Worker) -> str:
-        """A placeholder until the web editor arrives."""
-        model = html.escape(worker.model_name or "loading...")
-        return (
-            "<!doctype html><html lang=en><head><meta charset=utf-8><title>editor</title></head><body>"
-            "<h1>editor</h1><p>The web editor is coming. Meanwhile, the REST API is documented at "
-            f'<a href="/schema">/schema</a>.</p><p>Model: {model}</p></body></html>'
-        )
 
+CONTROLLERS = [FillController, DocumentController, RevisionController, EditingController]
 
-CONTROLLERS = [FillController, DocumentController, RevisionController]
-
-__all__ = ["CONTROLLERS", "DocumentController", "FillController", "HealthController", "RevisionController"]
+__all__ = [
+    "CONTROLLERS",
+    "DocumentController",
+    "EditingController",
+    "FillController",
+    "HealthController",
+    "RevisionController",
+]

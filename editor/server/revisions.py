@@ -67,10 +67,15 @@ def find_span(document: Document, key: str, where: str) -> MaskSpan:
 
 
 def pin_all_but(document: Document, revision: Revision, target: int) -> Document:
-    """The document with every span but `target` replaced by the revision's fill, as literal text.
+    """The document with every span but `target` replaced by the revision's fill, as literal text."""
+    return pin_except(document, revision, {target})
+
+
+def pin_except(document: Document, revision: Revision, targets: set[int]) -> Document:
+    """The document with every span not in `targets` replaced by the revision's fill, as literal text.
 
     Literal text comes from the revision's filled text, so the seams read exactly as they did;
-    only the literal right before the target is the document's own (the old fill may have taken
+    only the literal right before a target is the document's own (the old fill may have taken
     over its trailing space, and the new fill must be free to do so again)."""
     literals, spans = split_literals(document)
     fills = {s.index: s for s in revision.spans}
@@ -80,7 +85,7 @@ def pin_all_but(document: Document, revision: Revision, target: int) -> Document
     at = 0  # offset in the revision's text where the next literal starts
     for span in spans:
         fill = fills[span.index]
-        if span.index == target:
+        if span.index in targets:
             segments += [literals[span.index], span]
         else:
             segments += [revision.text[at : fill.start], fill.text]
@@ -102,46 +107,59 @@ def _merge_literals(segments: list[str | MaskSpan]) -> tuple[str | MaskSpan, ...
     return tuple(merged)
 
 
-def merged_spans(revision: Revision, target: int, result: FillResult) -> list[SpanFill]:
-    """All of the original document's spans for the new text: the refilled one from `result`, the
-    ones before it unchanged, the ones after it moved by the change in length."""
-    (new,) = result.spans
-    old = next(s for s in revision.spans if s.index == target)
-    shift = new.end - old.end
+def merged_spans(revision: Revision, targets: set[int], result: FillResult) -> list[SpanFill]:
+    """All of the original document's spans for the new text: the refilled ones from `result` (its
+    spans are the targets in order), the others unchanged but moved by the change in length before them."""
+    refilled = dict(zip(sorted(targets), result.spans, strict=True))
+    shift = 0
     records: list[SpanFill] = []
-    for span in revision.spans:
-        if span.index == target:
-            records.append(new.model_copy(update={"index": target, "name": span.name}))
-        else:
-            moved = shift if span.index > target else 0
-            records.append(
-                SpanFill(
-                    index=span.index,
-                    name=span.name,
-                    start=span.start + moved,
-                    end=span.end + moved,
-                    text=span.text,
-                    token_ids=list(span.token_ids),
-                    confidence=span.confidence,
-                )
+    for span in sorted(revision.spans, key=lambda s: s.index):
+        new = refilled.get(span.index)
+        if new is not None:
+            records.append(new.model_copy(update={"index": span.index, "name": span.name}))
+            shift = new.end - span.end
+            continue
+        records.append(
+            SpanFill(
+                index=span.index,
+                name=span.name,
+                start=span.start + shift,
+                end=span.end + shift,
+                text=span.text,
+                token_ids=list(span.token_ids),
+                confidence=span.confidence,
             )
+        )
     for record in records:  # the offsets must point at the fills, or the revision would lie
         if result.text[record.start : record.end] != record.text:
-            raise RuntimeError(f"span {record.index} does not line up with the regenerated text")
+            raise RuntimeError(f"span {record.index} does not line up with the refilled text")
     return records
 
 
 def regenerated(revision: Revision, target: int, outcome: JobOutcome, instruction: str | None) -> NewRevision:
+    return refilled(revision, {target}, outcome, instruction, kind="regenerate", parent_number=revision.number)
+
+
+def refilled(
+    revision: Revision,
+    targets: set[int],
+    outcome: JobOutcome,
+    instruction: str | None,
+    *,
+    kind: str = "fill",
+    parent_number: int | None = None,
+) -> NewRevision:
+    """The revision a refill of `targets` (every other span pinned to `revision`) becomes."""
     result = outcome.results[0]
     return new_revision(
         result,
         outcome,
         source=revision.source,
         instruction=instruction,
-        spans=merged_spans(revision, target, result),
-        kind="regenerate",
-        regenerated_span=target,
-        parent_number=revision.number,
+        spans=merged_spans(revision, targets, result),
+        kind=kind,
+        regenerated_span=min(targets) if kind == "regenerate" else None,
+        parent_number=parent_number,
     )
 
 
@@ -198,6 +216,8 @@ __all__ = [
     "merged_spans",
     "new_revision",
     "pin_all_but",
+    "pin_except",
+    "refilled",
     "regenerated",
     "revision_options",
 ]

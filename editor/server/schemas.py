@@ -34,6 +34,22 @@ class FillParameters(_Request):
     trace: bool = Field(False, description="include every step's commits in the result")
 
 
+class DocumentFillRequest(FillParameters):
+    """A fill of a stored document; `lock` keeps some spans as a revision filled them."""
+
+    lock: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="spans (names or 0-based indices) to keep as `revision` filled them; the rest are refilled",
+    )
+    revision: int | None = Field(
+        None,
+        ge=1,
+        description="the revision whose fills `lock` keeps (default: the latest); its source must be "
+        "the document's current source",
+    )
+
+
 class FillRequest(FillParameters):
     """A stateless fill: nothing is stored."""
 
@@ -192,18 +208,7 @@ class RevisionOut(RevisionSummary):
             source=revision.source,
             instruction=revision.instruction,
             text=revision.text,
-            spans=[
-                SpanFill(
-                    index=s.index,
-                    name=s.name,
-                    start=s.start,
-                    end=s.end,
-                    text=s.text,
-                    token_ids=list(s.token_ids),
-                    confidence=s.confidence,
-                )
-                for s in revision.spans
-            ],
+            spans=[span.to_fill() for span in revision.spans],
             options=revision.options,
             timings=Timings(queued_s=revision.queued_s, fill_s=revision.fill_s, total_s=revision.total_s),
             trace=revision.trace if trace else None,
@@ -269,3 +274,38 @@ class Readiness(BaseModel):
     model_error: str | None = None
     database: Literal["ok", "unreachable"]
     queued: int = Field(description="fills waiting for the worker")
+
+
+# --------------------------------------------------------------------------- editing help
+
+
+class ParseRequest(_Request):
+    source: str = Field(description="document source to check")
+
+
+class SpanInfo(BaseModel):
+    index: int
+    name: str | None
+    min_tokens: int = Field(description="0 for a choice= span (its length comes from the chosen option)")
+    max_tokens: int
+    line: int
+    column: int
+
+
+class ParseOut(BaseModel):
+    """Whether a document parses; if not, the error with its line and column."""
+
+    valid: bool
+    spans: list[SpanInfo]
+    literals: list[str] = Field(description="the literal text around the spans: literals[i] precedes span i")
+    error: ErrorOut | None = None
+
+
+class TokenizeRequest(_Request):
+    text: str = Field(description="text to count in the loaded model's tokens (a leading space counts)")
+
+
+class TokenizeOut(BaseModel):
+    count: int = Field(description="how many tokens the loaded model's tokenizer makes of the text")
+    tokens: list[str] = Field(description="each token's text")
+    model: str

@@ -1,4 +1,4 @@
-"""The single model worker (DESIGN.md §8).
+"""The single model worker (docs/architecture.md).
 
 One thread owns the model: it loads it at start, then takes fill jobs from a bounded queue, one
 batch at a time. The event loop never runs model code; it only puts jobs in (`submit`, which
