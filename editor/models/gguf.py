@@ -168,7 +168,7 @@ def read_tokenizer(reader: Any, path: Path) -> Any:
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
     tokenizer = Tokenizer(bpe)
-    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    pre: list[Any] = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if _field(reader, "tokenizer.ggml.pre") == "smollm":
         pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(pre)

@@ -180,7 +180,7 @@ def train_lora(config: LoRAConfig) -> dict[str, object]:
     corpus = (
         TokenizedCorpus.load(config.corpus)
         if config.corpus.suffix == ".npz"
-        else tokenize_corpus(config.corpus, tokenizer)  # type: ignore[arg-type]
+        else tokenize_corpus(config.corpus, tokenizer)
     )
     print(f"corpus: {len(corpus.tokens):,} tokens in {len(corpus.starts):,} paragraphs", flush=True)
     optimizer = torch.optim.AdamW(
@@ -273,8 +273,8 @@ def measure_storage(out_dir: Path, gguf: Path, valid_paths: list[Path]) -> list[
     chars = token_char_counts(base.tokenizer, base.config.vocab_size)
     variants: list[tuple[str, int, str | None]] = [("base model, no adapter", 0, None)]
     for keep in sorted({rank, 64, 32, 16} - {r for r in (64, 32, 16) if r > rank}, reverse=True):
-        for storage in ("float32", "float16", "int8"):
-            variants.append((f"rank {keep}, {storage}", keep, storage))
+        for name in ("float32", "float16", "int8"):
+            variants.append((f"rank {keep}, {name}", keep, name))
     results: list[dict[str, object]] = []
     for label, keep, storage in variants:
         if storage is None:
