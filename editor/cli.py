@@ -145,11 +145,13 @@ def models_command() -> None:
     Console().print(table)
 
 
-from editor.benchmarks import bench  # noqa: E402 - registered after the group exists
+from editor.batch.commands import batch  # noqa: E402 - registered after the group exists
+from editor.benchmarks import bench  # noqa: E402
 from editor.server.commands import db, serve  # noqa: E402
 from editor.training.commands import evaluate, prepare_data, train, train_tokenizer  # noqa: E402
 
-for command in (serve, db, bench, train_tokenizer, prepare_data, train, evaluate):
+sampler_options(batch)  # the same sampler flags as `fill` (added here: they live in this module)
+for command in (serve, db, batch, bench, train_tokenizer, prepare_data, train, evaluate):
     main.add_command(command)
 
 

@@ -194,9 +194,13 @@ def fill_canvases(
     on_step: StepCallback | None = None,
     should_cancel: CancelCheck | None = None,
     started: float | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[FillResult]:
+    """`row_seeds` fixes each row's random draws (see `editor.sampler.row_seed`); without it the rows
+    derive theirs from `options.seed`."""
     started = time.perf_counter() if started is None else started
-    rows = [Row(c.ids, c.pinned, c.rules) for c in canvases]
+    seeds: Sequence[int | None] = row_seeds if row_seeds is not None else [None] * len(canvases)
+    rows = [Row(c.ids, c.pinned, c.rules, seed=s) for c, s in zip(canvases, seeds, strict=True)]
     output = sample(model, rows, options, vocabulary_rules(model), on_step=on_step, should_cancel=should_cancel)
     elapsed = time.perf_counter() - started
     results = []

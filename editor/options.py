@@ -7,8 +7,19 @@ from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Schedule: TypeAlias = Literal["random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold"]
-SCHEDULES: tuple[Schedule, ...] = ("random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold")
+Schedule: TypeAlias = Literal[
+    "random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold", "factor"
+]
+SCHEDULES: tuple[Schedule, ...] = (
+    "random",
+    "left-to-right",
+    "confidence",
+    "margin",
+    "entropy",
+    "blocks",
+    "threshold",
+    "factor",
+)
 
 
 class SamplerOptions(BaseModel):
@@ -29,6 +40,16 @@ class SamplerOptions(BaseModel):
         ge=1.0,
         le=10.0,
         description="the tokens right beside a blank are this much less likely there (no 'team team'); 1 = off",
+    )
+    factor: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="factor schedule: commit the top n while (n + 1) * (1 - nth confidence) < factor",
+    )
+    cache: bool = Field(True, description="reuse keys/values of positions whose input did not change (docs/engine.md)")
+    cache_refresh_every: int | None = Field(
+        4, ge=1, description="with cache: a full pass every k steps (and at block starts); none: block starts only"
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
 

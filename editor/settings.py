@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0, description="how long the worker waits to gather a batch")
     keep_step_trace: bool = Field(True, description="store each revision's step trace (for replay)")
 
+    # Batch JSON templates (docs/batch.md).
+    batch_size: int = Field(16, ge=1, description="records filled together in one sampler call by `editor batch`")
+    batch_chunk_rows: int = Field(
+        4, ge=1, description="records an API batch job hands the worker at a time (interactive fills go between)"
+    )
+    max_batch_records: int = Field(100_000, ge=1, description="records in one API batch job")
+    max_record_chars: int = Field(100_000, ge=1, description="characters in one input record (JSONL line)")
+    max_batch_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="size of a POST /api/v1/batches body")
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:

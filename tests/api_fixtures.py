@@ -55,9 +55,21 @@ class SlowModel:
         return self._model.device
 
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._forward()
+        return self._model.forward_logits(input_ids, attention_mask)
+
+    # The cached sampler's calls (WindowedModel) count as forward passes too.
+    def score(self, *args: Any, **kwargs: Any) -> Any:
+        self._forward()
+        return self._model.score(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def score_window(self, *args: Any, **kwargs: Any) -> Any:
+        self._forward()
+        return self._model.score_window(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def _forward(self) -> None:
         self.forwards += 1
         time.sleep(self.delay)
-        return self._model.forward_logits(input_ids, attention_mask)
 
 
 @pytest.fixture(scope="module")

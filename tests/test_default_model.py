@@ -262,10 +262,10 @@ def test_repetition_penalty_lowers_the_neighbouring_tokens_only() -> None:
 
     special = SpecialIds(mask=9, pad=0)
     ids = torch.tensor([[5, 9, 7, 0, 9, 0]])  # blanks at 1 (between 5 and 7) and 4 (between end tokens)
-    positions = torch.tensor([[0, 1], [0, 4]])
-    logits = torch.full((2, 10), 2.0)
-    logits[0, 7] = -1.0
-    out = penalize_neighbours(logits, ids, positions, special, 2.0)
+    candidates = torch.tensor([[1, 4]])
+    logits = torch.full((1, 2, 10), 2.0)
+    logits[0, 0, 7] = -1.0
+    out = penalize_neighbours(logits, ids, candidates, special, 2.0)[0]
     assert out[0, 5] == 1.0 and out[0, 7] == -2.0  # positive halved, negative doubled
-    assert torch.equal(out[1], logits[1])  # end tokens beside a blank are not penalised
-    assert torch.equal(out[0, [0, 1, 2, 3, 4, 6, 8, 9]], logits[0, [0, 1, 2, 3, 4, 6, 8, 9]])
+    assert torch.equal(out[1], logits[0, 1])  # end tokens beside a blank are not penalised
+    assert torch.equal(out[0, [0, 1, 2, 3, 4, 6, 8, 9]], logits[0, 0, [0, 1, 2, 3, 4, 6, 8, 9]])

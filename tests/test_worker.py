@@ -272,7 +272,7 @@ def test_a_bad_canvas_fails_only_its_own_job(worker_settings: Settings, api_mode
     assert text.startswith("ok")
 
 
-def test_compatible_requires_equal_options(worker_settings: Settings, api_model: DiffusionModel) -> None:
+def test_compatible_requires_equal_options_but_the_seed(worker_settings: Settings, api_model: DiffusionModel) -> None:
     worker = ModelWorker(worker_settings, loader=lambda: api_model)
 
     async def jobs():
@@ -285,4 +285,29 @@ def test_compatible_requires_equal_options(worker_settings: Settings, api_model:
         )
 
     a, b, c, d = run(jobs())
-    assert compatible(a, b) and not compatible(a, c) and not compatible(d, d)
+    # Rows draw from their own generators, so seeds (and randomness) no longer keep jobs apart.
+    assert compatible(a, b) and compatible(a, c) and compatible(d, d) and not compatible(a, d)
+
+
+def test_batched_random_jobs_reproduce_their_seeds(worker_settings: Settings, api_model: DiffusionModel) -> None:
+    documents = [parse_document(s) for s in ("One [MASK 4] two.", "[MASK 6] and [MASK 2]", DOC)]
+    seeds = (5, 6, 7)
+    alone = [
+        fill_documents(api_model, [d], SAMPLED.model_copy(update={"seed": s}))[0].text
+        for d, s in zip(documents, seeds, strict=True)
+    ]
+    worker = started_worker(worker_settings, api_model)
+    try:
+
+        async def fill_all() -> list[tuple[str, int]]:
+            jobs = [
+                worker.submit([d], SAMPLED.model_copy(update={"seed": s}))
+                for d, s in zip(documents, seeds, strict=True)
+            ]
+            results = [(await job.result()).results[0] for job in jobs]
+            return [(r.text, r.seed) for r in results]
+
+        filled = run(fill_all())
+    finally:
+        worker.stop()
+    assert filled == list(zip(alone, seeds, strict=True))

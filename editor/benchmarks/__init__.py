@@ -11,4 +11,12 @@ def bench() -> None:
     """Benchmarks: print figures, or write them as JSON with --json."""
 
 
+from editor.benchmarks.batch import batch_bench  # noqa: E402 - registered after the group exists
+from editor.benchmarks.engine import engine  # noqa: E402
+from editor.benchmarks.quality import engine_quality  # noqa: E402
+
+bench.add_command(batch_bench)
+bench.add_command(engine)
+bench.add_command(engine_quality)
+
 __all__ = ["bench"]

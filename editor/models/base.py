@@ -56,3 +56,54 @@ def aligned_logits(model: DiffusionModel, input_ids: torch.Tensor, attention_mas
         # Position i is predicted by the output at i-1; position 0 keeps its own (it is always pinned).
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
     return logits
+
+
+@dataclass
+class CanvasCache:
+    """Keys/values of every canvas position, per layer [B, Hkv, L, D], with what a window run needs
+    to know about the canvas (rotary positions [B, L], attention [B, L] or None when unpadded)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    positions: torch.Tensor
+    attention: torch.Tensor | None
+
+
+@runtime_checkable
+class WindowedModel(Protocol):
+    """What the fast sampler path needs on top of `DiffusionModel` (docs/engine.md). `at` [B, M] are
+    canvas positions to score; logits come back aligned (row [b, j] scores position at[b, j]) in
+    the model's dtype, computed only there."""
+
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, at: torch.Tensor, *, keep_cache: bool
+    ) -> tuple[torch.Tensor, CanvasCache | None]:
+        """A full pass over the canvas ([B, L]; attention None = no padding): logits [B, M, V] at
+        `at`, and with `keep_cache` the keys/values of every position."""
+        ...
+
+    def score_window(
+        self, cache: CanvasCache, input_ids: torch.Tensor, window: torch.Tensor, at: torch.Tensor
+    ) -> torch.Tensor:
+        """Recompute only the positions `window` [B, W] of the canvas `input_ids` [B, L] against
+        `cache` (updated in place there) and return logits [B, M, V] at `at`. The window must hold
+        every position whose input changed since its keys/values were cached, and every position
+        whose output scores an `at` position (at - 1 for a shifted model)."""
+        ...
+
+
+def windowed(model: DiffusionModel) -> WindowedModel | None:
+    """The model as a `WindowedModel` when its class implements one. Looked up on the class, not
+    the instance, so a wrapper that forwards unknown attributes to a model (and overrides
+    `forward_logits` to observe or restrict it) is still run through its own `forward_logits`."""
+    kind = type(model)
+    if callable(getattr(kind, "score", None)) and callable(getattr(kind, "score_window", None)):
+        return model  # type: ignore[return-value]
+    return None
+
+
+def scored_logits(
+    model: DiffusionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: torch.Tensor
+) -> torch.Tensor:
+    """Aligned logits [B, M, V] at positions `at` [B, M] from a full pass, for any model."""
+    logits = aligned_logits(model, input_ids, attention_mask)  # [B, L, V]
+    return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))

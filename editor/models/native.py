@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from editor.models.base import SpecialIds
+from editor.models.base import CanvasCache, SpecialIds
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 
 DEFAULT_INSTRUCTION = "Fill in the blanks of the document."
@@ -278,6 +278,55 @@ class NativeDiffusionModel:
             logits = self.network(ids, attention_mask=mask, position_ids=positions)
             assert isinstance(logits, torch.Tensor)
             return logits.float()
+
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, at: torch.Tensor, *, keep_cache: bool
+    ) -> tuple[torch.Tensor, CanvasCache | None]:
+        """A full pass; logits [B, M, V] (model dtype) only at `at` [B, M], and optionally the cache."""
+        positions = self._positions(input_ids, attention_mask)
+        out = self.network(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            return_kv=keep_cache,
+            hidden_at=self._output_index(at),
+        )
+        if not keep_cache:
+            assert isinstance(out, torch.Tensor)
+            return out, None
+        assert isinstance(out, tuple)
+        logits, layers = out
+        # The window kv of a full pass are views of fresh projections: owned, safe to update in place.
+        return logits, CanvasCache([(k.contiguous(), v.contiguous()) for k, v in layers], positions, attention_mask)
+
+    def score_window(
+        self, cache: CanvasCache, input_ids: torch.Tensor, window: torch.Tensor, at: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [B, M, V] at `at` from a run of `window` [B, W] against the cache (see WindowedModel)."""
+        batch, width = window.shape
+        # slot[b, p] = index of canvas position p in the window (positions outside it: 0, unread).
+        slot = torch.zeros_like(input_ids).scatter_(
+            1, window, torch.arange(width, device=window.device).expand(batch, -1)
+        )
+        return self.network.forward_window(
+            cache.layers,
+            input_ids.gather(1, window),
+            window,
+            cache.positions.gather(1, window),
+            cache.attention,
+            hidden_at=slot.gather(1, self._output_index(at)),
+        )
+
+    def _output_index(self, at: torch.Tensor) -> torch.Tensor:
+        """The output rows that score canvas positions `at` (one to the left for a shifted model)."""
+        return (at - 1).clamp(min=0) if self.logits_shifted else at
+
+    @staticmethod
+    def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            batch, length = input_ids.shape
+            return torch.arange(length, device=input_ids.device).expand(batch, length)
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
         if not self.use_chat_template:

@@ -5,7 +5,9 @@ attention through `scaled_dot_product_attention`. Parameter names follow Qwen2's
 checkpoints load by dropping the `model.` prefix and LLaDA checkpoints by renaming keys.
 
 The forward pass can run a window of positions against cached keys/values of the rest of the
-canvas (`past` + `return_kv`), which is what a block-cached sampler needs.
+canvas (`past` + `return_kv`, or `forward_window` over a whole-canvas cache updated in place), which
+is what the cached sampler needs; `hidden_at` applies the large output head only where logits are
+wanted (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -55,10 +57,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as Qwen2/LLaMA do, then return to the input dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Fused: accumulates in float32 and casts back before the weight, as Qwen2/LLaMA's norm does,
+        # without materialising a float32 copy of the activations.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> KV:
@@ -67,6 +68,29 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: t
     angles = positions.float()[..., None] * inv_freq  # [B, L, D/2]
     angles = torch.cat([angles, angles], dim=-1)  # [B, L, D]
     return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+
+
+class RotaryCache:
+    """cos/sin rows for positions 0..n-1, built once per (device, dtype, n): a forward pass gathers
+    rows instead of recomputing angles. `n` covers `max_positions`; longer canvases grow it."""
+
+    def __init__(self, head_dim: int, theta: float, length: int) -> None:
+        self.head_dim = head_dim
+        self.theta = theta
+        self.length = length
+        self._tables: dict[tuple[torch.device, torch.dtype], KV] = {}
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype, limit: int) -> KV:
+        """positions [B, W] long, all < `limit` -> cos, sin [B, 1, W, D]."""
+        key = (positions.device, dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < limit:
+            length = max(self.length, limit)
+            cos, sin = rotary_tables(
+                torch.arange(length, device=positions.device)[None], self.head_dim, self.theta, dtype
+            )
+            table = self._tables[key] = (cos[0, 0], sin[0, 0])  # [n, D] each
+        return table[0][positions][:, None], table[1][positions][:, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -89,31 +113,53 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * self.head_dim, config.hidden_size, bias=False)
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, KV]:
+        """x [B, W, C] -> q [B, H, W, D] and k, v [B, Hkv, W, D], rotary applied to q and k."""
+        batch, width, _ = x.shape
+        q = self.q_proj(x).view(batch, width, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), (apply_rotary(k, cos, sin), v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B, H, W, D], k/v [B, Hkv, K, D], key_mask [B, 1, 1, K] or None -> [B, W, C]. Non-causal:
+        every position sees the whole canvas except padding; with no padding there is no mask, so
+        SDPA may pick its fused kernels, and grouped-query heads are shared inside it, not copied."""
+        batch, _, width, _ = q.shape
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # [B, H, W, D]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, width, self.num_heads * self.head_dim))
+
     def forward(
         self,
         x: torch.Tensor,  # [B, W, C]
         cos: torch.Tensor,  # [B, 1, W, D]
         sin: torch.Tensor,
-        key_mask: torch.Tensor,  # [B, 1, 1, K] bool, True = attend; K = cached + W
+        key_mask: torch.Tensor | None,  # [B, 1, 1, K] bool, True = attend; K = cached + W; None = all
         past: KV | None,
     ) -> tuple[torch.Tensor, KV]:
-        batch, width, _ = x.shape
-        q = self.q_proj(x).view(batch, width, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, W, D]
-        k = self.k_proj(x).view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, W, D]
-        v = self.v_proj(x).view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, (k, v) = self.project(x, cos, sin)
         new_kv = (k, v)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # [B, Hkv, K, D]
             v = torch.cat([past[1], v], dim=2)
-        if self.num_kv_heads != self.num_heads:
-            repeat = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(repeat, dim=1)  # [B, H, K, D]
-            v = v.repeat_interleave(repeat, dim=1)
-        # Non-causal: every position sees the whole canvas except padding.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [B, H, W, D]
-        out = out.transpose(1, 2).reshape(batch, width, self.num_heads * self.head_dim)
-        return self.o_proj(out), new_kv
+        return self.attend(q, k, v, key_mask), new_kv
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,  # [B, W, C]
+        cos: torch.Tensor,  # [B, 1, W, D]
+        sin: torch.Tensor,
+        key_mask: torch.Tensor | None,  # [B, 1, 1, L]
+        cache: KV,  # [B, Hkv, L, D] each over the whole canvas; the window's rows are overwritten
+        window: torch.Tensor,  # [B, W] canvas positions of x's rows
+    ) -> torch.Tensor:
+        q, (k, v) = self.project(x, cos, sin)
+        index = window[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)  # [B, Hkv, W, D]
+        cache[0].scatter_(2, index, k)
+        cache[1].scatter_(2, index, v)
+        return self.attend(q, cache[0], cache[1], key_mask)
 
 
 class SwiGLU(nn.Module):
@@ -136,12 +182,24 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor, past: KV | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None, past: KV | None
     ) -> tuple[torch.Tensor, KV]:
         attended, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, past)
         x = x + attended
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        cache: KV,
+        window: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, key_mask, cache, window)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class BidirectionalTransformer(nn.Module):
@@ -154,32 +212,61 @@ class BidirectionalTransformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryCache(config.head_dim, config.rope_theta, config.max_positions)
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, W]
-        attention_mask: torch.Tensor | None = None,  # [B, K] bool over cached + window keys
+        attention_mask: torch.Tensor | None = None,  # [B, K] bool over cached + window keys; None = all
         position_ids: torch.Tensor | None = None,  # [B, W]
         past: list[KV] | None = None,  # per layer, [B, Hkv, K - W, D]
         return_kv: bool = False,
+        hidden_at: torch.Tensor | None = None,  # [B, M] window indices to score; None = all W
     ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
-        """Logits [B, W, V] for the window; with `return_kv`, also each layer's keys/values of the
-        window, so a caller can cache them and later run a smaller window against them."""
+        """Logits [B, W, V] for the window ([B, M, V] with `hidden_at`); with `return_kv`, also each
+        layer's keys/values of the window, so a caller can cache them and later run a smaller window
+        against them."""
         batch, width = input_ids.shape
         cached = 0 if past is None else past[0][0].shape[2]
         if position_ids is None:
             position_ids = torch.arange(cached, cached + width, device=input_ids.device).expand(batch, width)
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, cached + width, dtype=torch.bool, device=input_ids.device)
-        key_mask = attention_mask[:, None, None, :]  # [B, 1, 1, K]
+        key_mask = None if attention_mask is None else attention_mask[:, None, None, :]  # [B, 1, 1, K]
         x = self.embed_tokens(input_ids)  # [B, W, C]
-        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = self.rotary(position_ids, x.dtype, cached + width)
         window_kv: list[KV] = []
         for index, layer in enumerate(self.layers):
             x, kv = layer(x, cos, sin, key_mask, None if past is None else past[index])
             window_kv.append(kv)
-        logits = self.lm_head(self.norm(x))  # [B, W, V]
+        logits = self.head(x, hidden_at)
         return (logits, window_kv) if return_kv else logits
+
+    def forward_window(
+        self,
+        cache: list[KV],  # per layer [B, Hkv, L, D]: keys/values of the whole canvas, updated in place
+        input_ids: torch.Tensor,  # [B, W] the tokens now at the window's positions
+        window: torch.Tensor,  # [B, W] canvas positions of the window
+        position_ids: torch.Tensor,  # [B, W] rotary positions of the window
+        attention_mask: torch.Tensor | None,  # [B, L] bool over the canvas; None = no padding
+        hidden_at: torch.Tensor | None = None,  # [B, M] window indices to score; None = all W
+    ) -> torch.Tensor:
+        """Logits [B, M, V] of a window of the canvas run against cached keys/values of the rest.
+        The window's own keys/values are recomputed and written into `cache`, so a position that
+        leaves the window keeps the keys/values of its last run."""
+        length = cache[0][0].shape[2]
+        key_mask = None if attention_mask is None else attention_mask[:, None, None, :]
+        x = self.embed_tokens(input_ids)  # [B, W, C]
+        cos, sin = self.rotary(position_ids, x.dtype, length)
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            assert isinstance(layer, Block)
+            x = layer.forward_cached(x, cos, sin, key_mask, layer_cache, window)
+        return self.head(x, hidden_at)
+
+    def head(self, x: torch.Tensor, hidden_at: torch.Tensor | None) -> torch.Tensor:
+        """Final norm and output head, only at `hidden_at` ([B, M] indices into x's W) when given:
+        the head is the largest matrix of a small model and its output the largest tensor."""
+        if hidden_at is not None:
+            x = x.gather(1, hidden_at[..., None].expand(-1, -1, x.shape[-1]))  # [B, M, C]
+        return self.lm_head(self.norm(x))  # [B, M, V]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -11,9 +11,11 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from editor import __version__
+from editor.db.batches import BatchStore
 from editor.db.engine import make_engine, make_session_factory
 from editor.db.services import Store
 from editor.server.auth import token_guard
+from editor.server.batches import BatchRunner, BatchService, batch_controller
 from editor.server.controllers import CONTROLLERS, HealthController
 from editor.server.csrf import same_origin_guard
 from editor.server.errors import EXCEPTION_HANDLERS
@@ -38,19 +40,28 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
     engine = make_engine(settings.database_url)
     store = Store(make_session_factory(engine))
     fills = FillService(settings, worker, store)
+    batch_store = BatchStore(store.sessions)
+    batch_runner = BatchRunner(settings, worker, batch_store)
+    batches = BatchService(settings, batch_store, batch_runner)
     guard = token_guard(settings)
 
     async def start() -> None:
         worker.start()
+        batch_runner.start()  # continues jobs left pending or running by a previous process
 
     async def stop() -> None:
+        await batch_runner.stop()
         await anyio.to_thread.run_sync(worker.stop)
         engine.dispose()
 
     def provide(value: Any) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
-    api = Router(path="/", route_handlers=CONTROLLERS, guards=[same_origin_guard, *([guard] if guard else [])])
+    api = Router(
+        path="/",
+        route_handlers=[*CONTROLLERS, batch_controller(settings)],
+        guards=[same_origin_guard, *([guard] if guard else [])],
+    )
     app = Litestar(
         route_handlers=[api, HealthController, *page_handlers()],
         template_config=template_config(),
@@ -59,6 +70,8 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
             "worker": provide(worker),
             "store": provide(store),
             "fills": provide(fills),
+            "batches": provide(batches),
+            "batch_store": provide(batch_store),
             "tokens": provide(TokenCounter(worker, settings.max_document_chars)),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]

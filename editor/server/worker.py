@@ -6,23 +6,26 @@ raises `QueueFull` when the queue is at capacity) and awaits what the thread han
 `loop.call_soon_threadsafe`: a "started" signal once the canvases are laid out, each step (for
 streaming jobs), and the outcome.
 
-Batching: jobs are run together when their sampler options are equal and deterministic
-(temperature 0, no random schedule, no position sampling). With randomness, a shared sampler run
-would draw different numbers than the job run alone, and the reported seed would not reproduce
-the fill, so such jobs run alone. Each job keeps its own cancel flag: a batch stops early only
-when every job in it is cancelled; a cancelled job in a running batch just has its result dropped.
+Batching: jobs are run together when their sampler options are equal but for the seed. Every
+row draws its random numbers from its own generator, seeded from its job's seed and its index in
+the job (`editor.sampler.row_seed`), so a batched fill reproduces from its reported seed exactly
+as when run alone, random schedules and temperature included. Each job keeps its own cancel flag:
+a batch stops early only when every job in it is cancelled; a cancelled job in a running batch just
+has its result dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 from typing import Any, Literal
 
@@ -34,13 +37,14 @@ from editor.filling import FillResult, fill_canvases, locate, prepare_canvas
 from editor.models.base import DiffusionModel
 from editor.models.loading import load_configured
 from editor.options import FillCancelled, SamplerOptions
-from editor.sampler import StepEvent
+from editor.sampler import StepEvent, row_seed
 from editor.settings import Settings
 
 log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 ModelLoader = Callable[[], DiffusionModel]
+BackgroundWork = Callable[[DiffusionModel], Any]
 _RANDOM_SCHEDULES = ("random",)
 _POSITION_SAMPLING = ("confidence", "margin", "entropy", "blocks")  # schedules that use alg_temp
 
@@ -208,6 +212,10 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
         future.exception()  # mark retrieved: a client that went away never awaits it
 
 
+def random_seed() -> int:
+    return random.SystemRandom().randrange(2**63)
+
+
 def deterministic(options: SamplerOptions) -> bool:
     """True when a fill draws no random numbers, so batching cannot change its result."""
     if options.temperature > 0 or options.schedule in _RANDOM_SCHEDULES:
@@ -216,8 +224,9 @@ def deterministic(options: SamplerOptions) -> bool:
 
 
 def compatible(first: FillJob, other: FillJob) -> bool:
-    """Whether `other` may share a sampler run with `first`."""
-    return deterministic(first.options) and other.options == first.options
+    """Whether `other` may share a sampler run with `first`: equal options but for the seed (each
+    row has its own generator, so seeds need not match)."""
+    return other.options.model_copy(update={"seed": None}) == first.options.model_copy(update={"seed": None})
 
 
 class _JobQueue:
@@ -259,6 +268,11 @@ class _JobQueue:
         with self._ready:
             self._ready.wait(timeout)
 
+    def wake(self) -> None:
+        """Wake a worker waiting in `take` (background work has arrived)."""
+        with self._ready:
+            self._ready.notify_all()
+
     def drain(self) -> list[FillJob]:
         with self._ready:
             jobs = list(self._jobs)
@@ -290,6 +304,9 @@ class ModelWorker:
         self.load_error: BaseException | None = None
         self.recent: deque[JobSummary] = deque(maxlen=256)
         self._job_seconds = 1.0  # moving average of a batch's duration, for Retry-After
+        # Low-priority lane (batch jobs): run only when no interactive fill is queued, one small
+        # piece at a time, so an interactive fill waits for at most one piece.
+        self._background: deque[tuple[BackgroundWork, concurrent.futures.Future[Any]]] = deque()
 
     # -- lifecycle --
 
@@ -307,6 +324,7 @@ class ModelWorker:
             job.cancel()
         for job in self._queue.drain():
             job._finish("cancelled", error=WorkerUnavailable("the server is shutting down"))
+        self._fail_background(WorkerUnavailable("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -361,6 +379,37 @@ class ModelWorker:
         self._queue.put(job, self._retry_after)
         return job
 
+    def submit_background(self, work: BackgroundWork) -> concurrent.futures.Future[Any]:
+        """Queue low-priority work (a small piece of a batch job): `work(model)` runs in the worker
+        thread when no interactive fill is waiting. Await it with `asyncio.wrap_future`."""
+        if self._stopping.is_set():
+            raise WorkerUnavailable("the server is shutting down")
+        if self.load_error is not None:
+            raise WorkerUnavailable(f"the model failed to load: {self.load_error}")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._background.append((work, future))
+        self._queue.wake()
+        return future
+
+    def _run_background(self) -> None:
+        """Run one piece of background work, if any (interactive fills always go first)."""
+        if not self._background or self.model is None:
+            return
+        work, future = self._background.popleft()
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with torch.inference_mode():
+                future.set_result(work(self.model))
+        except BaseException as error:
+            future.set_exception(error)
+
+    def _fail_background(self, error: BaseException) -> None:
+        while self._background:
+            _, future = self._background.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
     def _retry_after(self, waiting: int) -> int:
         """Seconds until the queue has likely drained by one batch's worth."""
         batches = waiting / max(1, self.settings.max_batch_rows) + 1
@@ -377,12 +426,14 @@ class ModelWorker:
             log.exception("the model failed to load")
             for job in self._queue.drain():
                 job._finish("failed", error=WorkerUnavailable(f"the model failed to load: {error}"))
+            self._fail_background(WorkerUnavailable(f"the model failed to load: {error}"))
             return
         finally:
             self._loaded.set()
         while not self._stopping.is_set():
-            first = self._queue.take(timeout=0.1)
+            first = self._queue.take(timeout=0.0 if self._background else 0.1)
             if first is None:
+                self._run_background()
                 continue
             batch = self._gather(first)
             self._running = batch
@@ -399,8 +450,6 @@ class ModelWorker:
     def _gather(self, first: FillJob) -> list[FillJob]:
         """`first` plus compatible queued jobs, waiting up to the batch window for more to arrive."""
         batch = [first]
-        if not deterministic(first.options):
-            return batch
         rows_left = self.settings.max_batch_rows - first.rows
         deadline = time.perf_counter() + self.settings.batch_window_ms / 1000
         while rows_left > 0:
@@ -421,6 +470,7 @@ class ModelWorker:
             return
         owners = [(job, row) for job in live for row in range(job.rows)]
         canvases = [canvas for job in live for canvas in job.canvases]
+        seeds = {job.id: job.options.seed if job.options.seed is not None else random_seed() for job in live}
         try:
             with torch.inference_mode():
                 results = fill_canvases(
@@ -428,6 +478,7 @@ class ModelWorker:
                     canvases,
                     live[0].options,
                     started=started,
+                    row_seeds=[row_seed(seeds[job.id], row) for job, row in owners],
                     on_step=lambda event: self._route_step(event, live, owners),
                     should_cancel=lambda: self._stopping.is_set() or all(job.cancelled for job in live),
                 )
@@ -444,7 +495,11 @@ class ModelWorker:
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * (finished - started)
         first_row = 0
         for job in live:
-            mine = results[first_row : first_row + job.rows]
+            # Each job reports its own seed and options (the batch shares all but the seed).
+            mine = [
+                replace(result, seed=seeds[job.id], options=job.options)
+                for result in results[first_row : first_row + job.rows]
+            ]
             first_row += job.rows
             if job.cancelled:
                 self._close(job, "cancelled", error=FillCancelled("fill cancelled"))
@@ -482,6 +537,13 @@ class ModelWorker:
 
     def _route_step(self, event: StepEvent, live: list[FillJob], owners: list[tuple[FillJob, int]]) -> None:
         """Split one sampler step between the jobs of the batch, and hand each its own part."""
+        if not any(job.stream or job.keep_trace for job in live):
+            # Nobody reads the tokens: one small read of per-row commit counts, no token decoding.
+            per_row = event.committed_per_row
+            for row_number, (job, _) in enumerate(owners):
+                if per_row[row_number] and not job.cancelled:
+                    job.steps_done = event.step + 1
+            return
         commits: dict[int, list[CommitInfo]] = {job.id: [] for job in live}
         counts: dict[int, int] = {job.id: 0 for job in live}
         for commit in event.commits:
@@ -529,6 +591,7 @@ class ModelWorker:
 
 
 __all__ = [
+    "BackgroundWork",
     "CommitInfo",
     "FillJob",
     "JobOutcome",

@@ -1,0 +1,444 @@
+"""`editor bench engine`: the naive sampler loop against the fast engine (docs/engine.md).
+
+A fill of `--tokens` masked positions in a `--context`-token canvas (one span in the middle of
+random literal text), for each model, batch size and decoding mode:
+
+- `naive`: the landed loop's shape of work, a full forward pass over the whole canvas at every
+  step with float32 logits over the whole vocabulary at every position (the model is seen through
+  a plain `DiffusionModel` view, so neither the cache nor position-only logits apply).
+- `fast`: the same schedule with the key/value cache (no periodic refresh), logits only at masked
+  positions and the step loop's single host read; `fast-rK`: the cache refreshed by a full pass
+  every K steps (the sampler's default is K = 4).
+
+Models: `tiny` (the bundled one), `default-shape` (SmolLM2-135M's shape, random weights, until the
+adapted default model is on main), `dream-7b` and `llada-8b` (their exact shapes, random weights,
+built on the device in the benchmark dtype: no weights are needed). Random-weight models have flat
+confidences, so the modes fix the tokens per step (`--steps`) rather than use a threshold.
+
+The hardware ceiling for a step is max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with the
+counts printed: 2 x weights x tokens run for the linear layers and the head, 4 x window x keys x
+width per layer for attention, and one read of the weights and of the cached keys/values.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M (the default model's base), Dream-v0-7B (Qwen2.5-7B), LLaDA-8B: DESIGN.md §4.
+    "default-shape": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "num_layers": 30,
+        "num_heads": 9,
+        "num_kv_heads": 3,
+        "intermediate_size": 1536,
+        "rope_theta": 100000.0,
+        "tie_embeddings": True,
+        "shifted": True,
+    },
+    "dream-7b": {
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "num_layers": 28,
+        "num_heads": 28,
+        "num_kv_heads": 4,
+        "intermediate_size": 18944,
+        "rope_theta": 1e6,
+        "qkv_bias": True,
+        "shifted": True,
+    },
+    "llada-8b": {
+        "vocab_size": 126464,
+        "hidden_size": 4096,
+        "num_layers": 32,
+        "num_heads": 32,
+        "num_kv_heads": 32,
+        "intermediate_size": 12288,
+        "rope_theta": 5e5,
+        "shifted": False,
+    },
+}
+# Dense bf16 tensor-core peak and HBM bandwidth of the accelerators we bench on (vendor figures).
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+
+
+@dataclass
+class Work:
+    """What the model was asked to compute over a run, counted at the calls."""
+
+    full_passes: int = 0
+    windows: int = 0
+    tokens_run: int = 0  # rows x positions through the layers
+    tokens_scored: int = 0  # rows x positions through the output head
+    attention_pairs: int = 0  # rows x queries x keys
+    keys_read: int = 0  # rows x keys, once per pass
+
+
+@dataclass
+class Figure:
+    model: str
+    mode: str
+    batch: int
+    masked_tokens: int
+    context: int
+    steps: int
+    tokens_per_step: float
+    seconds: float
+    tokens_per_s: float
+    ms_per_step: float
+    peak_memory_mb: float
+    flops: float
+    bytes: float
+    ceiling_fraction: float | None
+    extrapolated_from_steps: int | None = None
+    work: dict[str, int] = field(default_factory=dict)
+
+
+class CountingModel:
+    """A plain `DiffusionModel` view of a native model that counts the work of each call (the
+    sampler finds no `score` on its class, so it runs the naive full pass)."""
+
+    def __init__(self, model: Any, work: Work) -> None:
+        self._model = model
+        self.work = work
+        self.name = model.name
+        self.tokenizer = model.tokenizer
+        self.special = model.special
+        self.logits_shifted = model.logits_shifted
+        self.vocab_size = model.vocab_size
+
+    @property
+    def device(self) -> Any:
+        return self._model.device
+
+    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+        return self._model.frame(instruction)
+
+    def forward_logits(self, input_ids: Any, attention_mask: Any) -> Any:
+        batch, length = input_ids.shape
+        self.work.full_passes += 1
+        self.work.tokens_run += batch * length
+        self.work.tokens_scored += batch * length
+        self.work.attention_pairs += batch * length * length
+        self.work.keys_read += batch * length
+        return self._model.forward_logits(input_ids, attention_mask)
+
+
+class CountingWindowedModel(CountingModel):
+    """The same with the fast interface (`WindowedModel`), counted too."""
+
+    def score(self, input_ids: Any, attention_mask: Any, at: Any, *, keep_cache: bool) -> Any:
+        batch, length = input_ids.shape
+        self.work.full_passes += 1
+        self.work.tokens_run += batch * length
+        self.work.tokens_scored += at.numel()
+        self.work.attention_pairs += batch * length * length
+        self.work.keys_read += batch * length
+        return self._model.score(input_ids, attention_mask, at, keep_cache=keep_cache)
+
+    def score_window(self, cache: Any, input_ids: Any, window: Any, at: Any) -> Any:
+        self.work.windows += 1
+        self.work.tokens_run += window.numel()
+        self.work.tokens_scored += at.numel()
+        self.work.attention_pairs += window.numel() * input_ids.shape[1]
+        self.work.keys_read += input_ids.numel()
+        return self._model.score_window(cache, input_ids, window, at)
+
+
+def _flops_and_bytes(network: Any, work: Work, dtype_bytes: int) -> tuple[float, float]:
+    config = network.config
+    head = config.vocab_size * config.hidden_size
+    body = sum(p.numel() for name, p in network.named_parameters() if name.startswith("layers."))
+    flops = 2.0 * body * work.tokens_run + 2.0 * head * work.tokens_scored
+    flops += 4.0 * work.attention_pairs * config.hidden_size * config.num_layers
+    passes = work.full_passes + work.windows
+    kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
+    weight_bytes = (body + head) * dtype_bytes * passes  # every weight read once per pass
+    return flops, float(weight_bytes + kv_bytes * work.keys_read)  # and every key/value once per pass
+
+
+def _build(name: str, device: str, dtype_name: str) -> tuple[Any, Any]:
+    """(model, network) for a bench model name."""
+    import torch
+
+    from editor.models.loading import load_model
+
+    dtype = getattr(torch, dtype_name)
+    bundled = load_model(None, device=device, dtype=dtype)
+    if name == "tiny":
+        return bundled, bundled.network  # type: ignore[attr-defined]
+    from editor.models.base import SpecialIds
+    from editor.models.native import NativeDiffusionModel
+    from editor.models.transformer import BidirectionalTransformer, TransformerConfig
+
+    shape = dict(SHAPES[name])
+    shifted = bool(shape.pop("shifted"))
+    config = TransformerConfig(**shape)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            network = BidirectionalTransformer(config).eval()
+            for parameter in network.parameters():
+                parameter.data.mul_(0.5)  # keep random activations in range over many layers
+    finally:
+        torch.set_default_dtype(previous)
+    special = SpecialIds(mask=config.vocab_size - 1, pad=0, bos=1, eos=0)
+    model = NativeDiffusionModel(
+        network,
+        bundled.tokenizer,
+        special,
+        logits_shifted=shifted,
+        name=f"{name} (random weights)",
+        use_chat_template=False,
+    )
+    return model, network
+
+
+class _OpenVocabulary:
+    """Every token but the mask allowed: the vocabulary rules of an unconstrained span."""
+
+    def __init__(self, vocab_size: int, mask: int) -> None:
+        self.vocab_size, self.mask_id = vocab_size, mask
+
+    def table(self, rules: list[Any], device: Any) -> Any:
+        import torch
+
+        allowed = torch.ones((len(rules), self.vocab_size), dtype=torch.bool, device=device)
+        allowed[:, self.mask_id] = False
+        return allowed
+
+
+def _rows(batch: int, context: int, tokens: int, vocab: int, seed: int) -> list[Any]:
+    import torch
+
+    from editor.constraints import PositionRule
+    from editor.sampler import Row
+
+    generator = torch.Generator().manual_seed(seed)
+    start = (context - tokens) // 2
+    rows = []
+    for _ in range(batch):
+        ids = torch.randint(3, min(vocab, 8000), (context,), generator=generator).tolist()
+        ids[0] = 1
+        pinned = [not (start <= p < start + tokens) for p in range(context)]
+        rows.append(Row(ids=ids, pinned=pinned, rules=[PositionRule()] * context))
+    return rows
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure(
+    model: Any,
+    network: Any,
+    mode: str,
+    batch: int,
+    *,
+    tokens: int,
+    context: int,
+    steps: int,
+    device: str,
+    dtype_bytes: int,
+    peak: tuple[float, float] | None,
+    max_steps: int | None,
+    repeats: int,
+) -> Figure:
+    import torch
+
+    from editor.options import SamplerOptions
+    from editor.sampler import SamplerRun
+
+    refresh = int(mode.split("-r")[1]) if "-r" in mode else None  # `fast`: no periodic refresh
+    options = SamplerOptions(steps=steps, seed=0, cache=mode != "naive", cache_refresh_every=refresh)
+    vocabulary = _OpenVocabulary(network.config.vocab_size, model.special.mask)
+    rows = _rows(batch, context, tokens, network.config.vocab_size, seed=batch)
+    times, works, done_steps = [], [], 0
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for attempt in range(repeats + 1 if repeats else 1):  # the first run warms up kernels and allocator
+        work = Work()
+        counted = CountingModel(model, work) if mode == "naive" else CountingWindowedModel(model, work)
+        with torch.inference_mode():
+            _synchronize(device)
+            started = time.perf_counter()
+            run = SamplerRun(counted, rows, options, vocabulary)  # type: ignore[arg-type]
+            while not run.finished and (max_steps is None or run.step_number < max_steps):
+                run.step()
+            _synchronize(device)
+            elapsed = time.perf_counter() - started
+        done_steps = run.step_number
+        if attempt or not repeats:  # --repeats 0: the one (cold) run is the figure
+            times.append(elapsed)
+            works.append(work)
+    seconds = statistics.median(times)
+    full_steps = max(1, min(steps, tokens))
+    extrapolated = done_steps if done_steps < full_steps else None
+    seconds_full = seconds * full_steps / done_steps
+    work = works[0]
+    scale = full_steps / done_steps
+    flops, moved = _flops_and_bytes(network, work, dtype_bytes)
+    flops, moved = flops * scale, moved * scale
+    ceiling = None if peak is None else max(flops / peak[0], moved / peak[1]) / seconds_full
+    if device.startswith("cuda"):
+        memory = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return Figure(
+        model=model.name,
+        mode=mode,
+        batch=batch,
+        masked_tokens=tokens,
+        context=context,
+        steps=full_steps,
+        tokens_per_step=tokens / full_steps,
+        seconds=round(seconds_full, 4),
+        tokens_per_s=round(batch * tokens / seconds_full, 1),
+        ms_per_step=round(1000 * seconds_full / full_steps, 3),
+        peak_memory_mb=round(memory, 1),
+        flops=flops,
+        bytes=moved,
+        ceiling_fraction=None if ceiling is None else round(ceiling, 4),
+        extrapolated_from_steps=extrapolated,
+        work=asdict(work),
+    )
+
+
+def _peak(device: str, override_flops: float | None, override_bandwidth: float | None) -> tuple[float, float] | None:
+    """(FLOP/s, bytes/s) assumed for the ceiling; a measured float32 GEMM rate on the CPU."""
+    import torch
+
+    if override_flops and override_bandwidth:
+        return override_flops, override_bandwidth
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        return next((peaks for key, peaks in PEAKS.items() if key in name), None)
+    a = torch.randn(1024, 1024)
+    a @ a
+    started = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    gemm = 5 * 2 * 1024**3 / (time.perf_counter() - started)
+    return gemm, override_bandwidth or 20e9  # bandwidth: a typical figure for a small cloud VM
+
+
+@click.command("engine")
+@click.option("--model", "models", multiple=True, default=["tiny"], help="tiny, default-shape, dream-7b, llada-8b")
+@click.option("--device", default="cpu", help="cpu or cuda")
+@click.option("--dtype", "dtype_name", default=None, help="float32 or bfloat16 [default: float32 on cpu, else bf16]")
+@click.option("--batch", "batches", default="1,8,16", help="comma-separated batch sizes")
+@click.option("--tokens", default=256, help="masked tokens per row")
+@click.option("--context", default=512, help="canvas length")
+@click.option("--tokens-per-step", "per_step", default="1,4", help="comma-separated; steps = tokens / this")
+@click.option("--naive-batches", default="1", help="batch sizes at which the naive loop is also run")
+@click.option("--refresh", default="", help="comma-separated k: also run the cache refreshed every k steps")
+@click.option("--naive-max-steps", default=None, type=int, help="time this many naive steps and extrapolate")
+@click.option("--repeats", default=1, help="timed runs after one warm-up (median); 0: one cold run")
+@click.option("--peak-flops", default=None, type=float, help="override the assumed FLOP/s")
+@click.option("--peak-bandwidth", default=None, type=float, help="override the assumed bytes/s")
+@click.option("--threads", default=None, type=int, help="torch CPU threads [default: torch's choice]")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write all figures here")
+def engine(
+    models: tuple[str, ...],
+    device: str,
+    dtype_name: str | None,
+    batches: str,
+    tokens: int,
+    context: int,
+    per_step: str,
+    naive_batches: str,
+    refresh: str,
+    naive_max_steps: int | None,
+    repeats: int,
+    peak_flops: float | None,
+    peak_bandwidth: float | None,
+    threads: int | None,
+    json_path: str | None,
+) -> None:
+    """Naive loop vs fast engine: tokens/s, ms/step, tokens/step, peak memory, ceiling fraction."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    dtype_name = dtype_name or ("float32" if device == "cpu" else "bfloat16")
+    dtype_bytes = torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
+    peak = _peak(device, peak_flops, peak_bandwidth)
+    figures: list[Figure] = []
+    hardware = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+    click.echo(
+        f"device {device} ({hardware}), {dtype_name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{tokens} masked tokens in a {context}-token canvas"
+    )
+    if peak is not None:
+        click.echo(f"ceiling assumes {peak[0] / 1e12:.1f} TFLOP/s and {peak[1] / 1e9:.0f} GB/s")
+    click.echo(
+        f"{'model':28} {'mode':7} {'batch':>5} {'tok/step':>8} {'steps':>5} {'tok/s':>9} {'ms/step':>8} "
+        f"{'peak MB':>8} {'TFLOP':>8} {'GB':>8} {'ceiling':>7}"
+    )
+    for name in models:
+        model, network = _build(name, device, dtype_name)
+        for rate in [int(r) for r in per_step.split(",")]:
+            steps = max(1, tokens // rate)
+            for batch in [int(b) for b in batches.split(",")]:
+                modes = ["naive", "fast"] if str(batch) in naive_batches.split(",") else ["fast"]
+                modes += [f"fast-r{k}" for k in refresh.split(",") if k]
+                for mode in modes:
+                    figure = _measure(
+                        model,
+                        network,
+                        mode,
+                        batch,
+                        tokens=tokens,
+                        context=context,
+                        steps=steps,
+                        device=device,
+                        dtype_bytes=dtype_bytes,
+                        peak=peak,
+                        max_steps=naive_max_steps if mode == "naive" else None,
+                        repeats=repeats,
+                    )
+                    figures.append(figure)
+                    ceiling = "-" if figure.ceiling_fraction is None else f"{figure.ceiling_fraction:.0%}"
+                    click.echo(
+                        f"{figure.model[:28]:28} {mode:7} {batch:>5} {figure.tokens_per_step:>8.2f} {figure.steps:>5} "
+                        f"{figure.tokens_per_s:>9.1f} {figure.ms_per_step:>8.2f} {figure.peak_memory_mb:>8.0f} "
+                        f"{figure.flops / 1e12:>8.2f} {figure.bytes / 1e9:>8.2f} {ceiling:>7}"
+                    )
+        del model, network
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if json_path:
+        payload = {
+            "benchmark": "engine",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "device": device,
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
+            "dtype": dtype_name,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "assumed_peak_flops": None if peak is None else peak[0],
+            "assumed_peak_bandwidth": None if peak is None else peak[1],
+            "figures": [asdict(f) for f in figures],
+        }
+        Path(json_path).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        click.echo(f"wrote {json_path}")
+
+
+__all__ = ["engine"]

@@ -1,0 +1,171 @@
+"""Batch jobs through the REST API: create (JSON and JSONL upload), progress, results, cancel,
+a restart in the middle of a job, and an interactive fill that finishes while a batch runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from editor.models.base import DiffusionModel
+from editor.options import SamplerOptions
+from editor.parser import parse_document
+from editor.server import create_app
+from editor.server.worker import FillJob, ModelWorker
+from editor.settings import Settings
+from tests.api_fixtures import SlowModel
+
+pytest_plugins = ("tests.api_fixtures",)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+Client = TestClient[Litestar]
+TEMPLATE = {"id": "{id}", "text": "[MASK 3]", "n": "[MASK 2 as=int]"}
+OPTIONS = {"schedule": "threshold", "steps": 2}
+
+
+def app_for(settings: Settings, model: DiffusionModel | SlowModel) -> Litestar:
+    return create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
+
+
+def wait_for(
+    client: Client, job_id: int, done: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get(f"/api/v1/batches/{job_id}").json()
+        if done(body) or time.monotonic() > deadline:
+            return body
+        time.sleep(0.02)
+
+
+def results(client: Client, job_id: int) -> list[dict[str, Any]]:
+    response = client.get(f"/api/v1/batches/{job_id}/results")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/jsonl")
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def test_job_lifecycle_from_json_body(settings: Settings, api_model: DiffusionModel) -> None:
+    records = [{"id": f"r{n}"} for n in range(5)] + [[1]]
+    with TestClient(app_for(settings, api_model)) as client:
+        response = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": records, "options": OPTIONS})
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert response.headers["location"] == f"/api/v1/batches/{job['id']}"
+        assert (job["total"], job["failed"]) == (6, 1)
+        final = wait_for(client, job["id"], lambda body: body["status"] == "done")
+        assert (final["status"], final["completed"], final["failed"], final["pending"]) == ("done", 5, 1, 0)
+        lines = results(client, job["id"])
+        assert [line["custom_id"] for line in lines] == [f"r{n}" for n in range(5)] + ["6"]
+        assert all(type(line["output"]["n"]) is int for line in lines[:5])
+        assert lines[5]["error"]["code"] == "invalid_record"
+        assert client.get("/api/v1/batches/999").status_code == 404
+
+
+def test_jsonl_upload_with_a_schema(settings: Settings, api_model: DiffusionModel) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "L"]}}}
+    jsonl = '{"id": "a"}\n\nnot json\n{"id": "b"}\n'
+    with TestClient(app_for(settings, api_model)) as client:
+        response = client.post(
+            "/api/v1/batches",
+            files={"records": ("records.jsonl", jsonl.encode(), "application/jsonl")},
+            data={"schema": json.dumps(schema), "options": json.dumps(OPTIONS)},
+        )
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert job["input_name"] == "records.jsonl"
+        wait_for(client, job["id"], lambda body: body["status"] == "done")
+        lines = results(client, job["id"])
+        assert [line["custom_id"] for line in lines] == ["a", "3", "b"]
+        assert type(lines[0]["output"]["ok"]) is bool and lines[0]["output"]["size"] in ("S", "L")
+
+
+def test_bad_requests_are_422_with_the_place(settings: Settings, api_model: DiffusionModel) -> None:
+    with TestClient(app_for(settings, api_model)) as client:
+        bad_template = client.post("/api/v1/batches", json={"template": {"a": ["[MASK x]"]}, "records": [{}]})
+        assert bad_template.status_code == 422
+        assert bad_template.json()["extra"]["path"] == "$.a[0]"
+        bad_schema = client.post(
+            "/api/v1/batches", json={"schema": {"type": "string", "pattern": "x"}, "records": [{}]}
+        )
+        assert bad_schema.status_code == 422 and "pattern at #" in bad_schema.json()["detail"]
+        both = client.post("/api/v1/batches", json={"template": TEMPLATE, "schema": {}, "records": [{}]})
+        assert both.status_code == 422
+        none = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": []})
+        assert none.status_code == 422
+        unknown = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": [{}], "colour": 1})
+        assert unknown.status_code == 422
+
+
+def test_a_job_continues_after_a_restart_and_can_be_cancelled(settings: Settings, api_model: DiffusionModel) -> None:
+    records = [{"id": f"r{n}"} for n in range(12)]
+    slow = SlowModel(api_model, delay=0.05)
+    with TestClient(app_for(settings, slow)) as client:
+        job = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": records, "options": OPTIONS}).json()
+        partway = wait_for(client, job["id"], lambda body: body["completed"] >= 4)
+        assert partway["status"] == "running" and partway["completed"] < 12
+    # A new app on the same database (a restarted server) finishes the job.
+    with TestClient(app_for(settings, api_model)) as client:
+        final = wait_for(client, job["id"], lambda body: body["status"] == "done")
+        assert (final["completed"], final["pending"]) == (12, 0)
+        assert [line["custom_id"] for line in results(client, job["id"])] == [r["id"] for r in records]
+        other = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": records}).json()
+        cancelled = client.post(f"/api/v1/batches/{other['id']}/cancel")
+        assert cancelled.status_code == 200
+        assert cancelled.json()["status"] in ("cancelled", "done")
+
+
+def test_an_interactive_fill_finishes_while_a_batch_runs(settings: Settings, api_model: DiffusionModel) -> None:
+    slow = SlowModel(api_model, delay=0.02)
+    records = [{"id": f"r{n}"} for n in range(200)]
+    with TestClient(app_for(settings, slow)) as client:
+        job = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": records, "options": OPTIONS}).json()
+        wait_for(client, job["id"], lambda body: body["completed"] >= 1)
+        fill = client.post("/api/v1/fill", json={"document": "Hello [MASK 2] world", "options": OPTIONS})
+        assert fill.status_code == 200, fill.text
+        during = client.get(f"/api/v1/batches/{job['id']}").json()
+        assert during["status"] == "running" and during["pending"] > 0
+        client.post(f"/api/v1/batches/{job['id']}/cancel")
+
+
+def test_the_worker_runs_queued_interactive_fills_before_more_background_work(
+    settings: Settings, api_model: DiffusionModel
+) -> None:
+    worker = ModelWorker(settings, loader=lambda: api_model)
+    worker.start()
+    assert worker.wait_ready(10)
+    seen: list[str] = []  # written in the worker thread, in the order the work ran there
+    release = threading.Event()
+    jobs: list[FillJob] = []
+
+    def piece(number: int) -> Callable[[DiffusionModel], None]:
+        def work(model: DiffusionModel) -> None:
+            if number == 1:
+                release.wait(10)
+            fill_state = jobs[0].state if jobs else "not submitted"
+            seen.append(f"background {number}, fill {fill_state}")
+
+        return work
+
+    async def scenario() -> None:
+        futures = [worker.submit_background(piece(1))]
+        time.sleep(0.2)  # the worker is now inside the first piece
+        futures += [worker.submit_background(piece(n)) for n in (2, 3)]
+        jobs.append(worker.submit([parse_document("Hi [MASK 2]")], SamplerOptions(steps=2)))
+        release.set()
+        await jobs[0].result()
+        for future in futures:
+            await asyncio.wrap_future(future)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert seen == ["background 1, fill queued", "background 2, fill done", "background 3, fill done"]

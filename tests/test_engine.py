@@ -1,0 +1,138 @@
+"""The fast engine (docs/engine.md): the cached path against the uncached one, position-only logits
+against the full pass, the factor schedule's rule, per-row seeds in batches, and lazy step events.
+All on tiny random models on the CPU; speed is measured by `editor bench engine`, not here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editor.filling import fill_documents, prepare_canvas, vocabulary_rules
+from editor.models import NativeDiffusionModel, aligned_logits
+from editor.options import SamplerOptions
+from editor.parser import parse_document
+from editor.sampler import Row, SampleOutput, StepEvent, sample
+
+pytestmark = pytest.mark.usefixtures("tiny_one_thread")
+
+SOURCES = [
+    "Dear [MASK 9], your [MASK 5] will reach you on [MASK 3].",
+    "The cat sat on the [MASK 12] and looked at the garden.",
+    "[MASK 4] and [MASK 7]",
+]
+
+
+def rows_for(model: NativeDiffusionModel, sources: list[str]) -> list[Row]:
+    canvases = [prepare_canvas(model, parse_document(s)) for s in sources]
+    return [Row(c.ids, c.pinned, c.rules) for c in canvases]
+
+
+def run(model: NativeDiffusionModel, rows: list[Row], options: SamplerOptions) -> tuple[SampleOutput, list[StepEvent]]:
+    events: list[StepEvent] = []
+    output = sample(model, rows, options, vocabulary_rules(model), on_step=events.append)
+    return output, events
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("schedule", ["confidence", "blocks", "threshold", "left-to-right"])
+def test_cache_refreshed_every_step_equals_the_uncached_fill(
+    tiny_model: NativeDiffusionModel, tiny_shifted_model: NativeDiffusionModel, shifted: bool, schedule: str
+) -> None:
+    model = tiny_shifted_model if shifted else tiny_model
+    rows = rows_for(model, SOURCES)
+    options = SamplerOptions(schedule=schedule, steps=8, block_length=4, seed=3, cache=False)
+    plain, plain_events = run(model, rows, options)
+    cached, cached_events = run(model, rows, options.model_copy(update={"cache": True, "cache_refresh_every": 1}))
+    assert cached.ids == plain.ids
+    assert [e.commits for e in cached_events] == [e.commits for e in plain_events]
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_a_window_step_scores_like_the_full_pass(
+    tiny_model: NativeDiffusionModel, tiny_shifted_model: NativeDiffusionModel, shifted: bool
+) -> None:
+    """With a fresh cache, recomputing any window that holds the scored positions (and, shifted,
+    the positions left of them) gives the full pass's logits there, in padded batches too."""
+    model = tiny_shifted_model if shifted else tiny_model
+    rows = rows_for(model, SOURCES[:2])
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((2, width), model.special.pad)
+    attention = torch.zeros((2, width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row.ids)] = torch.tensor(row.ids)
+        attention[i, : len(row.ids)] = True
+    at = torch.tensor([[5, 6, 7, 9], [8, 9, 10, 11]])
+    full = aligned_logits(model, ids, attention)  # [2, L, V]
+    expected = full.gather(1, at[..., None].expand(-1, -1, full.shape[-1]))
+    with torch.inference_mode():
+        scored, cache = model.score(ids, attention, at, keep_cache=True)
+        assert cache is not None
+        torch.testing.assert_close(scored.float(), expected, atol=1e-5, rtol=1e-5)
+        window = torch.tensor([[4, 5, 6, 7, 8, 9], [7, 8, 9, 10, 11, 2]])
+        windowed = model.score_window(cache, ids, window, at)
+    torch.testing.assert_close(windowed.float(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_fill_keeps_every_invariant(tiny_model: NativeDiffusionModel) -> None:
+    """The default cached path: pins kept, every mask filled, each row on its own schedule."""
+    rows = rows_for(tiny_model, SOURCES)
+    output, events = run(tiny_model, rows, SamplerOptions(steps=5, seed=1))
+    mask = tiny_model.special.mask
+    for row, ids in zip(rows, output.ids, strict=True):
+        assert mask not in ids
+        assert all(new == old for new, old, pin in zip(ids, row.ids, row.pinned, strict=True) if pin)
+    for index, row in enumerate(rows):
+        masks = sum(not p for p in row.pinned)
+        counts = [sum(1 for c in e.commits if c.row == index) for e in events]
+        base, extra = divmod(masks, 5)
+        assert counts == [base + (1 if s < extra else 0) for s in range(5)]
+
+
+def test_factor_commits_the_top_n_its_rule_allows(tiny_model: NativeDiffusionModel) -> None:
+    """Each step of the factor schedule commits the n best positions, n the largest with
+    (n + 1) * (1 - c_n) < factor over the confidences c sorted high to low, at least one."""
+    rows = rows_for(tiny_model, [SOURCES[1]])
+    for factor in (0.5, 2.0, 6.0):
+        options = SamplerOptions(schedule="factor", factor=factor, seed=0, cache=False)
+        output, events = run(tiny_model, rows, options)
+        assert tiny_model.special.mask not in output.ids[0]
+        for event in events:
+            candidates, _, _, confidence, _ = event._tensors
+            ranked = sorted(confidence[0, : candidates.shape[1]].tolist(), reverse=True)
+            allowed = 0
+            for n, c in enumerate(ranked, start=1):
+                if (n + 1) * (1 - c) >= factor:
+                    break
+                allowed = n
+            assert len(event.commits) == max(1, allowed)
+
+
+def test_each_row_reproduces_from_its_seed_alone_or_batched(tiny_model: NativeDiffusionModel) -> None:
+    """Per-row generators: a random fill of one document equals the same document's row in a batch
+    when the row carries the same seed, whatever else the batch holds."""
+    options = SamplerOptions(schedule="random", temperature=1.0, steps=4)
+    rows = rows_for(tiny_model, SOURCES)
+    alone = [
+        run(tiny_model, [Row(r.ids, r.pinned, r.rules, seed=40 + i)], options)[0].ids[0] for i, r in enumerate(rows)
+    ]
+    batched = [Row(r.ids, r.pinned, r.rules, seed=40 + i) for i, r in enumerate(rows)]
+    output, _ = run(tiny_model, batched[::-1], options)
+    assert output.ids[::-1] == alone
+    assert output.row_seeds == [42, 41, 40]
+
+
+def test_a_one_document_fill_keeps_its_reported_seed(tiny_model: NativeDiffusionModel) -> None:
+    document = parse_document(SOURCES[0])
+    options = SamplerOptions(temperature=1.0, steps=3, seed=77)
+    [first] = fill_documents(tiny_model, [document], options)
+    [second] = fill_documents(tiny_model, [document, parse_document(SOURCES[1])], options)[:1]
+    assert first.seed == second.seed == 77 and first.text == second.text
+
+
+def test_step_events_read_the_device_only_when_asked(tiny_model: NativeDiffusionModel) -> None:
+    rows = rows_for(tiny_model, SOURCES[:1])
+    output, events = run(tiny_model, rows, SamplerOptions(steps=3, seed=0))
+    assert all("commits" not in vars(e) for e in events)  # nothing converted yet
+    assert [len(e.commits) for e in events] == [6, 6, 5]
+    assert events[-1].remaining == [0]
+    assert output.row_steps == [3]
