@@ -57,7 +57,7 @@ def main() -> None:
     "--model",
     "model_spec",
     default=None,
-    help="Hugging Face id or local directory [default: EDITOR_MODEL, else the bundled model]",
+    help="default, tiny, a Hugging Face id or a local directory [default: EDITOR_MODEL, else default]",
 )
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N [default: EDITOR_DEVICE, else auto]")
 @click.option("--instruction", default=None, help="user turn for instruct models' chat template")
@@ -129,6 +129,20 @@ class StepProgress:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+@main.command("models")
+def models_command() -> None:
+    """List the models this installation can load offline: name, parameters, size, origin."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from editor.models.catalog import list_models
+
+    table = Table("name", "available", "parameters", "size on disk", "origin")
+    for entry in list_models():
+        table.add_row(entry.name, "yes" if entry.available else "no", entry.parameters, entry.size, entry.origin)
+    Console().print(table)
 
 
 from editor.batch.commands import batch  # noqa: E402 - registered after the group exists

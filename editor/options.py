@@ -52,6 +52,12 @@ class SamplerOptions(BaseModel):
     threshold: float = Field(
         0.9, ge=MIN_PROBABILITY, le=1.0, description="confidence to commit at for the threshold schedule"
     )
+    repetition_penalty: float = Field(
+        1.5,
+        ge=1.0,
+        le=10.0,
+        description="the tokens right beside a blank are this much less likely there (no 'team team'); 1 = off",
+    )
     factor: float = Field(
         1.0,
         gt=0.0,

@@ -27,7 +27,7 @@ from functools import cached_property
 import torch
 
 from editor.constraints import PositionRule, VocabularyRules
-from editor.models.base import CanvasCache, DiffusionModel, scored_logits, windowed
+from editor.models.base import CanvasCache, DiffusionModel, SpecialIds, scored_logits, windowed
 from editor.options import FillCancelled, SamplerOptions
 
 
@@ -189,6 +189,24 @@ def rule_table(
     return vocabulary.table(list(distinct), device), index.to(device)
 
 
+def penalize_neighbours(
+    logits: torch.Tensor, ids: torch.Tensor, candidates: torch.Tensor, special: SpecialIds, penalty: float
+) -> torch.Tensor:
+    """logits [B, M, V] at `candidates` [B, M] made less keen on the token on either side (ids
+    [B, L]), CTRL-style (positive logits divided by `penalty`, negative ones multiplied), so that a
+    fill does not repeat the word beside it ("team team"). Masks and end tokens are left alone."""
+    skip = torch.tensor([special.mask, *special.end_ids], device=ids.device)
+    for offset in (-1, 1):
+        beside = candidates + offset  # [B, M]
+        inside = (beside >= 0) & (beside < ids.shape[1])
+        tokens = ids.gather(1, beside.clamp(0, ids.shape[1] - 1))  # [B, M]
+        hit = inside & ~torch.isin(tokens, skip)
+        values = logits.gather(2, tokens[..., None]).squeeze(-1)  # [B, M]
+        penalised = torch.where(values > 0, values / penalty, values * penalty)
+        logits = logits.scatter(2, tokens[..., None], torch.where(hit, penalised, values)[..., None])
+    return logits
+
+
 def sample(
     model: DiffusionModel,
     rows: Sequence[Row],
@@ -266,7 +284,11 @@ class SamplerRun:
         valid = self.masked.gather(1, candidates)  # [B, M] real masked positions (the rest is padding)
         logits = self._logits(candidates, step)  # [B, M, V] model dtype
         allowed = self.allowed[self.rule_index.gather(1, candidates)]  # [B, M, V]
-        logits = _finite(logits.float().masked_fill(~allowed, float("-inf")), allowed)
+        logits = logits.float().masked_fill(~allowed, float("-inf"))
+        if self.options.repetition_penalty != 1.0:
+            penalty = self.options.repetition_penalty
+            logits = penalize_neighbours(logits, self.ids, candidates, self.model.special, penalty)
+        logits = _finite(logits, allowed)
         tokens, confidence, scores = self._choose(logits, candidates, valid)
         count = self._commit_counts(confidence, valid, step)  # [B]
         eligible = valid & self._eligible(candidates, step)

@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "sqlite:///editor.db", description="SQLAlchemy URL; default: editor.db in the working directory"
     )
-    model: str | None = Field(None, description="a model directory or Hugging Face id; None = the bundled model")
+    model: str | None = Field(
+        None, description="'default', 'tiny', a model directory or a Hugging Face id; None = 'default'"
+    )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     dtype: Dtype = Field("auto", description="weights dtype; 'auto' = bfloat16 on GPU, float32 on CPU")
     instruction: str | None = Field(None, description="default instruction for instruct models (the user turn)")

@@ -73,6 +73,7 @@ def test_health_and_ready(client: Client, api_model: DiffusionModel) -> None:
     assert ready.json() | {"queued": 0} == {
         "ready": True,
         "model": api_model.name,
+        "model_note": None,
         "model_error": None,
         "database": "ok",
         "queued": 0,

@@ -481,14 +481,14 @@ def test_load_model_dispatches_on_model_type(tmp_path: Path) -> None:
     assert isinstance(load_model(tmp_path / "native"), NativeDiffusionModel)
 
 
-def test_load_model_default_is_the_bundled_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    native_checkpoint(tmp_path / "bundled")
-    monkeypatch.setattr(loading, "bundled_path", lambda: tmp_path / "bundled")
-    assert load_model(None).name == "bundled"
-    assert isinstance(load_model("default"), NativeDiffusionModel)
-    monkeypatch.setattr(loading, "bundled_path", lambda: tmp_path / "absent")
-    with pytest.raises(ModelLoadError, match="bundled"):
-        load_model(None)
+def test_load_model_tiny_is_the_bundled_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    native_checkpoint(tmp_path / "tiny")
+    monkeypatch.setattr(loading, "bundled_path", lambda name="tiny": tmp_path / name)
+    assert load_model("tiny").name == "tiny"
+    assert isinstance(load_model("bundled"), NativeDiffusionModel)
+    monkeypatch.setattr(loading, "bundled_path", lambda name="tiny": tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_model("tiny")
 
 
 def test_load_model_resolves_hub_ids_through_snapshot_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

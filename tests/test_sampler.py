@@ -298,7 +298,7 @@ def test_blocks_finish_before_the_next_starts(tiny_model: DiffusionModel, steps:
 @pytest.mark.parametrize("schedule", ["confidence", "margin", "entropy"])
 def test_confidence_schedules_commit_the_best_scored_positions(tiny_model: DiffusionModel, schedule: str) -> None:
     """Temperature 0: each step's committed positions score at least as high as every position left."""
-    run = run_sampler(tiny_model, BATCH, SamplerOptions(schedule=schedule, steps=4, seed=0))
+    run = run_sampler(tiny_model, BATCH, SamplerOptions(schedule=schedule, steps=4, seed=0, repetition_penalty=1.0))
     check_run(run)
     vocabulary = vocabulary_rules(run.probe)
     for seen, logits, event in zip(run.probe.inputs, run.probe.outputs, run.events, strict=True):

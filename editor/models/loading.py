@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -11,23 +12,37 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
+from editor.models.adapter import ADAPTER_TYPE, merged_model_dir
 from editor.models.base import DiffusionModel, SpecialIds
 from editor.models.checkpoints import FAMILIES, load_checkpoint
+from editor.models.gguf import BASE_SHA256, INSTALL_HINT, find_base_gguf
 from editor.models.hf_masked import MaskedLMAdapter
 from editor.models.native import ModelLoadError, default_dtype, read_config, resolve_checkpoint
-from editor.models.transformer import BidirectionalTransformer
+from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 from editor.settings import Settings
 
 NATIVE_TYPE = "editor-dlm"
-DEFAULT_SPECS = ("default", "bundled", "tiny")  # the 17M model shipped in the package
+DEFAULT_SPECS = ("default",)  # SmolLM2-135M + our LoRA adapter (falls back to tiny without the base)
+TINY_SPECS = ("tiny", "bundled")  # the 17M model trained from scratch, shipped whole
 # What a hub snapshot needs: configs, tokenizers, safetensors weights (not duplicate .bin/.pth).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 _SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def bundled_path() -> Path:
-    """The model directory shipped inside the package (`editor/bundled`)."""
-    return Path(str(resources.files("editor").joinpath("bundled")))
+_log = logging.getLogger("editor.models")
+_warned: set[str] = set()
+
+
+def bundled_path(name: str = "tiny") -> Path:
+    """A model directory shipped inside the package: `editor/bundled/tiny` (the whole 17M model) or
+    `editor/bundled/default` (the LoRA adapter of the default model)."""
+    return Path(str(resources.files("editor").joinpath("bundled", name)))
+
+
+def _note_once(note: str) -> None:
+    if note not in _warned:
+        _warned.add(note)
+        _log.warning(note)
 
 
 def model_format(path: Path) -> str:
@@ -43,6 +58,8 @@ def model_format(path: Path) -> str:
         return "llada"
     if lowered == NATIVE_TYPE:
         return "native"
+    if lowered == ADAPTER_TYPE:
+        return "lora"
     return "masked-lm"
 
 
@@ -81,26 +98,45 @@ def load_configured(settings: Settings, *, model: str | None = None, device: str
 def load_model(
     spec: str | Path | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> DiffusionModel:
-    """`None`/"default" -> the bundled model; a directory -> by its config.json's model_type;
-    anything else -> a Hugging Face id, fetched (or found in the cache) and dispatched the same way.
-    `device` may be "auto"."""
+    """`None`/"default" -> the default model (SmolLM2-135M + our adapter; the tiny model, with a
+    note, when the base package is not installed); "tiny" -> the bundled 17M model; a directory ->
+    by its config.json's model_type; anything else -> a Hugging Face id, fetched (or found in the
+    cache) and dispatched the same way. `device` may be "auto"."""
     device = resolve_device(device)
+    note = None
     if spec is None or str(spec) in DEFAULT_SPECS:
-        path = bundled_path()
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path}: the bundled model is missing (no config.json); train or install it")
-        name = "bundled"
+        path, name = bundled_path("default"), "default"
+        if find_base_gguf() is None:
+            note = (
+                f"the default model needs its base weights ({INSTALL_HINT}); "
+                "using the bundled tiny model instead, whose fills are much weaker"
+            )
+            _note_once(note)
+            path, name = bundled_path("tiny"), "tiny"
+    elif str(spec) in TINY_SPECS:
+        path, name = bundled_path("tiny"), "tiny"
     else:
         local = Path(spec).expanduser()
         path = local if local.exists() else _hub_snapshot(str(spec))
         if not path.is_dir():
             raise ModelLoadError(f"{path}: expected a model directory, found a file")
         name = str(spec)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: the model is missing (no config.json)")
     kind = model_format(path)
     resolved = default_dtype(device, dtype)
-    if kind in FAMILIES:
-        return load_checkpoint(FAMILIES[kind], path, device=device, dtype=resolved, name=name)
-    return MaskedLMAdapter.load(path, device=device, dtype=resolved, name=name)
+    if kind == "lora":
+        gguf = find_base_gguf()
+        if gguf is None:
+            raise ModelLoadError(f"{path}: this adapter needs its base weights; install them with `{INSTALL_HINT}`")
+        merged = merged_model_dir(path, gguf, BASE_SHA256)
+        model: DiffusionModel = load_checkpoint(FAMILIES["native"], merged, device=device, dtype=resolved, name=name)
+    elif kind in FAMILIES:
+        model = load_checkpoint(FAMILIES[kind], path, device=device, dtype=resolved, name=name)
+    else:
+        model = MaskedLMAdapter.load(path, device=device, dtype=resolved, name=name)
+    model.note = note  # type: ignore[attr-defined]
+    return model
 
 
 def save_native(
@@ -113,13 +149,30 @@ def save_native(
     logits_shifted: bool = False,
 ) -> Path:
     """Write config.json, the tokenizer files and model.safetensors (in `dtype`) into `path`."""
+    tensors = dict(model.state_dict())
+    return save_native_tensors(
+        tensors, model.config, tokenizer, special, path, dtype=dtype, logits_shifted=logits_shifted
+    )
+
+
+def save_native_tensors(
+    tensors: dict[str, torch.Tensor],
+    model_config: TransformerConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    special: SpecialIds,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    logits_shifted: bool = False,
+) -> Path:
+    """`save_native` for a state dict (our names) and its config."""
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"save dtype must be one of {_SAVE_DTYPES}, not {dtype}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {
         "model_type": NATIVE_TYPE,
-        **model.config.to_dict(),
+        **model_config.to_dict(),
         "mask_token_id": special.mask,
         "pad_token_id": special.pad,
         "bos_token_id": special.bos,
@@ -132,9 +185,9 @@ def save_native(
     tokenizer.save_pretrained(str(path))
     state = {
         key: tensor.detach().to("cpu", dtype).contiguous()
-        for key, tensor in model.state_dict().items()
+        for key, tensor in tensors.items()
         # A tied head is the embedding; safetensors refuses to store the shared tensor twice.
-        if not (model.config.tie_embeddings and key == "lm_head.weight")
+        if not (model_config.tie_embeddings and key == "lm_head.weight")
     }
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path

@@ -408,6 +408,7 @@ class HealthController(Controller):
         body = Readiness(
             ready=worker.ready and database == "ok",
             model=worker.model_name,
+            model_note=worker.model_note,
             model_error=error,
             database=database,
             queued=worker.queued,

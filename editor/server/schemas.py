@@ -303,6 +303,7 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     model: str | None = Field(description="the loaded model, once loaded")
+    model_note: str | None = Field(None, description="why the loaded model is not the one asked for, if it is not")
     model_error: str | None = None
     database: Literal["ok", "unreachable"]
     queued: int = Field(description="fills waiting for the worker")

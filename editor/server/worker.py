@@ -356,6 +356,11 @@ class ModelWorker:
     def model_name(self) -> str | None:
         return self.model.name if self.model is not None else None
 
+    @property
+    def model_note(self) -> str | None:
+        """Why the loaded model is not the one asked for (the default model's base is missing)."""
+        return getattr(self.model, "note", None) if self.model is not None else None
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the model has loaded (or failed to); True when it is ready."""
         self._loaded.wait(timeout)

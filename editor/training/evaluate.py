@@ -3,8 +3,10 @@ mask rates against a unigram baseline, plus example fills of everyday documents.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ EXAMPLE_DOCUMENTS: dict[str, str] = {
         "The main problem was [MASK 10 name=cause]. Next week we will [MASK 10 name=plan]. "
         'Status: [MASK choice="on track|late|blocked" name=status].'
     ),
+    "france": "The capital of France is [MASK 2].",
 }
 
 
@@ -44,6 +47,44 @@ class RateResult:
     nll: float
     unigram_accuracy: float
     unigram_nll: float
+    masked_chars: int = 0
+
+    @property
+    def bits_per_char(self) -> float:
+        """NLL of the masked tokens in bits over the characters they spell: comparable across
+        tokenizers, where NLL per token is not."""
+        return self.nll * self.masked_tokens / math.log(2) / max(self.masked_chars, 1)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable stand-in character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            stand_ins.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, stand_ins, strict=True)}
+
+
+def token_char_counts(tokenizer: Any, vocab_size: int) -> np.ndarray:
+    """Characters each token id contributes to decoded text [V]. For byte-level BPE, a token's
+    bytes that start a UTF-8 character (so a character split over tokens counts once); otherwise
+    the length of the token decoded on its own."""
+    decoder = _byte_decoder()
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
+    special = set(tokenizer.all_special_ids)
+    for index, token in enumerate(tokens):
+        if token is None or index in special:
+            continue
+        if all(ch in decoder for ch in token):
+            counts[index] = sum(1 for ch in token if decoder[ch] & 0xC0 != 0x80)
+        else:
+            counts[index] = len(tokenizer.decode([index]))
+    return counts
 
 
 def unigram_log_probs(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -69,10 +110,12 @@ def evaluate_rate(
     *,
     seed: int = 0,
     batch_size: int = 32,
+    char_counts: np.ndarray | None = None,
 ) -> RateResult:
     """Mask each non-BOS token with probability `rate`, predict all masks in one pass (argmax)."""
     rng = np.random.default_rng(seed)
-    correct = total = 0
+    chars = token_char_counts(model.tokenizer, model.vocab_size) if char_counts is None else char_counts
+    correct = total = masked_chars = 0
     nll = uni_correct = uni_nll = 0.0
     best_unigram = int(unigram.argmax())
     for first in range(0, len(rows), batch_size):
@@ -96,7 +139,10 @@ def evaluate_rate(
             uni_correct += float((targets == best_unigram).sum())
             uni_nll -= float(unigram[targets.numpy()].sum())
             total += positions.size
-    return RateResult(rate, total, correct / total, nll / total, uni_correct / total, uni_nll / total)
+            masked_chars += int(chars[targets.numpy()].sum())
+    return RateResult(
+        rate, total, correct / total, nll / total, uni_correct / total, uni_nll / total, masked_chars=masked_chars
+    )
 
 
 def example_fills(model: DiffusionModel, options: SamplerOptions) -> dict[str, str]:
@@ -161,6 +207,73 @@ def evaluate(
     unigram = unigram_log_probs(unigram_tokens, model.vocab_size)
     results = [evaluate_rate(model, rows, rate, unigram) for rate in MASK_RATES]
     return format_report(model.name, results, example_fills(model, options), options, unigram_source)
+
+
+@dataclass
+class ModelReport:
+    """One model's column in a side-by-side evaluation."""
+
+    spec: str
+    name: str
+    parameters: int
+    load_s: float
+    forward_ms: float
+    results: list[RateResult]
+    examples: dict[str, str]
+
+
+def forward_ms(model: DiffusionModel, length: int = 256, repeats: int = 5) -> float:
+    """Median milliseconds of one forward pass over one row of `length` tokens."""
+    import time
+
+    ids = torch.full((1, length), model.special.mask, dtype=torch.long)
+    ids[0, 0] = model.special.bos if model.special.bos is not None else model.special.pad
+    attention = torch.ones(1, length, dtype=torch.bool)
+    timings = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        model.forward_logits(ids, attention)
+        timings.append((time.perf_counter() - started) * 1000)
+    return float(np.median(timings[1:]))  # the first call warms up
+
+
+def format_comparison(reports: Sequence[ModelReport], options: SamplerOptions, split: str, device: str) -> str:
+    """Markdown: one column per model; accuracy, NLL and bits/char per rate; timings; fills."""
+    names = [f"`{r.spec}`" for r in reports]
+    lines = [
+        f"# Side-by-side evaluation on `{split}`",
+        "",
+        "Each held-out paragraph is one row (beginning-of-text id + up to 256 tokens); each token is masked",
+        "independently at the rate shown (seed 0); all masks are predicted in one forward pass (argmax).",
+        "Bits per character = the masked tokens' NLL in bits over the characters those tokens spell, which",
+        "compares models with different tokenizers. Accuracy and NLL are per token of each model's own",
+        f"tokenizer. Quality measured on {device}.",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "| --- | " + " | ".join("---:" for _ in reports) + " |",
+        "| parameters | " + " | ".join(f"{r.parameters / 1e6:.1f}M" for r in reports) + " |",
+    ]
+    rates = [result.rate for result in reports[0].results]
+    for index, rate in enumerate(rates):
+        lines.append(
+            f"| accuracy @{rate:.2f} | " + " | ".join(f"{r.results[index].accuracy:.1%}" for r in reports) + " |"
+        )
+        lines.append(
+            f"| NLL nats/token @{rate:.2f} | " + " | ".join(f"{r.results[index].nll:.3f}" for r in reports) + " |"
+        )
+        lines.append(
+            f"| **bits/char @{rate:.2f}** | "
+            + " | ".join(f"**{r.results[index].bits_per_char:.3f}**" for r in reports)
+            + " |"
+        )
+    lines.append("| load time (s) | " + " | ".join(f"{r.load_s:.1f}" for r in reports) + " |")
+    lines.append("| ms per forward, 256 tokens | " + " | ".join(f"{r.forward_ms:.0f}" for r in reports) + " |")
+    lines += ["", f"## Example fills ({options.model_dump(exclude_defaults=True) or 'default options'})", ""]
+    for example in EXAMPLE_DOCUMENTS:
+        lines += [f"### {example}", "", "```", EXAMPLE_DOCUMENTS[example], "```", ""]
+        for report in reports:
+            lines += [f"`{report.spec}`:", "", "```", report.examples[example], "```", ""]
+    return "\n".join(lines)
 
 
 __all__ = ["EXAMPLE_DOCUMENTS", "MASK_RATES", "evaluate", "evaluate_rate", "paragraph_rows", "unigram_log_probs"]
