@@ -35,7 +35,7 @@ from typing import Any
 import click
 
 SHAPES: dict[str, dict[str, Any]] = {
-    # SmolLM2-135M (the default model's base), Dream-v0-7B (Qwen2.5-7B), LLaDA-8B: DESIGN.md §4.
+    # SmolLM2-135M (the default model's base), Dream-v0-7B (Qwen2.5-7B), LLaDA-8B: their published configs.
     "default-shape": {
         "vocab_size": 49152,
         "hidden_size": 576,

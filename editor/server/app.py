@@ -18,7 +18,6 @@ from editor.db.services import Store
 from editor.server.auth import token_guard
 from editor.server.batches import BatchRunner, BatchService, batch_controller
 from editor.server.controllers import CONTROLLERS, HealthController
-from editor.server.csrf import same_origin_guard
 from editor.server.errors import EXCEPTION_HANDLERS
 from editor.server.openapi import OfflineSwagger, refine
 from editor.server.pages import page_handlers, template_config
@@ -65,7 +64,7 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
     api = Router(
         path="/",
         route_handlers=[*CONTROLLERS, batch_controller(settings)],
-        guards=[same_origin_guard, *([guard] if guard else [])],
+        guards=[guard] if guard else [],
         security=security,
     )
     app = Litestar(

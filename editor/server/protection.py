@@ -146,6 +146,9 @@ class RequestGuard(ASGIMiddleware):
                 detail=f"cross-site request refused: Origin {origin!r} is not this server ({host}); "
                 "the API accepts changes only from its own pages or from clients that send no Origin",
             )
+        # A browser that sends no Origin still says where the request came from.
+        if origin is None and headers.get("sec-fetch-site") == "cross-site":
+            raise HTTPException(status_code=HTTP_403_FORBIDDEN, detail="cross-site request refused (Sec-Fetch-Site)")
 
     @staticmethod
     def _check_body_type(headers: dict[str, str]) -> None:
