@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from editor.models.base import SpecialIds
 from editor.models.gguf import read_gguf, sha256_of
 from editor.models.transformer import BidirectionalTransformer
 from editor.training.data import Batch, BatchSpec, TokenizedCorpus, tokenize_corpus
-from editor.training.train import batch_loader, to_device
+from editor.training.train import batch_loader, training_loop
 
 # The reused mask token of the default model: `<issue_start>`, a code-corpus marker that everyday
 # text never contains. Beginning of text, padding and end are all `<|endoftext|>`, as in pre-training.
@@ -154,13 +153,6 @@ class LoRAConfig:
     save_rank: int | None = None  # lower the rank (SVD) before saving; None keeps `rank`
 
 
-def lr_at(config: LoRAConfig, step: int, progress: float) -> float:
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
-
-
 def build_adapted(gguf: Path, rank: int, alpha: float) -> tuple[BidirectionalTransformer, object, list[nn.Parameter]]:
     base = read_gguf(gguf)
     network = BidirectionalTransformer(base.config)
@@ -190,42 +182,15 @@ def train_lora(config: LoRAConfig) -> dict[str, object]:
     step_fn = torch.compile(shifted_diffusion_loss) if use_compile else shifted_diffusion_loss
     batches = batch_loader(corpus, config.batch, SMOLLM_SPECIAL, config.seed, config.data_workers)
     print(f"trainable: {sum(p.numel() for p in trainable) / 1e6:.2f}M parameters on {device}", flush=True)
-    log: list[dict[str, float]] = []
-    started = time.perf_counter()
-    step = 0
-    while True:
-        elapsed = time.perf_counter() - started
-        progress = elapsed / config.time_budget_s
-        if config.max_steps is not None:
-            progress = max(progress, step / config.max_steps)
-        if progress >= 1.0:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, step, progress)
-        batch = to_device(next(batches), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            try:
-                loss = step_fn(network, batch)
-            except Exception as error:  # a compiler failure must not cost the run: go eager
-                if step_fn is shifted_diffusion_loss:
-                    raise
-                print(f"torch.compile failed ({error!r}); continuing eagerly", flush=True)
-                step_fn = shifted_diffusion_loss
-                loss = step_fn(network, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
-        if step % config.log_every == 0:
-            entry = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
-            log.append({k: round(v, 4) for k, v in entry.items()})
-            print(json.dumps(log[-1]), flush=True)
-        step += 1
+    outcome = training_loop(
+        config, network, trainable, step_fn, batches, optimizer, device, eager_loss_fn=shifted_diffusion_loss
+    )
+    step, log = outcome.steps, outcome.log
     tensors = adapter_tensors(network)
     summary = {
         "steps": step,
         "tokens_seen": step * config.batch.batch_size * config.batch.seq_len,
-        "elapsed_s": round(time.perf_counter() - started, 1),
+        "elapsed_s": round(outcome.elapsed_s, 1),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "final_loss": log[-1]["loss"] if log else None,
         "config": json.loads(json.dumps(asdict(config), default=str)),

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,19 @@ def masked_diffusion_loss(model: BidirectionalTransformer, batch: Batch) -> torc
     return (losses * weights).sum() / batch.attention_mask.sum()
 
 
-def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+class LoopSettings(Protocol):
+    """What the shared training loop reads from a run's config (TrainConfig, LoRAConfig)."""
+
+    learning_rate: float
+    min_lr_ratio: float
+    warmup_steps: int
+    time_budget_s: float
+    max_steps: int | None
+    grad_clip: float
+    log_every: int
+
+
+def learning_rate(config: LoopSettings, step: int, progress: float) -> float:
     """Linear warm-up, then cosine decay over the run's progress (time or steps, whichever ends)."""
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
@@ -118,6 +131,70 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return Batch(**{name: value.to(device, non_blocking=True) for name, value in vars(batch).items()})
 
 
+LossFn = Callable[[BidirectionalTransformer, Batch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    steps: int
+    log: list[dict[str, float]]  # one entry every `log_every` steps
+    elapsed_s: float
+
+
+def training_loop(
+    config: LoopSettings,
+    network: BidirectionalTransformer,
+    parameters: list[torch.nn.Parameter],
+    loss_fn: LossFn,
+    batches: Iterator[Batch],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    eager_loss_fn: LossFn | None = None,
+) -> LoopOutcome:
+    """Steps until the time budget (or `max_steps`) is spent: warm-up then cosine learning rate
+    over the run's progress, bf16 autocast on CUDA, gradient clipping, a JSON log line every
+    `log_every` steps. With `eager_loss_fn`, a failure of `loss_fn` (a compiled graph) switches
+    to the eager function instead of ending the run."""
+    log: list[dict[str, float]] = []
+    started = time.perf_counter()
+    step = 0
+    while True:
+        elapsed = time.perf_counter() - started
+        progress = elapsed / config.time_budget_s
+        if config.max_steps is not None:
+            progress = max(progress, step / config.max_steps)
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step, progress)
+        batch = to_device(next(batches), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            try:
+                loss = loss_fn(network, batch)
+            except Exception as error:
+                if eager_loss_fn is None or loss_fn is eager_loss_fn:
+                    raise
+                print(f"torch.compile failed ({error!r}); continuing eagerly", flush=True)
+                loss_fn = eager_loss_fn
+                loss = loss_fn(network, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        optimizer.step()
+        if step % config.log_every == 0:
+            entry = {
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "lr": optimizer.param_groups[0]["lr"],
+                "elapsed_s": round(elapsed, 1),
+            }
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+        step += 1
+    return LoopOutcome(step, log, time.perf_counter() - started)
+
+
 def train(config: TrainConfig) -> dict[str, object]:
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,39 +221,12 @@ def train(config: TrainConfig) -> dict[str, object]:
     )
     batches = batch_loader(corpus, config.batch, special, config.seed, config.data_workers)
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters on {device}", flush=True)
-    log: list[dict[str, float]] = []
-    started = time.perf_counter()
-    step = 0
-    while True:
-        elapsed = time.perf_counter() - started
-        progress = elapsed / config.time_budget_s
-        if config.max_steps is not None:
-            progress = max(progress, step / config.max_steps)
-        if progress >= 1.0:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step, progress)
-        batch = to_device(next(batches), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = step_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        if step % config.log_every == 0:
-            entry = {
-                "step": step,
-                "loss": loss.item(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "elapsed_s": round(elapsed, 1),
-            }
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
-        step += 1
+    outcome = training_loop(config, model, list(model.parameters()), step_fn, batches, optimizer, device)
+    step, log = outcome.steps, outcome.log
     summary = {
         "steps": step,
         "tokens_seen": step * config.batch.batch_size * config.batch.seq_len,
-        "elapsed_s": round(time.perf_counter() - started, 1),
+        "elapsed_s": round(outcome.elapsed_s, 1),
         "parameters": model.num_parameters(),
         "final_loss": log[-1]["loss"] if log else None,
         "config": json.loads(json.dumps(asdict(config), default=str)),
