@@ -15,12 +15,16 @@ from typing import Any
 
 import pytest
 import torch
+from litestar import Litestar
+from litestar.testing import TestClient
 from transformers import PreTrainedTokenizerFast
 
 from editor.db import migrate
 from editor.models.base import DiffusionModel, SpecialIds
 from editor.models.loading import load_model, save_native
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
+from editor.server import create_app
+from editor.server.worker import ModelWorker
 from editor.settings import Settings
 
 
@@ -113,3 +117,17 @@ def settings(tmp_path: Path, api_model_dir: Path, monkeypatch: pytest.MonkeyPatc
     for key in [k for k in os.environ if k.startswith("EDITOR_")]:
         monkeypatch.delenv(key)
     return make_settings(tmp_path, api_model_dir)
+
+
+def app_for(settings: Settings, model: Any) -> Litestar:
+    """The app on `settings` with a worker that serves `model` (no loading from disk)."""
+    return create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
+
+
+@pytest.fixture
+def client(settings: Settings, api_model: DiffusionModel) -> Iterator[TestClient[Litestar]]:
+    """A test client on a ready app with the tiny model."""
+    app = app_for(settings, api_model)
+    with TestClient(app) as test_client:
+        assert app.state.worker.wait_ready(10)
+        yield test_client

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,25 +21,13 @@ from editor.server import commands, create_app
 from editor.server.commands import prepare_database, serve
 from editor.server.worker import ModelWorker
 from editor.settings import Settings
-from tests.api_fixtures import SlowModel, make_settings
+from tests.api_fixtures import SlowModel, app_for, make_settings
 
 pytest_plugins = ("tests.api_fixtures",)  # its fixtures; conftest.py belongs to the core tests
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LETTER = "Dear [MASK 3 name=greeting],\nthank you for [MASK 4]. Kind regards, [MASK 2 name=sign]"
 Client = TestClient[Litestar]
-
-
-def app_for(settings: Settings, model: DiffusionModel | SlowModel) -> Litestar:
-    return create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
-
-
-@pytest.fixture
-def client(settings: Settings, api_model: DiffusionModel) -> Iterator[Client]:
-    app = app_for(settings, api_model)
-    with TestClient(app) as test_client:
-        assert app.state.worker.wait_ready(10)
-        yield test_client
 
 
 def events(body: str) -> list[tuple[str, dict[str, Any]]]:

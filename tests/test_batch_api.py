@@ -17,10 +17,9 @@ from litestar.testing import TestClient
 from editor.models.base import DiffusionModel
 from editor.options import SamplerOptions
 from editor.parser import parse_document
-from editor.server import create_app
 from editor.server.worker import FillJob, ModelWorker
 from editor.settings import Settings
-from tests.api_fixtures import SlowModel
+from tests.api_fixtures import SlowModel, app_for
 
 pytest_plugins = ("tests.api_fixtures",)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,10 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 Client = TestClient[Litestar]
 TEMPLATE = {"id": "{id}", "text": "[MASK 3]", "n": "[MASK 2 as=int]"}
 OPTIONS = {"schedule": "threshold", "steps": 2}
-
-
-def app_for(settings: Settings, model: DiffusionModel | SlowModel) -> Litestar:
-    return create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
 
 
 def wait_for(

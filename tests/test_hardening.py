@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +17,14 @@ from litestar.testing import TestClient
 from editor.document import Document, MaskSpan
 from editor.filling import best_choice, prepare_canvas
 from editor.models.base import DiffusionModel
-from editor.server import create_app
 from editor.server.schemas import _Request
-from editor.server.worker import ModelWorker
-from editor.settings import Settings
-from tests.api_fixtures import SlowModel, make_settings
+from tests.api_fixtures import SlowModel, app_for, make_settings
 
 pytest_plugins = ("tests.api_fixtures",)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 Client = TestClient[Litestar]
 BIG = 2**63  # one past SQLite's largest integer
-
-
-def app_for(settings: Settings, model: Any) -> Litestar:
-    return create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
-
-
-@pytest.fixture
-def client(settings: Settings, api_model: DiffusionModel) -> Iterator[Client]:
-    app = app_for(settings, api_model)
-    with TestClient(app) as test_client:
-        assert app.state.worker.wait_ready(10)
-        yield test_client
 
 
 def client_with(tmp_path: Path, model_dir: Path, model: Any, **overrides: Any) -> TestClient[Litestar]:

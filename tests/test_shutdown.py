@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,29 +17,12 @@ from typing import Any
 
 import httpx
 
+from tests.servers import free_port, wait_ready
+
 pytest_plugins = ("tests.api_fixtures",)
 
 # Long enough to be mid-fill for many seconds on the tiny model: 8 spans of 500 masks, 4000 steps.
 LONG = " ".join(f"part {n}: [MASK 500]" for n in range(8))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(base: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the server exited early"
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become ready")
 
 
 def test_sigterm_cancels_running_fills_and_exits_promptly(tmp_path: Path, api_model_dir: Path) -> None:

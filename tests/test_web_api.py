@@ -4,8 +4,6 @@ and the refusal of cross-site writes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
@@ -13,21 +11,12 @@ from litestar.testing import TestClient
 from editor.models.base import DiffusionModel
 from editor.server import create_app
 from editor.server.worker import ModelWorker
-from editor.settings import Settings
 
 pytest_plugins = ("tests.api_fixtures",)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LETTER = "Dear [MASK 3 name=greeting],\nthank you for [MASK 4]. Kind regards, [MASK 2 name=sign]"
 Client = TestClient[Litestar]
-
-
-@pytest.fixture
-def client(settings: Settings, api_model: DiffusionModel) -> Iterator[Client]:
-    app = create_app(settings, worker=ModelWorker(settings, loader=lambda: api_model))
-    with TestClient(app) as test_client:
-        assert app.state.worker.wait_ready(10)
-        yield test_client
 
 
 def new_document(client: Client, source: str = LETTER, title: str = "Letter") -> int:

@@ -8,7 +8,6 @@ PYTEST_DONT_REWRITE: test modules import helpers from here before pytest loads i
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from editor.models.loading import load_model
 from editor.server import create_app
 from editor.server.worker import ModelWorker
 from tests.api_fixtures import SlowModel, make_settings
+from tests.servers import free_port
 
 CHROMIUM = Path(os.environ.get("EDITOR_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -62,12 +62,6 @@ class LiveServer:
         return [self.api.get(f"/api/v1/documents/{document_id}/revisions/{r['number']}").json() for r in items]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def live_server(
     tmp_path_factory: pytest.TempPathFactory, api_model_dir: Path, api_model: DiffusionModel
@@ -78,7 +72,7 @@ def live_server(
     settings = make_settings(tmp_path_factory.mktemp("web"), model_dir)
     model = SlowModel(load_model(model_dir, device="cpu") if chosen else api_model, delay=STEP_DELAY)
     app = create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn-e2e", daemon=True)
     thread.start()

@@ -5,15 +5,12 @@ schemathesis' checks. Shared by tests/test_fuzz.py (bounded) and run_schemathesi
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +22,7 @@ from editor.models.base import DiffusionModel
 from editor.server import create_app
 from editor.server.worker import ModelWorker
 from editor.settings import Settings
+from tests.servers import free_port, wait_ready
 
 
 @dataclass
@@ -39,12 +37,6 @@ class FuzzReport:
         return sum(count for status, count in self.statuses.items() if status >= 500)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def serve_in_thread(settings: Settings, model: DiffusionModel) -> Iterator[str]:
     """A live uvicorn server (the whole ASGI stack, lifespan included) on a free loopback port."""
     app = create_app(settings, worker=ModelWorker(settings, loader=lambda: model))
@@ -53,14 +45,7 @@ def serve_in_thread(settings: Settings, model: DiffusionModel) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+    wait_ready(base)
     try:
         yield base
     finally:

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,16 +22,12 @@ from pathlib import Path
 
 import httpx
 
+from tests.servers import free_port, wait_ready
+
 DOCUMENT = (
     "Dear [MASK 3 name=greeting],\nThank you for ordering [MASK 6]. Your refund of $[MASK 3 as=number] "
     'will reach you [MASK 8 must="Monday"].\nKind regards, [MASK 2 name=sign]'
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def one_fill(client: httpx.AsyncClient, doc_id: int, temperature: float) -> tuple[int, float, int | None]:
@@ -83,14 +78,7 @@ def main() -> None:
             [*command, "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+            wait_ready(base, server, timeout=120)
             print("| batching | statuses | only 201/429/503 | one revision per 201 | wall s | p50 s | max s |")
             print("| --- | --- | --- | --- | --- | --- | --- |")
             ok = True
