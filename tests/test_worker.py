@@ -19,7 +19,6 @@ from editor.server.worker import (
     QueueFull,
     WorkerUnavailable,
     compatible,
-    deterministic,
 )
 from editor.settings import Settings
 from tests.api_fixtures import SlowModel, make_settings
@@ -114,14 +113,6 @@ def test_worker_result_equals_a_direct_fill(
     assert (result.text, result.seed, result.steps) == (expected.text, expected.seed, expected.steps)
     assert [s.token_ids for s in result.spans] == [s.token_ids for s in expected.spans]
     assert 0 <= outcome.queued_s <= outcome.total_s and 0 < outcome.fill_s <= outcome.total_s
-
-
-def test_only_deterministic_equal_options_share_a_batch() -> None:
-    assert deterministic(SamplerOptions())
-    assert deterministic(SamplerOptions(schedule="left-to-right", seed=3))
-    assert not deterministic(SamplerOptions(temperature=0.5))
-    assert not deterministic(SamplerOptions(schedule="random"))
-    assert not deterministic(SamplerOptions(alg_temp=0.3))
 
 
 def test_batched_jobs_give_the_same_results_as_alone(worker_settings: Settings, api_model: DiffusionModel) -> None:

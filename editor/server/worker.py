@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 ModelLoader = Callable[[], DiffusionModel]
 BackgroundWork = Callable[[DiffusionModel], Any]
-_RANDOM_SCHEDULES = ("random",)
-_POSITION_SAMPLING = ("confidence", "margin", "entropy", "blocks")  # schedules that use alg_temp
 
 
 class QueueFull(RuntimeError):
@@ -225,13 +223,6 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
 
 def random_seed() -> int:
     return random.SystemRandom().randrange(2**63)
-
-
-def deterministic(options: SamplerOptions) -> bool:
-    """True when a fill draws no random numbers, so batching cannot change its result."""
-    if options.temperature > 0 or options.schedule in _RANDOM_SCHEDULES:
-        return False
-    return not (options.alg_temp > 0 and options.schedule in _POSITION_SAMPLING)
 
 
 def compatible(first: FillJob, other: FillJob) -> bool:
@@ -687,6 +678,5 @@ __all__ = [
     "StepUpdate",
     "WorkerUnavailable",
     "compatible",
-    "deterministic",
     "settings_loader",
 ]
