@@ -106,11 +106,17 @@ def adapter_special_ids(config: dict[str, Any], path: Path) -> SpecialIds:
     )
 
 
-def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """config.json and the float32 adapter tensors of an adapter directory."""
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """An adapter directory's config.json, checked to be one."""
     config = read_config(path)
     if config.get("model_type") != ADAPTER_TYPE:
         raise ModelLoadError(f"{path}: config.json model_type is {config.get('model_type')!r}, not {ADAPTER_TYPE!r}")
+    return config
+
+
+def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json and the float32 adapter tensors of an adapter directory."""
+    config = read_adapter_config(path)
     file = path / ADAPTER_FILE
     if not file.is_file():
         raise ModelLoadError(f"{path}: missing {ADAPTER_FILE}")
@@ -182,7 +188,7 @@ def merged_model_dir(adapter_path: Path, gguf_path: Path, base_sha256: str) -> P
     from editor.models.gguf import check_sha256, read_gguf
     from editor.models.loading import save_native_tensors
 
-    config, adapter = read_adapter(adapter_path)
+    config = read_adapter_config(adapter_path)  # the tensors are only needed to build the cache entry
     expected = str(config.get("base_sha256") or base_sha256)
     key = f"v{CACHE_FORMAT}-{expected[:16]}-{adapter_digest(adapter_path)[:16]}"
     target = cache_root() / "merged" / key
@@ -190,16 +196,18 @@ def merged_model_dir(adapter_path: Path, gguf_path: Path, base_sha256: str) -> P
         return target
     check_sha256(gguf_path, expected)
     _log.info("merging %s into %s (first load; cached at %s)", adapter_path, gguf_path.name, target)
+    _, adapter = read_adapter(adapter_path)
     base = read_gguf(gguf_path)
     merged = merge_adapter(base.tensors, adapter, config, adapter_path)
+    special = adapter_special_ids(config, adapter_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         save_native_tensors(
             merged,
             base.config,
-            with_special_tokens(base.tokenizer, adapter_special_ids(config, adapter_path)),
-            adapter_special_ids(config, adapter_path),
+            with_special_tokens(base.tokenizer, special),
+            special,
             building,
             logits_shifted=bool(config.get("logits_shifted", True)),
         )
