@@ -153,26 +153,10 @@ class RevisionSpan(Base):
 
     @classmethod
     def from_fill(cls, span: SpanFill) -> RevisionSpan:
-        return cls(
-            index=span.index,
-            name=span.name,
-            start=span.start,
-            end=span.end,
-            text=span.text,
-            token_ids=list(span.token_ids),
-            confidence=span.confidence,
-        )
+        return cls(**dict(span))  # field by field, unrounded (model_dump would round the confidence)
 
     def to_fill(self) -> SpanFill:
-        return SpanFill(
-            index=self.index,
-            name=self.name,
-            start=self.start,
-            end=self.end,
-            text=self.text,
-            token_ids=list(self.token_ids),
-            confidence=self.confidence,
-        )
+        return SpanFill.model_validate(self, from_attributes=True)
 
 
 class BatchJob(Base):
