@@ -90,6 +90,12 @@ def prepare_data(tokenizer_dir: Path, corpus: Path, out: Path) -> None:
 @click.option("--storage", type=click.Choice(["int8", "float16"]), default="int8", help="how the adapter is stored")
 @click.option("--save-rank", default=None, type=int, help="lower the adapter to this rank (SVD) when saving")
 @click.option(
+    "--init-adapter",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="continue from this adapter directory (with --init-from-gguf; its rank and alpha are kept)",
+)
+@click.option(
     "--measure-on",
     type=click.Path(exists=True, path_type=Path),
     multiple=True,
@@ -104,6 +110,7 @@ def train(
     batch_size: int | None,
     storage: str,
     save_rank: int | None,
+    init_adapter: Path | None,
     measure_on: tuple[Path, ...],
     no_compile: bool,
     **values: Any,
@@ -126,6 +133,7 @@ def train(
             compile=not no_compile,
             storage=storage,
             save_rank=save_rank,
+            init_adapter=init_adapter,
             **{k: v for k, v in given.items() if k not in ("tokenizer_dir", "init_from")},
         )
         summary = train_lora(config)
@@ -167,6 +175,14 @@ def train(
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write the report here (Markdown)")
 @click.option("--seed", default=0, help="seed of the example fills")
 @click.option("--limit", default=None, type=int, help="evaluate the first N paragraphs only [default: all]")
+@click.option(
+    "--rows",
+    "rows_kind",
+    type=click.Choice(["window", "paragraph"]),
+    default="window",
+    show_default=True,
+    help="window: the split cut into consecutive 256-token rows; paragraph: one row per paragraph (less context)",
+)
 def evaluate(
     model_specs: tuple[str, ...],
     device: str | None,
@@ -175,6 +191,7 @@ def evaluate(
     out: Path | None,
     seed: int,
     limit: int | None,
+    rows_kind: str,
 ) -> None:
     """Masked-token accuracy, NLL and bits/char at mask rates 0.15/0.5/0.9, load time, forward time and
     example fills; one model gives the detailed report, several a side-by-side table."""
@@ -189,7 +206,7 @@ def evaluate(
         example_fills,
         format_comparison,
         forward_ms,
-        paragraph_rows,
+        held_out_rows,
         unigram_log_probs,
     )
     from editor.training.evaluate import evaluate as run_evaluation
@@ -206,6 +223,7 @@ def evaluate(
             valid_tokens,
             unigram_tokens,
             options=options,
+            rows_kind=rows_kind,
             unigram_source="the training split" if train_split else "the held-out split (optimistic)",
         )
         click.echo(report)
@@ -217,8 +235,7 @@ def evaluate(
             model = load_configured(settings, model=spec, device=device)
             load_s = time.perf_counter() - started
             corpus = _limited(_tokenized(valid, model), limit)
-            bos = model.special.bos if model.special.bos is not None else model.special.pad
-            rows = paragraph_rows(corpus, bos, 257)
+            rows = held_out_rows(corpus, model, rows_kind)
             unigram = unigram_log_probs(corpus.tokens, model.vocab_size)
             network = getattr(model, "network", None)
             reports.append(
@@ -237,7 +254,7 @@ def evaluate(
         if where.startswith("cuda"):
             where = torch.cuda.get_device_name()
         report = format_comparison(
-            reports, options, valid.name + (f" (first {limit} paragraphs)" if limit else ""), where
+            reports, options, valid.name + (f" (first {limit} paragraphs)" if limit else ""), where, rows_kind
         )
         click.echo(report)
     if out is not None:

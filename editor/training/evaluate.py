@@ -102,6 +102,28 @@ def paragraph_rows(corpus: TokenizedCorpus, bos: int, max_len: int) -> list[list
     ]
 
 
+def window_rows(corpus: TokenizedCorpus, bos: int, max_len: int) -> list[list[int]]:
+    """The held-out split read as one text and cut into consecutive windows of `max_len - 1` tokens,
+    each after the beginning-of-text id (as training rows are; paragraphs give each token less context)."""
+    tokens = corpus.tokens.astype(np.int64)
+    width = max_len - 1
+    return [[bos, *tokens[start : start + width].tolist()] for start in range(0, len(tokens) - width + 1, width)]
+
+
+ROW_KINDS = {"window": window_rows, "paragraph": paragraph_rows}
+ROW_DESCRIPTIONS = {
+    "window": "the split is read as one text and cut into consecutive 256-token windows, each one row after the"
+    " beginning-of-text id",
+    "paragraph": "each held-out paragraph is one row (beginning-of-text id + up to 256 tokens)",
+}
+
+
+def held_out_rows(corpus: TokenizedCorpus, model: DiffusionModel, kind: str, max_len: int = 257) -> list[list[int]]:
+    """Evaluation rows of `kind` ('window' or 'paragraph') for `model`'s beginning-of-text id."""
+    bos = model.special.bos if model.special.bos is not None else model.special.pad
+    return ROW_KINDS[kind](corpus, bos, max_len)
+
+
 def evaluate_rate(
     model: DiffusionModel,
     rows: Sequence[list[int]],
@@ -201,9 +223,9 @@ def evaluate(
     *,
     unigram_source: str,
     options: SamplerOptions,
-    max_len: int = 257,
+    rows_kind: str = "window",
 ) -> str:
-    rows = paragraph_rows(valid, model.special.bos if model.special.bos is not None else model.special.pad, max_len)
+    rows = held_out_rows(valid, model, rows_kind)
     unigram = unigram_log_probs(unigram_tokens, model.vocab_size)
     results = [evaluate_rate(model, rows, rate, unigram) for rate in MASK_RATES]
     return format_report(model.name, results, example_fills(model, options), options, unigram_source)
@@ -237,13 +259,15 @@ def forward_ms(model: DiffusionModel, length: int = 256, repeats: int = 5) -> fl
     return float(np.median(timings[1:]))  # the first call warms up
 
 
-def format_comparison(reports: Sequence[ModelReport], options: SamplerOptions, split: str, device: str) -> str:
+def format_comparison(
+    reports: Sequence[ModelReport], options: SamplerOptions, split: str, device: str, rows_kind: str = "window"
+) -> str:
     """Markdown: one column per model; accuracy, NLL and bits/char per rate; timings; fills."""
     names = [f"`{r.spec}`" for r in reports]
     lines = [
         f"# Side-by-side evaluation on `{split}`",
         "",
-        "Each held-out paragraph is one row (beginning-of-text id + up to 256 tokens); each token is masked",
+        f"Rows: {ROW_DESCRIPTIONS[rows_kind]}. Each token is masked",
         "independently at the rate shown (seed 0); all masks are predicted in one forward pass (argmax).",
         "Bits per character = the masked tokens' NLL in bits over the characters those tokens spell, which",
         "compares models with different tokenizers. Accuracy and NLL are per token of each model's own",
@@ -276,4 +300,14 @@ def format_comparison(reports: Sequence[ModelReport], options: SamplerOptions, s
     return "\n".join(lines)
 
 
-__all__ = ["EXAMPLE_DOCUMENTS", "MASK_RATES", "evaluate", "evaluate_rate", "paragraph_rows", "unigram_log_probs"]
+__all__ = [
+    "EXAMPLE_DOCUMENTS",
+    "MASK_RATES",
+    "ROW_KINDS",
+    "evaluate",
+    "evaluate_rate",
+    "held_out_rows",
+    "paragraph_rows",
+    "unigram_log_probs",
+    "window_rows",
+]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editor.models.adapter import LORA_TARGETS, MASK_DELTA, lowered_rank, write_adapter
+from editor.models.adapter import LORA_TARGETS, MASK_DELTA, lowered_rank, read_adapter, write_adapter
 from editor.models.base import SpecialIds
 from editor.models.gguf import read_gguf, sha256_of
 from editor.models.transformer import BidirectionalTransformer
@@ -151,6 +151,7 @@ class LoRAConfig:
     data_workers: int = 6
     storage: str = "int8"
     save_rank: int | None = None  # lower the rank (SVD) before saving; None keeps `rank`
+    init_adapter: Path | None = None  # continue from this adapter directory (its rank and alpha win)
 
 
 def build_adapted(gguf: Path, rank: int, alpha: float) -> tuple[BidirectionalTransformer, object, list[nn.Parameter]]:
@@ -162,12 +163,32 @@ def build_adapted(gguf: Path, rank: int, alpha: float) -> tuple[BidirectionalTra
     return network, base.tokenizer, trainable
 
 
+def load_adapter_weights(network: BidirectionalTransformer, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Start from a saved adapter (a run continued from an earlier one): its factors, norms and mask
+    delta go into the LoRA-wrapped network under the same names `adapter_tensors` wrote them."""
+    trainable = {name for name, parameter in network.named_parameters() if parameter.requires_grad}
+    unknown = sorted(set(tensors) - trainable)
+    missing = sorted(trainable - set(tensors))
+    if unknown or missing:
+        raise ValueError(f"{path}: adapter does not fit this network (unknown {unknown[:3]}, missing {missing[:3]})")
+    network.load_state_dict(tensors, strict=False)
+
+
 def train_lora(config: LoRAConfig) -> dict[str, object]:
     """Train an adapter; writes `out_dir/adapter` (the shippable directory), `out_dir/full.safetensors`
     (the trained tensors in float32, for measuring storage choices) and `out_dir/training.json`."""
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start_from: dict[str, torch.Tensor] | None = None
+    earlier_runs: list[object] = []
+    if config.init_adapter is not None:
+        adapter_config, start_from = read_adapter(config.init_adapter)
+        config.rank, config.alpha = int(adapter_config["lora_rank"]), float(adapter_config["lora_alpha"])
+        earlier = adapter_config.get("training")
+        earlier_runs = [*adapter_config.get("earlier_runs", []), *([earlier] if earlier else [])]
     network, tokenizer, trainable = build_adapted(config.gguf, config.rank, config.alpha)
+    if config.init_adapter is not None and start_from is not None:
+        load_adapter_weights(network, start_from, config.init_adapter)
     network.to(device).train()
     corpus = (
         TokenizedCorpus.load(config.corpus)
@@ -191,6 +212,7 @@ def train_lora(config: LoRAConfig) -> dict[str, object]:
         "steps": step,
         "tokens_seen": step * config.batch.batch_size * config.batch.seq_len,
         "elapsed_s": round(outcome.elapsed_s, 1),
+        "startup_s": round(outcome.startup_s, 1),
         "trainable_parameters": sum(p.numel() for p in trainable),
         "final_loss": log[-1]["loss"] if log else None,
         "config": json.loads(json.dumps(asdict(config), default=str)),
@@ -212,7 +234,7 @@ def train_lora(config: LoRAConfig) -> dict[str, object]:
         special=SMOLLM_SPECIAL,
         storage=config.storage,
         base_sha256=base_sha,
-        extra={"training": {k: v for k, v in summary.items() if k != "config"}},
+        extra={"training": {k: v for k, v in summary.items() if k != "config"}, "earlier_runs": earlier_runs},
     )
     (config.out_dir / "training.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
     return summary
@@ -226,7 +248,7 @@ def measure_storage(out_dir: Path, gguf: Path, valid_paths: list[Path]) -> list[
     trained adapter at each rank and storage we could ship (what shrinking the adapter costs)."""
     from editor.models.adapter import merge_adapter, pack_tensors, read_safetensors, unpack_tensors
     from editor.models.native import NativeDiffusionModel, build_network
-    from editor.training.evaluate import evaluate_rate, paragraph_rows, token_char_counts, unigram_log_probs
+    from editor.training.evaluate import ROW_KINDS, evaluate_rate, token_char_counts, unigram_log_probs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = read_gguf(gguf)
@@ -263,20 +285,20 @@ def measure_storage(out_dir: Path, gguf: Path, valid_paths: list[Path]) -> list[
         if storage is not None:
             entry["factor_bytes"] = size
         for name, corpus in splits.items():
-            rows = paragraph_rows(corpus, special.bos or 0, 257)
-            result = evaluate_rate(
-                model,
-                rows,
-                0.15,
-                unigram_log_probs(corpus.tokens, base.config.vocab_size),
-                char_counts=chars,
-                batch_size=64,
-            )
-            entry[name] = {
-                "accuracy": round(result.accuracy, 4),
-                "nll": round(result.nll, 4),
-                "bits_per_char": round(result.bits_per_char, 4),
-            }
+            for kind, make_rows in ROW_KINDS.items():
+                result = evaluate_rate(
+                    model,
+                    make_rows(corpus, special.bos or 0, 257),
+                    0.15,
+                    unigram_log_probs(corpus.tokens, base.config.vocab_size),
+                    char_counts=chars,
+                    batch_size=64,
+                )
+                entry[f"{name} ({kind} rows)"] = {
+                    "accuracy": round(result.accuracy, 4),
+                    "nll": round(result.nll, 4),
+                    "bits_per_char": round(result.bits_per_char, 4),
+                }
         print(json.dumps(entry), flush=True)
         results.append(entry)
     return results
