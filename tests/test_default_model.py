@@ -18,7 +18,16 @@ from editor.models import loading
 from editor.models.adapter import merge_adapter, merged_model_dir, read_adapter, write_adapter
 from editor.models.gguf import permute_rows, read_gguf, sha256_of, unpermute_rows
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
-from editor.training.lora import SMOLLM_SPECIAL, adapter_tensors, add_lora, lower_adapter_rank
+from editor.training.data import TokenizedCorpus
+from editor.training.evaluate import paragraph_rows, window_rows
+from editor.training.lora import (
+    SMOLLM_SPECIAL,
+    adapter_tensors,
+    add_lora,
+    build_adapted,
+    load_adapter_weights,
+    lower_adapter_rank,
+)
 
 CONFIG = TransformerConfig(
     vocab_size=64,
@@ -189,6 +198,38 @@ def test_merged_weights_reproduce_the_lora_network(gguf_file, tmp_path: Path) ->
     ids = torch.tensor([[0, 8, 12, 8, 30, 2]])  # includes the mask token, whose row was trained
     with torch.no_grad():
         assert torch.allclose(merged(ids), network(ids), atol=2e-2)  # float16 storage of the factors
+
+
+def test_a_run_continued_from_an_adapter_starts_where_that_adapter_left_off(gguf_file, tmp_path: Path) -> None:
+    gguf, _ = gguf_file
+    trained, directory = _trained_adapter(gguf, tmp_path)
+    config, tensors = read_adapter(directory)
+    continued, _, trainable = build_adapted(gguf, int(config["lora_rank"]), float(config["lora_alpha"]))
+    load_adapter_weights(continued, tensors, directory)
+    ids = torch.tensor([[0, 8, 12, 8, 30, 2]])
+    with torch.no_grad():
+        assert torch.allclose(continued.eval()(ids), trained(ids), atol=2e-2)  # float16 storage
+    assert all(parameter.requires_grad for parameter in trainable)
+    wrong_rank, _, _ = build_adapted(gguf, 2, 4.0)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_adapter_weights(wrong_rank, tensors, directory)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapter_weights(continued, {**tensors, "layers.0.extra": torch.zeros(1)}, directory)
+
+
+def test_window_rows_give_every_token_the_full_context_paragraph_rows_do_not() -> None:
+    corpus = TokenizedCorpus(tokens=np.arange(10, 30, dtype=np.uint16), starts=np.array([0, 3, 12]))
+    assert window_rows(corpus, bos=1, max_len=6) == [
+        [1, 10, 11, 12, 13, 14],
+        [1, 15, 16, 17, 18, 19],
+        [1, 20, 21, 22, 23, 24],
+        [1, 25, 26, 27, 28, 29],
+    ]
+    assert paragraph_rows(corpus, bos=1, max_len=6) == [
+        [1, 10, 11, 12],
+        [1, 13, 14, 15, 16, 17],
+        [1, 22, 23, 24, 25, 26],
+    ]
 
 
 def test_lowering_the_rank_keeps_the_best_approximation() -> None:

@@ -4,6 +4,7 @@ and falls back to the eager loss when a compiled one fails."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import torch
 
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 from editor.training.data import Batch
-from editor.training.train import learning_rate, masked_diffusion_loss, training_loop
+from editor.training.train import UNTIMED_STEPS, learning_rate, masked_diffusion_loss, training_loop
 
 
 @dataclass
@@ -99,3 +100,30 @@ def test_a_failing_compiled_loss_falls_back_to_the_eager_one() -> None:
         training_loop(
             settings, network, list(network.parameters()), broken, same_batch_forever(), optimizer, torch.device("cpu")
         )
+
+
+def test_the_time_budget_starts_after_the_compiling_steps() -> None:
+    """A run whose first steps are slow (torch.compile traces them) still gets its whole budget."""
+    network, settings = tiny_network(), Settings(max_steps=None, time_budget_s=0.5, warmup_steps=0)
+    calls = 0
+
+    def slow_at_first(model: BidirectionalTransformer, batch: Batch) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls <= UNTIMED_STEPS:
+            time.sleep(0.6)  # longer than the whole budget
+        return masked_diffusion_loss(model, batch)
+
+    optimizer = torch.optim.AdamW(network.parameters())
+    outcome = training_loop(
+        settings,
+        network,
+        list(network.parameters()),
+        slow_at_first,
+        same_batch_forever(),
+        optimizer,
+        torch.device("cpu"),
+    )
+    assert outcome.startup_s >= 0.6 * UNTIMED_STEPS
+    assert outcome.steps > UNTIMED_STEPS + 1  # steps ran after the slow ones, within the budget
+    assert outcome.elapsed_s >= settings.time_budget_s

@@ -174,6 +174,18 @@ def load_adapter_weights(network: BidirectionalTransformer, tensors: dict[str, t
     network.load_state_dict(tensors, strict=False)
 
 
+def run_record(config: LoRAConfig, summary: dict[str, object]) -> dict[str, object]:
+    """What an adapter's config.json keeps about the run that made it (enough to repeat it)."""
+    return {
+        **{k: v for k, v in summary.items() if k != "config"},
+        "learning_rate": config.learning_rate,
+        "warmup_steps": config.warmup_steps,
+        "seed": config.seed,
+        "corpus": config.corpus.name,
+        "continued_from": config.init_adapter.name if config.init_adapter else None,
+    }
+
+
 def train_lora(config: LoRAConfig) -> dict[str, object]:
     """Train an adapter; writes `out_dir/adapter` (the shippable directory), `out_dir/full.safetensors`
     (the trained tensors in float32, for measuring storage choices) and `out_dir/training.json`."""
@@ -234,7 +246,7 @@ def train_lora(config: LoRAConfig) -> dict[str, object]:
         special=SMOLLM_SPECIAL,
         storage=config.storage,
         base_sha256=base_sha,
-        extra={"training": {k: v for k, v in summary.items() if k != "config"}, "earlier_runs": earlier_runs},
+        extra={"training": run_record(config, summary), "earlier_runs": earlier_runs},
     )
     (config.out_dir / "training.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
     return summary
