@@ -34,10 +34,11 @@ from editor.db.batches import ACTIVE, BatchStore, NewRecord, RecordOutcome
 from editor.db.models import BatchJob
 from editor.models.base import DiffusionModel
 from editor.options import SamplerOptions
+from editor.server.backend import FillBackend
 from editor.server.errors import LimitExceeded
 from editor.server.schemas import ErrorOut
 from editor.server.streaming import in_thread
-from editor.server.worker import ModelWorker, WorkerUnavailable
+from editor.server.worker import WorkerUnavailable
 from editor.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,23 @@ def _template_error(error: TemplateError) -> ClientException:
 # --------------------------------------------------------------------------- the runner
 
 
+def fill_chunk(
+    template: Template,
+    options: SamplerOptions,
+    inputs: list[InputRecord],
+    max_canvas_tokens: int,
+    model: DiffusionModel,
+) -> list[RecordResult]:
+    """One chunk of a job, run where the model is (the worker thread, or a Ray Serve replica: a
+    plain function of picklable arguments, so it can be sent there)."""
+    filler = BatchFiller(model, template, options, batch_size=len(inputs), max_canvas_tokens=max_canvas_tokens)
+    return filler.fill(inputs)
+
+
 class BatchRunner:
     """Runs stored jobs in the background, oldest first, a chunk of records at a time."""
 
-    def __init__(self, settings: Settings, worker: ModelWorker, store: BatchStore) -> None:
+    def __init__(self, settings: Settings, worker: FillBackend, store: BatchStore) -> None:
         self.settings = settings
         self.worker = worker
         self.store = store
@@ -177,14 +191,6 @@ class BatchRunner:
                     log.exception("batch job %s failed", job_id)
                     await in_thread(partial(self.store.set_status, job_id, "failed", error=str(error)))
 
-    def _fill_chunk(
-        self, template: Template, options: SamplerOptions, inputs: list[InputRecord], model: DiffusionModel
-    ) -> list[RecordResult]:
-        """Runs in the worker thread."""
-        limit = self.settings.max_canvas_tokens
-        filler = BatchFiller(model, template, options, batch_size=len(inputs), max_canvas_tokens=limit)
-        return filler.fill(inputs)
-
     async def _run_job(self, job_id: int) -> None:
         job: BatchJob = await in_thread(self.store.get_job, job_id)
         try:
@@ -203,7 +209,7 @@ class BatchRunner:
                 await in_thread(self.store.save_results, job_id, [])  # marks the job done
                 return
             inputs = [InputRecord(r.line, r.record_key or str(r.line), r.input) for r in pending]
-            work = partial(self._fill_chunk, template, options, inputs)
+            work = partial(fill_chunk, template, options, inputs, self.settings.max_canvas_tokens)
             results: list[RecordResult] = await asyncio.wrap_future(self.worker.submit_background(work))
             outcomes = [
                 RecordOutcome(record.id, result.to_dict(), options.seed)
