@@ -32,6 +32,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from editor.document import Document
 from editor.options import FillCancelled, SamplerOptions
+from editor.ray_cluster import connect, use_gpus
 from editor.server.limits import FillTimedOut
 from editor.server.worker import (
     BackgroundWork,
@@ -134,21 +135,11 @@ class FillReplica:
         self.worker.shut_down()
 
 
-def connect(settings: Settings) -> None:
-    """Join the cluster at `ray_address`, or start a local Ray instance (no dashboard)."""
-    if ray.is_initialized():
-        return
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
-
-
 def replica_options(settings: Settings, replicas: int) -> dict[str, Any]:
     """Serve options: one GPU per replica when the cluster has GPUs (and the device is not forced
     to the CPU); each replica takes its worker's queue plus one running batch, and this process
     holds up to `queue_size` more before answering 429."""
-    gpus = settings.device not in ("cpu", "mps") and ray.cluster_resources().get("GPU", 0) >= 1
+    gpus = use_gpus(settings.device)
     return {
         "name": DEPLOYMENT,
         "num_replicas": replicas,
@@ -181,7 +172,7 @@ class RayBackend:
         """Connect to Ray here, deploy the replicas in a thread (they load their models there)."""
         if self._thread is not None:
             return
-        connect(self.settings)
+        connect(self.settings.ray_address)
         self._thread = threading.Thread(target=self._deploy, name="editor-ray-deploy", daemon=True)
         self._thread.start()
 
@@ -356,4 +347,4 @@ def _state_for(error: BaseException) -> JobState:
     return "cancelled" if isinstance(error, FillCancelled) else "failed"
 
 
-__all__ = ["APP_NAME", "FillReplica", "RayBackend", "RemoteFill", "connect", "replica_options"]
+__all__ = ["APP_NAME", "FillReplica", "RayBackend", "RemoteFill", "replica_options"]
