@@ -6,15 +6,17 @@ from __future__ import annotations
 import ray
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None) -> bool:
     """Join the cluster at `address` ('auto', or host:port of `ray start --head`), or start a
-    local Ray instance (no dashboard) when None. A process already connected stays connected."""
+    local Ray instance (no dashboard) when None. A process already connected stays connected.
+    True when this call connected (so the caller also disconnects)."""
     if ray.is_initialized():
-        return
+        return False
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
+    return True
 
 
 def use_gpus(device: str) -> bool:

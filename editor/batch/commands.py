@@ -222,9 +222,13 @@ def _ray_filler(
     """A `RayDataFiller` on the cluster at `address` (or a local Ray); the workers load the model."""
     from functools import partial
 
-    from editor.batch.ray_data import RayDataFiller
     from editor.models.loading import load_configured
-    from editor.ray_cluster import connect, use_gpus
+
+    try:
+        from editor.batch.ray_data import RayDataFiller
+        from editor.ray_cluster import connect, use_gpus
+    except ImportError as error:
+        raise click.ClickException(f"--ray needs Ray: pip install 'dllm-editor[ray]' ({error})") from error
 
     try:
         connect(address)

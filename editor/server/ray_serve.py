@@ -137,15 +137,19 @@ class FillReplica:
 
 def replica_options(settings: Settings, replicas: int) -> dict[str, Any]:
     """Serve options: one GPU per replica when the cluster has GPUs (and the device is not forced
-    to the CPU); each replica takes its worker's queue plus one running batch, and this process
-    holds up to `queue_size` more before answering 429."""
+    to the CPU). Each replica takes as many fills as its worker's queue holds (`queue_size`,
+    running ones counted: a fill leaves the queue only once it runs, so more could overflow it);
+    this process holds as many again while they wait for a replica (Serve counts a request as
+    waiting until it is routed, so a smaller front queue would refuse bursts the replicas have
+    room for). Beyond both: 429."""
     gpus = use_gpus(settings.device)
+    per_replica = settings.queue_size
     return {
         "name": DEPLOYMENT,
         "num_replicas": replicas,
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if gpus else 0},
-        "max_ongoing_requests": settings.queue_size + settings.max_batch_rows,
-        "max_queued_requests": settings.queue_size,
+        "max_ongoing_requests": per_replica,
+        "max_queued_requests": replicas * per_replica,
         "health_check_period_s": 2,
         "graceful_shutdown_timeout_s": settings.shutdown_timeout_s,
     }
@@ -165,6 +169,7 @@ class RayBackend:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._in_flight: set[FillJob] = set()
+        self._own_ray = False  # this process started Ray (and stops it)
 
     # -- lifecycle --
 
@@ -172,7 +177,7 @@ class RayBackend:
         """Connect to Ray here, deploy the replicas in a thread (they load their models there)."""
         if self._thread is not None:
             return
-        connect(self.settings.ray_address)
+        self._own_ray = connect(self.settings.ray_address)
         self._thread = threading.Thread(target=self._deploy, name="editor-ray-deploy", daemon=True)
         self._thread.start()
 
@@ -192,12 +197,12 @@ class RayBackend:
 
     def shut_down(self) -> None:
         self._stopping = True
-        for job in list(self._in_flight):
+        for job in self.jobs:
             job.cancel()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel fills in flight and remove the Serve application (and the local Ray instance
-        this process started)."""
+        """Cancel fills in flight and remove the Serve application (and stop the local Ray
+        instance if this backend started it)."""
         self.shut_down()
         self._started.wait(timeout)
         if not ray.is_initialized():
@@ -206,7 +211,7 @@ class RayBackend:
             serve.delete(APP_NAME)
         except Exception:
             log.exception("cannot remove the Serve application")
-        if not self.settings.ray_address:
+        if self._own_ray and not self.settings.ray_address:
             serve.shutdown()
             ray.shutdown()
 
@@ -231,6 +236,11 @@ class RayBackend:
     @property
     def queued(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def jobs(self) -> list[FillJob]:
+        """The fills in flight from this process (waiting at the front, queued or running on a replica)."""
+        return list(self._in_flight)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._started.wait(timeout)
