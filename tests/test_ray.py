@@ -178,7 +178,7 @@ def test_a_killed_replica_fails_its_fill_with_503_and_is_restarted(served: tuple
     assert "nothing was stored" in answer.json()["detail"]
     assert revisions(client, document_id) == 0
     # Serve starts new replicas; fills work again, on replicas that were not there before.
-    deadline, after = time.monotonic() + 90, set()
+    deadline, after = time.monotonic() + 90, set[str]()
     short = new_document(client)
     while len(after) < 2:
         assert time.monotonic() < deadline, f"replicas did not come back: {after}"
