@@ -101,5 +101,10 @@ def test_the_api_stores_and_reads_revisions(
         assert regenerated.json()["parent"] == 1
         listing = client.get(f"{path}/revisions?limit=100").json()
         assert listing["total"] == 8
+        # U+0000 (which PostgreSQL's text cannot hold) is stored as U+FFFD, not a 500.
+        odd = client.post("/api/v1/documents", json={"title": "a\x00b", "source": "x\x00y [MASK 2]"})
+        assert odd.status_code == 201, odd.text
+        stored_odd = client.get(f"/api/v1/documents/{odd.json()['id']}").json()
+        assert (stored_odd["title"], stored_odd["source"]) == ("a\ufffdb", "x\ufffdy [MASK 2]")
         assert client.delete(path).status_code == 204
         assert client.get(f"{path}/revisions").status_code == 404
