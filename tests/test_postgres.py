@@ -5,11 +5,13 @@ Unix socket in a temporary directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -108,3 +110,25 @@ def test_the_api_stores_and_reads_revisions(
         assert (stored_odd["title"], stored_odd["source"]) == ("a\ufffdb", "x\ufffdy [MASK 2]")
         assert client.delete(path).status_code == 204
         assert client.get(f"{path}/revisions").status_code == 404
+
+
+def test_api_batch_jobs_run_on_postgres(
+    postgres_url: str, tmp_path: Path, api_model_dir: Path, api_model: DiffusionModel
+) -> None:
+    settings = make_settings(tmp_path, api_model_dir, database_url=postgres_url)
+    app = app_for(settings, api_model)
+    records = [{"id": "r1"}, {"id": "x" * 600}, {"id": "r3"}]
+    with TestClient(app) as client:
+        created = client.post(
+            "/api/v1/batches", json={"template": {"id": "{id}", "n": "[MASK 2 as=int]"}, "records": records}
+        )
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        deadline = time.monotonic() + 60
+        while (job := client.get(f"/api/v1/batches/{job_id}").json())["status"] != "done":
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        lines = [json.loads(line) for line in client.get(f"/api/v1/batches/{job_id}/results").text.splitlines()]
+    assert [line["custom_id"] for line in lines] == ["r1", "2", "r3"]
+    assert lines[1]["error"] == {"code": "invalid_record", "message": "line 2: the id is over 500 characters"}
+    assert all(type(line["output"]["n"]) is int for line in (lines[0], lines[2]))

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from editor.batch.runner import BATCH_DEFAULTS, BatchFiller, InputRecord, RecordResult, read_input
 from editor.batch.schema import template_from_schema
-from editor.batch.template import Template, TemplateError
+from editor.batch.template import RecordError, Template, TemplateError
 from editor.db.batches import ACTIVE, BatchStore, NewRecord, RecordOutcome
 from editor.db.models import BatchJob
 from editor.models.base import DiffusionModel
@@ -44,6 +44,7 @@ from editor.settings import Settings
 log = logging.getLogger(__name__)
 JSONL = "application/jsonl"
 _RESULT_PAGE = 500
+MAX_RECORD_ID = 500  # characters of a record's id (custom_id or id) in an API job
 
 
 # --------------------------------------------------------------------------- bodies
@@ -112,6 +113,11 @@ def compile_stored(stored: str, settings: Settings, instruction: str | None) -> 
     if value["kind"] == "schema":
         return template_from_schema(value["text"], limits).compile(limits, instruction=instruction)
     return Template.parse(value["text"], limits=limits, instruction=instruction)
+
+
+def _short(name: str | None, limit: int = 500) -> str | None:
+    """An upload's file name, cut to what the job's `input_name` column holds (it is only shown)."""
+    return name[:limit] if name is not None else None
 
 
 def _as_text(value: Any) -> str:
@@ -251,9 +257,14 @@ class BatchService:
         new = []
         for record in records:
             error_line = None
-            if record.error is not None:
-                error_line = RecordResult(record.custom_id, error=record.error).to_dict()
-            new.append(NewRecord(record.line, record.custom_id, record.record or {}, error_line))
+            custom_id = record.custom_id
+            if len(custom_id) > MAX_RECORD_ID:  # the stored key's size on every database
+                error = RecordError("invalid_record", f"line {record.line}: the id is over {MAX_RECORD_ID} characters")
+                custom_id = str(record.line)
+                error_line = RecordResult(custom_id, error=error).to_dict()
+            elif record.error is not None:
+                error_line = RecordResult(custom_id, error=record.error).to_dict()
+            new.append(NewRecord(record.line, custom_id, record.record or {}, error_line))
         return new
 
     async def create(
@@ -343,7 +354,7 @@ def batch_controller(settings: Settings) -> type[Controller]:
                 template = await _form_field(form, "template")
                 schema = await _form_field(form, "schema")
                 upload = form.get("records")
-                input_name = getattr(upload, "filename", None)
+                input_name = _short(getattr(upload, "filename", None))
                 lines = _jsonl_lines(records_text)
             else:
                 try:
