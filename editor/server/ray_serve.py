@@ -30,10 +30,10 @@ import ray.exceptions
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
-from editor.document import Document
+from editor.document import Document, DocumentError
 from editor.options import FillCancelled, SamplerOptions
 from editor.ray_cluster import connect, use_gpus
-from editor.server.limits import FillTimedOut
+from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.server.worker import (
     BackgroundWork,
     FillJob,
@@ -67,9 +67,6 @@ class RemoteFill:
 def _portable(error: BaseException) -> BaseException:
     """The error itself when the front knows its type (it maps to a 4xx/5xx there); anything else
     as a plain RuntimeError with its message, which answers 500 like an error in this process."""
-    from editor.document import DocumentError
-    from editor.server.limits import LimitExceeded
-
     known = (DocumentError, LimitExceeded, QueueFull, WorkerUnavailable, FillCancelled, FillTimedOut)
     return error if isinstance(error, known) else RuntimeError(f"{type(error).__name__}: {error}")
 
@@ -169,6 +166,7 @@ class RayBackend:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._in_flight: set[FillJob] = set()
+        self._relays: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._own_ray = False  # this process started Ray (and stops it)
 
     # -- lifecycle --
@@ -286,9 +284,14 @@ class RayBackend:
 
         job.on_cancel = cancel_call
         self._in_flight.add(job)
-        relay = loop.create_task(self._relay(job, call), name=f"editor-fill-{job.id}")
+        relay = self._keep(loop.create_task(self._relay(job, call), name=f"editor-fill-{job.id}"))
         relay.add_done_callback(lambda _: self._in_flight.discard(job))
         return job
+
+    def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        self._relays.add(task)
+        task.add_done_callback(self._relays.discard)
+        return task
 
     async def _relay(self, job: FillJob, call: Any) -> None:
         """Hand the replica's messages to the job, and turn Ray's failures into ours."""
@@ -306,7 +309,7 @@ class RayBackend:
             if job.state in ("queued", "running"):
                 job._finish("failed", error=WorkerUnavailable("the replica ended the fill without an answer"))
         except (RequestCancelledError, asyncio.CancelledError):
-            job._finish("cancelled", error=FillCancelled(f"fill cancelled after {job.steps_done} steps"))
+            job._finish("cancelled", error=self._cancel_reason(job))
         except BackPressureError:
             job._finish("failed", error=QueueFull(self._retry_after()))
         except (ray.exceptions.RayActorError, DeploymentUnavailableError) as error:
@@ -321,12 +324,17 @@ class RayBackend:
         except Exception as error:  # a bug on the way: a 500 that names it, never a job left waiting
             job._finish("failed", error=RuntimeError(f"the fill failed on its replica: {error}"))
 
+    def _cancel_reason(self, job: FillJob) -> BaseException:
+        if self._stopping:
+            return WorkerUnavailable(
+                f"the server is shutting down: the fill was cancelled after {job.steps_done} steps; nothing was stored"
+            )
+        return FillCancelled(f"fill cancelled after {job.steps_done} steps")
+
     @staticmethod
     def _on_step(job: FillJob, update: StepUpdate) -> None:
         job.steps_done = update.step + 1
-        if job.keep_trace:
-            job.trace.append(update.to_dict())
-        job._publish(update)
+        job._publish(update)  # the trace, when kept, comes with the outcome
 
     def _retry_after(self) -> int:
         """Seconds until a replica has likely taken one more batch: a guess from the load."""
@@ -349,7 +357,7 @@ class RayBackend:
             except BaseException as error:
                 future.set_exception(error)
 
-        asyncio.get_running_loop().create_task(relay())
+        self._keep(asyncio.get_running_loop().create_task(relay()))
         return future
 
 
