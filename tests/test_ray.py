@@ -8,6 +8,10 @@ Starting Ray and two replicas takes seconds, so the module shares one Ray instan
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +37,7 @@ from editor.server import create_app
 from editor.server.ray_serve import RayBackend
 from tests import test_api as api_tests
 from tests.api_fixtures import load_slow_model, make_settings
+from tests.servers import free_port, wait_ready
 
 pytest_plugins = ("tests.api_fixtures",)
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
@@ -93,6 +98,28 @@ def wait_until_running(backend: RayBackend, timeout: float = 60) -> None:
     while not any(job.state == "running" for job in backend.jobs):
         assert time.monotonic() < deadline, "no fill started on a replica"
         time.sleep(0.02)
+
+
+def test_editor_serve_replicas_serves_and_stops_on_sigterm(tmp_path: Path, api_model_dir: Path) -> None:
+    """The command as users run it: Ray starts with the server, the fill runs on the replica, and
+    SIGTERM stops the server, the replica and the local Ray."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("EDITOR_")}
+    env["EDITOR_DATABASE_URL"] = f"sqlite:///{tmp_path / 'serve.db'}"
+    command = [sys.executable, "-m", "editor", "serve", "--port", str(port), "--device", "cpu"]
+    command += ["--model", str(api_model_dir), "--replicas", "1", "--log-level", "warning"]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server, timeout=180)
+        answer = httpx.post(f"http://127.0.0.1:{port}/api/v1/fill", json={"document": SHORT}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-editor-replica"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=90)[0].decode(errors="replace")
+    assert server.returncode in (0, -signal.SIGTERM), output  # as without Ray (tests/test_shutdown.py)
+    assert "1 Ray Serve replica(s)" in output
+    assert "Deleting app ['editor']" in output  # the app's shutdown removed the replica
 
 
 def test_fills_land_on_both_replicas_and_each_stores_one_revision(served: tuple[Client, RayBackend]) -> None:

@@ -134,8 +134,12 @@ def serve(
 
 
 def _join_ray(settings: Settings) -> None:
-    """Connect to Ray before uvicorn starts: `ray.init` in the main thread sets its own SIGTERM
-    handler, which must come before uvicorn's (so a SIGTERM still shuts down gracefully)."""
+    """Connect to Ray here, in the main thread before uvicorn starts. `ray.init` replaces the
+    SIGTERM handler with one that exits at once; the previous one is put back, so SIGTERM shuts
+    the server down gracefully as without Ray (the app's shutdown then stops the replicas)."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         from editor.ray_cluster import connect
     except ImportError as error:
@@ -145,6 +149,8 @@ def _join_ray(settings: Settings) -> None:
     except Exception as error:  # Ray raises ConnectionError, RuntimeError or ValueError here
         where = settings.ray_address or "a local Ray instance"
         raise click.ClickException(f"cannot start or join {where}: {error}") from error
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_server(config: Any, *, on_exit: Callable[[], None]) -> None:
