@@ -8,11 +8,14 @@ import stat
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import click
 
 from editor.options import SamplerOptions
+
+if TYPE_CHECKING:
+    from editor.batch.runner import RecordFiller
 
 
 def _read_text(name: str, what: str) -> str:
@@ -164,7 +167,7 @@ def _run(
     import torch
     from tqdm import tqdm
 
-    from editor.batch.runner import BatchFiller, RecordFiller, ResultWriter, read_done_ids, read_input, run_records
+    from editor.batch.runner import BatchFiller, ResultWriter, read_done_ids, read_input, run_records
     from editor.models.loading import load_configured
     from editor.models.native import ModelLoadError
 
@@ -218,7 +221,7 @@ def _ray_filler(
     batch_size: int,
     workers: int,
     address: str | None,
-) -> Any:
+) -> RecordFiller:
     """A `RayDataFiller` on the cluster at `address` (or a local Ray); the workers load the model."""
     from functools import partial
 
