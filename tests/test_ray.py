@@ -44,6 +44,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
 
 Client = TestClient[Litestar]
 SHORT = "Dear [MASK 3 name=who], thank you for [MASK 4]."
+MEDIUM = "Dear [MASK 3 name=who], [MASK 40] Kind regards."  # 40 steps: 4 fills at once overlap
 LONG = "Once upon a time [MASK 120] the end."  # 120 steps of 10 ms or more: seconds on a replica
 DELAY = 0.01  # seconds per forward pass on the replicas (room to cancel or kill a fill mid-way)
 
@@ -124,8 +125,8 @@ def test_editor_serve_replicas_serves_and_stops_on_sigterm(tmp_path: Path, api_m
 
 def test_fills_land_on_both_replicas_and_each_stores_one_revision(served: tuple[Client, RayBackend]) -> None:
     client, _ = served
-    document_id = new_document(client)
-    answers = fill_in_parallel(client, document_id, 4)
+    document_id = new_document(client, MEDIUM)
+    answers = fill_in_parallel(client, document_id, 4)  # 4 at once: one replica takes only 2 (queue_size)
     assert [answer.status_code for answer in answers] == [201] * 4
     assert len({answer.headers["x-editor-replica"] for answer in answers}) == 2
     assert sorted(answer.json()["number"] for answer in answers) == [1, 2, 3, 4]
