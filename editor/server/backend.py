@@ -37,6 +37,10 @@ class FillBackend(Protocol):
         """Fills waiting (the worker's queue; with replicas, fills in flight from this process)."""
 
     @property
+    def lanes(self) -> int:
+        """How many pieces of background work can run at once (one per model)."""
+
+    @property
     def tokenizer(self) -> Any:
         """The model's tokenizer, or None before it has loaded (copied before use: not thread-safe)."""
 

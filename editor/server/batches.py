@@ -31,7 +31,7 @@ from editor.batch.runner import BATCH_DEFAULTS, BatchFiller, InputRecord, Record
 from editor.batch.schema import template_from_schema
 from editor.batch.template import RecordError, Template, TemplateError
 from editor.db.batches import ACTIVE, BatchStore, NewRecord, RecordOutcome
-from editor.db.models import BatchJob
+from editor.db.models import BatchJob, BatchRecord
 from editor.models.base import DiffusionModel
 from editor.options import SamplerOptions
 from editor.server.backend import FillBackend
@@ -210,18 +210,26 @@ class BatchRunner:
             job = await in_thread(self.store.get_job, job_id)
             if job.status not in ACTIVE:
                 return
-            pending = await in_thread(self.store.pending_records, job_id, self.settings.batch_chunk_rows)
+            rows = self.settings.batch_chunk_rows
+            pending = await in_thread(self.store.pending_records, job_id, rows * self.worker.lanes)
             if not pending:
                 await in_thread(self.store.save_results, job_id, [])  # marks the job done
                 return
-            inputs = [InputRecord(r.line, r.record_key or str(r.line), r.input) for r in pending]
-            work = partial(fill_chunk, template, options, inputs, self.settings.max_canvas_tokens)
-            results: list[RecordResult] = await asyncio.wrap_future(self.worker.submit_background(work))
+            # One chunk per lane at once (with replicas, each replica takes one), results in order.
+            chunks = [pending[start : start + rows] for start in range(0, len(pending), rows)]
+            filled = await asyncio.gather(*(self._fill(chunk, template, options) for chunk in chunks))
             outcomes = [
                 RecordOutcome(record.id, result.to_dict(), options.seed)
-                for record, result in zip(pending, results, strict=True)
+                for chunk, results in zip(chunks, filled, strict=True)
+                for record, result in zip(chunk, results, strict=True)
             ]
             await in_thread(self.store.save_results, job_id, outcomes)
+
+    async def _fill(self, chunk: list[BatchRecord], template: Template, options: SamplerOptions) -> list[RecordResult]:
+        inputs = [InputRecord(r.line, r.record_key or str(r.line), r.input) for r in chunk]
+        work = partial(fill_chunk, template, options, inputs, self.settings.max_canvas_tokens)
+        results: list[RecordResult] = await asyncio.wrap_future(self.worker.submit_background(work))
+        return results
 
 
 # --------------------------------------------------------------------------- creating jobs

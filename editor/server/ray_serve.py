@@ -232,6 +232,10 @@ class RayBackend:
         return self._info.get("tokenizer")
 
     @property
+    def lanes(self) -> int:
+        return self.replicas  # Serve spreads concurrent background calls over the replicas
+
+    @property
     def queued(self) -> int:
         return len(self._in_flight)
 

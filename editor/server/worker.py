@@ -363,6 +363,10 @@ class ModelWorker:
     def tokenizer(self) -> Any:
         return self.model.tokenizer if self.model is not None else None
 
+    @property
+    def lanes(self) -> int:
+        return 1  # one model, one piece of background work at a time
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the model has loaded (or failed to); True when it is ready."""
         self._loaded.wait(timeout)
