@@ -7,7 +7,8 @@ and the error type; parsing lives in `editor.parser`. Pure Python: no torch impo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from functools import partial
+from typing import Any, Literal, TypeAlias
 
 ValueClass: TypeAlias = Literal["int", "number", "word", "line", "json"]
 VALUE_CLASSES: tuple[ValueClass, ...] = ("int", "number", "word", "line", "json")
@@ -31,6 +32,10 @@ class DocumentError(ValueError):
 
     def to_dict(self) -> dict[str, object]:
         return {"message": self.message, "line": self.line, "column": self.column, "expected": self.expected}
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Survives pickling (a fill on a Ray replica sends it back to the server)."""
+        return partial(type(self), line=self.line, column=self.column, expected=self.expected), (self.message,)
 
 
 @dataclass(frozen=True)

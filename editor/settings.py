@@ -66,6 +66,15 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0, description="how long the worker waits to gather a batch")
     keep_step_trace: bool = Field(True, description="store each revision's step trace (for replay)")
 
+    # Ray (README "Running on a Ray cluster"); nothing of Ray is imported unless asked for.
+    replicas: int | None = Field(
+        None, ge=1, description="model replicas on Ray Serve (one GPU each when the cluster has GPUs); None = no Ray"
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', or host:port of `ray start --head`); None = start a local one"
+    )
+    ray_batch_workers: int = Field(1, ge=1, description="Ray Data workers (one model each) for `editor batch --ray`")
+
     # Batch JSON templates (docs/batch.md).
     batch_size: int = Field(16, ge=1, description="records filled together in one sampler call by `editor batch`")
     batch_chunk_rows: int = Field(

@@ -131,3 +131,9 @@ def client(settings: Settings, api_model: DiffusionModel) -> Iterator[TestClient
     with TestClient(app) as test_client:
         assert app.state.worker.wait_ready(10)
         yield test_client
+
+
+def load_slow_model(model_dir: Path, delay: float) -> Any:
+    """A model loader for another process (a Ray replica loads it there): the checkpoint at
+    `model_dir` on the CPU, each forward pass slowed by `delay` seconds."""
+    return SlowModel(load_model(model_dir, device="cpu"), delay)

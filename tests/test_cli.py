@@ -121,3 +121,9 @@ def test_fill_takes_model_and_limits_from_the_editor_settings(
     code, out, err = run("fill", "-", stdin="A [MASK 2] and [MASK 2].")
     assert code != 0 and out == ""
     assert "line 1, column 16" in err and "too many spans" in err
+
+
+def test_serve_address_goes_with_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDITOR_REPLICAS", raising=False)
+    code, _, err = run("serve", "--address", "10.0.0.1:6379")
+    assert code == 2 and "--address goes with --replicas" in err

@@ -17,7 +17,7 @@ import editor
 from editor.models import DiffusionModel
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "litestar", "sqlalchemy")
+HEAVY = ("torch", "transformers", "litestar", "sqlalchemy", "ray")
 
 
 def _imported_after(code: str) -> list[str]:
@@ -31,10 +31,21 @@ def test_import_editor_loads_no_model_stack() -> None:
     assert _imported_after("import editor; editor.__version__; editor.SamplerOptions") == []
 
 
-@pytest.mark.parametrize("arguments", [["--help"], ["fill", "--help"], ["serve", "--help"], ["bench", "--help"]])
+@pytest.mark.parametrize(
+    "arguments", [["--help"], ["fill", "--help"], ["serve", "--help"], ["batch", "--help"], ["bench", "--help"]]
+)
 def test_cli_help_imports_no_torch(arguments: list[str]) -> None:
     code = f"from editor.cli import main\ntry:\n    main({arguments!r})\nexcept SystemExit:\n    pass"
     assert _imported_after(code) == []
+
+
+def test_the_server_without_replicas_imports_no_ray() -> None:
+    code = (
+        "from editor.server.app import create_app\nfrom editor.settings import Settings\n"
+        "create_app(Settings(_env_file=None, database_url='sqlite://'))"
+    )
+    imported = _imported_after(code)
+    assert "litestar" in imported and "ray" not in imported
 
 
 def test_version_matches_the_distribution() -> None:

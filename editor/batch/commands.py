@@ -8,11 +8,14 @@ import stat
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import click
 
 from editor.options import SamplerOptions
+
+if TYPE_CHECKING:
+    from editor.batch.runner import RecordFiller
 
 
 def _read_text(name: str, what: str) -> str:
@@ -60,6 +63,18 @@ def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
 @click.option("--print-template", is_flag=True, help="print the (derived) template and exit")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's]")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
+@click.option(
+    "--ray", "use_ray", is_flag=True, help="fill on Ray Data workers, one model each (README: Running on a Ray cluster)"
+)
+@click.option(
+    "--address", default=None, help="with --ray: the cluster to join [default: EDITOR_RAY_ADDRESS, else a local Ray]"
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="with --ray: workers, one model each [default: EDITOR_RAY_BATCH_WORKERS, else 1]",
+)
 def batch(
     inputs: tuple[str, ...],
     output_name: str | None,
@@ -73,6 +88,9 @@ def batch(
     print_template: bool,
     threads: int | None,
     progress: bool,
+    use_ray: bool,
+    address: str | None,
+    workers: int | None,
     **sampler: Any,
 ) -> None:
     """Fill TEMPLATE (a JSON file with [MASK ...] tags and {field} placeholders) for every record
@@ -87,6 +105,8 @@ def batch(
 
     settings = Settings()
     options = _batch_options(sampler)
+    if not use_ray and (address is not None or workers is not None):
+        raise click.UsageError("--address and --workers go with --ray")
     expected = 1 if schema_name else 2
     if len(inputs) != expected and not (print_template and len(inputs) == expected - 1):
         usage = "--schema SCHEMA RECORDS" if schema_name else "TEMPLATE RECORDS"
@@ -122,6 +142,8 @@ def batch(
         device=device,
         threads=threads,
         progress=progress,
+        ray_workers=(workers or settings.ray_batch_workers) if use_ray else None,
+        ray_address=address or settings.ray_address,
     )
 
 
@@ -139,6 +161,8 @@ def _run(
     device: str | None,
     threads: int | None,
     progress: bool,
+    ray_workers: int | None,
+    ray_address: str | None,
 ) -> None:
     import torch
     from tqdm import tqdm
@@ -155,11 +179,16 @@ def _run(
     done = read_done_ids(Path(output_name)) if resume else set()
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
-        model = load_configured(settings, model=model_spec, device=device)
-    except (ModelLoadError, OSError) as error:
-        raise click.ClickException(f"cannot load the model: {error}") from error
-    filler = BatchFiller(model, template, options, batch_size=batch_size, max_canvas_tokens=settings.max_canvas_tokens)
+    filler: RecordFiller
+    if ray_workers is not None:
+        filler = _ray_filler(template, options, settings, model_spec, device, batch_size, ray_workers, ray_address)
+    else:
+        try:
+            model = load_configured(settings, model=model_spec, device=device)
+        except (ModelLoadError, OSError) as error:
+            raise click.ClickException(f"cannot load the model: {error}") from error
+        limit = settings.max_canvas_tokens
+        filler = BatchFiller(model, template, options, batch_size=batch_size, max_canvas_tokens=limit)
     with ExitStack() as stack:
         stream: BinaryIO = (
             sys.stdout.buffer
@@ -180,6 +209,42 @@ def _run(
         f"(already in the output), elapsed {summary.elapsed_s:.1f} s, {summary.records_per_s:.1f} records/s, "
         f"{summary.tokens_per_s:.0f} tokens/s",
         err=True,
+    )
+
+
+def _ray_filler(
+    template: Any,
+    options: SamplerOptions,
+    settings: Any,
+    model_spec: str | None,
+    device: str | None,
+    batch_size: int,
+    workers: int,
+    address: str | None,
+) -> RecordFiller:
+    """A `RayDataFiller` on the cluster at `address` (or a local Ray); the workers load the model."""
+    from functools import partial
+
+    from editor.models.loading import load_configured
+
+    try:
+        from editor.batch.ray_data import RayDataFiller
+        from editor.ray_cluster import connect, use_gpus
+    except ImportError as error:
+        raise click.ClickException(f"--ray needs Ray: pip install 'dllm-editor[ray]' ({error})") from error
+
+    try:
+        connect(address)
+    except Exception as error:  # Ray raises ConnectionError, RuntimeError or ValueError here
+        raise click.ClickException(f"cannot join the Ray cluster at {address or '(local)'}: {error}") from error
+    return RayDataFiller(
+        partial(load_configured, settings, model=model_spec, device=device),
+        template,
+        options,
+        batch_size=batch_size,
+        max_canvas_tokens=settings.max_canvas_tokens,
+        workers=workers,
+        gpus=use_gpus(device or settings.device),
     )
 
 

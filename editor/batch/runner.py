@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
@@ -34,6 +34,7 @@ __all__ = [
     "BatchFiller",
     "BatchSummary",
     "InputRecord",
+    "RecordFiller",
     "RecordResult",
     "ResultWriter",
     "parse_input_line",
@@ -131,6 +132,17 @@ class _Prepared:
     canvas: Canvas
 
 
+class RecordFiller(Protocol):
+    """What `run_records` drives: `BatchFiller` here, or `editor.batch.ray_data.RayDataFiller`,
+    which runs `BatchFiller` on Ray Data workers."""
+
+    batch_size: int
+
+    def fill_windows(self, records: Sequence[InputRecord], window: int) -> Iterator[list[RecordResult]]:
+        """Results for `records`, one list per window of `window` records, in input order."""
+        ...
+
+
 class BatchFiller:
     """Fills records with one model and one template: see the module docstring."""
 
@@ -148,6 +160,11 @@ class BatchFiller:
         self.options = options
         self.batch_size = batch_size
         self.max_canvas_tokens = max_canvas_tokens
+
+    def fill_windows(self, records: Sequence[InputRecord], window: int) -> Iterator[list[RecordResult]]:
+        """`fill` a window of records at a time, in order (`RecordFiller`)."""
+        for chunk in windows(records, window):
+            yield self.fill(chunk)
 
     def fill(self, records: Sequence[InputRecord]) -> list[RecordResult]:
         """One result per record, in the given order."""
@@ -307,7 +324,7 @@ def windows(records: Sequence[InputRecord], size: int) -> Iterator[Sequence[Inpu
 
 
 def run_records(
-    filler: BatchFiller,
+    filler: RecordFiller,
     records: Sequence[InputRecord],
     writer: ResultWriter,
     *,
@@ -321,8 +338,7 @@ def run_records(
     done_ids = done_ids or set()
     todo = [record for record in records if record.custom_id not in done_ids]
     summary = BatchSummary(total=len(records), skipped=len(records) - len(todo))
-    for chunk in windows(todo, window or filler.batch_size * 4):
-        results = filler.fill(chunk)
+    for results in filler.fill_windows(todo, window or filler.batch_size * 4):
         writer.write(results)
         summary.add(results)
         if on_progress is not None:

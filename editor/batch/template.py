@@ -68,6 +68,10 @@ class RecordError(ValueError):
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
 
+    def __reduce__(self) -> tuple[type[RecordError], tuple[str, str]]:
+        """Survives pickling (records and results cross to Ray Data workers and back)."""
+        return type(self), (self.code, self.message)
+
 
 def json_path(parent: str, key: str | int) -> str:
     """`$.a.b[0]`, with `["odd key"]` for keys that are not identifiers."""

@@ -1,6 +1,7 @@
 """Engine and sessions. SQLite runs in WAL mode with foreign keys on; a write session takes the
 write lock up front (`BEGIN IMMEDIATE`), so concurrent writers queue on the busy timeout instead
-of failing when a read transaction tries to upgrade to a write."""
+of failing when a read transaction tries to upgrade to a write. PostgreSQL (`postgresql://`, through
+psycopg 3) runs with its defaults; writes that must not interleave lock the rows they depend on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 BUSY_TIMEOUT_MS = 30_000
@@ -19,15 +20,24 @@ _IMMEDIATE = "editor_immediate"  # connection execution option read by the "begi
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """An engine for `url`; for SQLite, create the file's directory and set the pragmas."""
-    parsed = make_url(url)
+    parsed = driver_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, echo=echo, pool_pre_ping=True)
+        return create_engine(parsed, echo=echo, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, echo=echo, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000})
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)
     return engine
+
+
+def driver_url(url: str) -> URL:
+    """`url` with a driver we install: a plain `postgresql://` (or `postgres://`) URL means
+    psycopg 3 (the `postgres` extra), not SQLAlchemy's default psycopg2."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+psycopg")
+    return parsed
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -73,4 +83,4 @@ def read_session(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
-__all__ = ["make_engine", "make_session_factory", "read_session", "write_session"]
+__all__ = ["driver_url", "make_engine", "make_session_factory", "read_session", "write_session"]

@@ -64,6 +64,24 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
+class PortableText(TypeDecorator[str]):
+    """Text that every supported database stores: PostgreSQL's text cannot hold U+0000, which a
+    document or a byte-level model's output may contain, so there it is stored as U+FFFD (the
+    replacement character). Other databases store the text unchanged."""
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, length: int | None = None) -> None:
+        super().__init__()
+        self.impl = String(length) if length is not None else Text()  # type: ignore[assignment]
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and dialect.name == "postgresql":
+            return value.replace("\x00", "\ufffd")
+        return value
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
@@ -75,8 +93,8 @@ class Document(Base):
     __tablename__ = "documents"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    title: Mapped[str] = mapped_column(String(200))
-    source: Mapped[str] = mapped_column(Text)
+    title: Mapped[str] = mapped_column(PortableText(200))
+    source: Mapped[str] = mapped_column(PortableText())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -99,12 +117,12 @@ class Revision(Base):
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("revisions.id", ondelete="SET NULL"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "fill" or "regenerate"
+    kind: Mapped[str] = mapped_column(PortableText(16))  # "fill" or "regenerate"
     regenerated_span: Mapped[int | None] = mapped_column(Integer)  # span index, for kind == "regenerate"
-    source: Mapped[str] = mapped_column(Text)  # the document source that was filled
-    instruction: Mapped[str | None] = mapped_column(Text)
-    text: Mapped[str] = mapped_column(Text)
-    model: Mapped[str] = mapped_column(String(500))
+    source: Mapped[str] = mapped_column(PortableText())  # the document source that was filled
+    instruction: Mapped[str | None] = mapped_column(PortableText())
+    text: Mapped[str] = mapped_column(PortableText())
+    model: Mapped[str] = mapped_column(PortableText(500))
     seed: Mapped[int] = mapped_column(BigInteger)
     options: Mapped[dict[str, Any]] = mapped_column(JSON)
     steps: Mapped[int] = mapped_column(Integer)  # sampler steps actually run
@@ -142,10 +160,10 @@ class RevisionSpan(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     revision_id: Mapped[int] = mapped_column(ForeignKey("revisions.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column(Integer)
-    name: Mapped[str | None] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(PortableText(64))
     start: Mapped[int] = mapped_column(Integer)
     end: Mapped[int] = mapped_column(Integer)
-    text: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(PortableText())
     token_ids: Mapped[list[Any]] = mapped_column(JSON)
     confidence: Mapped[float] = mapped_column(Float)
 
@@ -166,16 +184,16 @@ class BatchJob(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # pending, running, done, failed or cancelled
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    template: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(PortableText(16), default="pending", index=True)
+    template: Mapped[str] = mapped_column(PortableText())
     options: Mapped[dict[str, Any]] = mapped_column(JSON)
-    instruction: Mapped[str | None] = mapped_column(Text)
-    model: Mapped[str | None] = mapped_column(String(500))
-    input_name: Mapped[str | None] = mapped_column(String(500))  # e.g. the JSONL file it came from
+    instruction: Mapped[str | None] = mapped_column(PortableText())
+    model: Mapped[str | None] = mapped_column(PortableText(500))
+    input_name: Mapped[str | None] = mapped_column(PortableText(500))  # e.g. the JSONL file it came from
     total: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(PortableText())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -194,11 +212,11 @@ class BatchRecord(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("batch_jobs.id", ondelete="CASCADE"))
     line: Mapped[int] = mapped_column(Integer)  # 1-based line in the input
-    record_key: Mapped[str | None] = mapped_column(String(500))  # the record's id field, if any
+    record_key: Mapped[str | None] = mapped_column(PortableText(500))  # the record's id field, if any
     input: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending/done/failed
+    status: Mapped[str] = mapped_column(PortableText(16), default="pending")  # pending/done/failed
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(PortableText())
     seed: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

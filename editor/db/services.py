@@ -129,7 +129,7 @@ class Store:
         """Store a fill as the document's next revision. Raises NotFound if the document (or the
         named parent revision) is gone, in which case nothing is stored."""
         with write_session(self.sessions) as session:
-            _document(session, document_id)
+            _document(session, document_id, lock=True)  # concurrent fills of a document number in turn
             latest = session.scalar(select(func.max(Revision.number)).where(Revision.document_id == document_id))
             parent_number = new.parent_number if new.parent_number is not None else latest
             parent = _revision(session, document_id, parent_number) if parent_number is not None else None
@@ -188,8 +188,10 @@ def _revision_stats() -> Any:
     )
 
 
-def _document(session: Session, document_id: int) -> Document:
-    document = session.get(Document, document_id)
+def _document(session: Session, document_id: int, *, lock: bool = False) -> Document:
+    """With `lock`, the row stays locked until the transaction ends (SELECT ... FOR UPDATE on
+    PostgreSQL, where writers do not queue on one database lock as with SQLite)."""
+    document = session.get(Document, document_id, with_for_update=lock)
     if document is None:
         raise NotFound(f"document {document_id}")
     return document

@@ -16,6 +16,7 @@ from editor.db.batches import BatchStore
 from editor.db.engine import make_engine, make_session_factory
 from editor.db.services import Store
 from editor.server.auth import token_guard
+from editor.server.backend import FillBackend
 from editor.server.batches import BatchRunner, BatchService, batch_controller
 from editor.server.controllers import CONTROLLERS, HealthController
 from editor.server.errors import EXCEPTION_HANDLERS
@@ -32,14 +33,24 @@ _BODY_SLACK = 64 * 1024  # room for JSON around the document
 BEARER = "bearer"  # the security scheme's name in the OpenAPI document
 
 
-def create_app(settings: Settings | None = None, *, worker: ModelWorker | None = None) -> Litestar:
-    """The API on `settings`' database, with `worker` (default: one loading the configured model).
+def default_backend(settings: Settings) -> FillBackend:
+    """Replicas on Ray Serve when `settings.replicas` is set, else one model worker in this process."""
+    if settings.replicas is not None:
+        from editor.server.ray_serve import RayBackend  # Ray is imported only when asked for
 
-    The app starts the worker (the model loads in its thread; /ready says when) and stops it on
-    shutdown. It does not migrate the database: `editor serve` and `editor db upgrade` do.
+        return RayBackend(settings)
+    return ModelWorker(settings)
+
+
+def create_app(settings: Settings | None = None, *, worker: FillBackend | None = None) -> Litestar:
+    """The API on `settings`' database, with `worker` (default: `default_backend(settings)`).
+
+    The app starts the worker (the model loads in its thread, or the replicas start; /ready says
+    when) and stops it on shutdown. It does not migrate the database: `editor serve` and
+    `editor db upgrade` do.
     """
     settings = settings or Settings()
-    worker = worker or ModelWorker(settings)
+    worker = worker or default_backend(settings)
     engine = make_engine(settings.database_url)
     store = Store(make_session_factory(engine))
     fills = FillService(settings, worker, store)
@@ -105,4 +116,4 @@ def create_app(settings: Settings | None = None, *, worker: ModelWorker | None =
     return app
 
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "default_backend"]

@@ -29,20 +29,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from editor.batch.runner import BATCH_DEFAULTS, BatchFiller, InputRecord, RecordResult, read_input
 from editor.batch.schema import template_from_schema
-from editor.batch.template import Template, TemplateError
+from editor.batch.template import RecordError, Template, TemplateError
 from editor.db.batches import ACTIVE, BatchStore, NewRecord, RecordOutcome
-from editor.db.models import BatchJob
+from editor.db.models import BatchJob, BatchRecord
 from editor.models.base import DiffusionModel
 from editor.options import SamplerOptions
+from editor.server.backend import FillBackend
 from editor.server.errors import LimitExceeded
 from editor.server.schemas import ErrorOut
 from editor.server.streaming import in_thread
-from editor.server.worker import ModelWorker, WorkerUnavailable
+from editor.server.worker import WorkerUnavailable
 from editor.settings import Settings
 
 log = logging.getLogger(__name__)
 JSONL = "application/jsonl"
 _RESULT_PAGE = 500
+MAX_RECORD_ID = 500  # characters of a record's id (custom_id or id) in an API job
 
 
 # --------------------------------------------------------------------------- bodies
@@ -113,6 +115,11 @@ def compile_stored(stored: str, settings: Settings, instruction: str | None) -> 
     return Template.parse(value["text"], limits=limits, instruction=instruction)
 
 
+def _short(name: str | None, limit: int = 500) -> str | None:
+    """An upload's file name, cut to what the job's `input_name` column holds (it is only shown)."""
+    return name[:limit] if name is not None else None
+
+
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
@@ -124,10 +131,23 @@ def _template_error(error: TemplateError) -> ClientException:
 # --------------------------------------------------------------------------- the runner
 
 
+def fill_chunk(
+    template: Template,
+    options: SamplerOptions,
+    inputs: list[InputRecord],
+    max_canvas_tokens: int,
+    model: DiffusionModel,
+) -> list[RecordResult]:
+    """One chunk of a job, run where the model is (the worker thread, or a Ray Serve replica: a
+    plain function of picklable arguments, so it can be sent there)."""
+    filler = BatchFiller(model, template, options, batch_size=len(inputs), max_canvas_tokens=max_canvas_tokens)
+    return filler.fill(inputs)
+
+
 class BatchRunner:
     """Runs stored jobs in the background, oldest first, a chunk of records at a time."""
 
-    def __init__(self, settings: Settings, worker: ModelWorker, store: BatchStore) -> None:
+    def __init__(self, settings: Settings, worker: FillBackend, store: BatchStore) -> None:
         self.settings = settings
         self.worker = worker
         self.store = store
@@ -177,14 +197,6 @@ class BatchRunner:
                     log.exception("batch job %s failed", job_id)
                     await in_thread(partial(self.store.set_status, job_id, "failed", error=str(error)))
 
-    def _fill_chunk(
-        self, template: Template, options: SamplerOptions, inputs: list[InputRecord], model: DiffusionModel
-    ) -> list[RecordResult]:
-        """Runs in the worker thread."""
-        limit = self.settings.max_canvas_tokens
-        filler = BatchFiller(model, template, options, batch_size=len(inputs), max_canvas_tokens=limit)
-        return filler.fill(inputs)
-
     async def _run_job(self, job_id: int) -> None:
         job: BatchJob = await in_thread(self.store.get_job, job_id)
         try:
@@ -198,18 +210,26 @@ class BatchRunner:
             job = await in_thread(self.store.get_job, job_id)
             if job.status not in ACTIVE:
                 return
-            pending = await in_thread(self.store.pending_records, job_id, self.settings.batch_chunk_rows)
+            rows = self.settings.batch_chunk_rows
+            pending = await in_thread(self.store.pending_records, job_id, rows * self.worker.lanes)
             if not pending:
                 await in_thread(self.store.save_results, job_id, [])  # marks the job done
                 return
-            inputs = [InputRecord(r.line, r.record_key or str(r.line), r.input) for r in pending]
-            work = partial(self._fill_chunk, template, options, inputs)
-            results: list[RecordResult] = await asyncio.wrap_future(self.worker.submit_background(work))
+            # One chunk per lane at once (with replicas, each replica takes one), results in order.
+            chunks = [pending[start : start + rows] for start in range(0, len(pending), rows)]
+            filled = await asyncio.gather(*(self._fill(chunk, template, options) for chunk in chunks))
             outcomes = [
                 RecordOutcome(record.id, result.to_dict(), options.seed)
-                for record, result in zip(pending, results, strict=True)
+                for chunk, results in zip(chunks, filled, strict=True)
+                for record, result in zip(chunk, results, strict=True)
             ]
             await in_thread(self.store.save_results, job_id, outcomes)
+
+    async def _fill(self, chunk: list[BatchRecord], template: Template, options: SamplerOptions) -> list[RecordResult]:
+        inputs = [InputRecord(r.line, r.record_key or str(r.line), r.input) for r in chunk]
+        work = partial(fill_chunk, template, options, inputs, self.settings.max_canvas_tokens)
+        results: list[RecordResult] = await asyncio.wrap_future(self.worker.submit_background(work))
+        return results
 
 
 # --------------------------------------------------------------------------- creating jobs
@@ -245,9 +265,14 @@ class BatchService:
         new = []
         for record in records:
             error_line = None
-            if record.error is not None:
-                error_line = RecordResult(record.custom_id, error=record.error).to_dict()
-            new.append(NewRecord(record.line, record.custom_id, record.record or {}, error_line))
+            custom_id = record.custom_id
+            if len(custom_id) > MAX_RECORD_ID:  # the stored key's size on every database
+                error = RecordError("invalid_record", f"line {record.line}: the id is over {MAX_RECORD_ID} characters")
+                custom_id = str(record.line)
+                error_line = RecordResult(custom_id, error=error).to_dict()
+            elif record.error is not None:
+                error_line = RecordResult(custom_id, error=record.error).to_dict()
+            new.append(NewRecord(record.line, custom_id, record.record or {}, error_line))
         return new
 
     async def create(
@@ -337,7 +362,7 @@ def batch_controller(settings: Settings) -> type[Controller]:
                 template = await _form_field(form, "template")
                 schema = await _form_field(form, "schema")
                 upload = form.get("records")
-                input_name = getattr(upload, "filename", None)
+                input_name = _short(getattr(upload, "filename", None))
                 lines = _jsonl_lines(records_text)
             else:
                 try:

@@ -73,12 +73,29 @@ def _check_model(settings: Settings) -> None:
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps [default: auto]")
 @click.option("--no-migrate", is_flag=True, help="do not upgrade the database; refuse to start if it is behind")
 @click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    help="run N model replicas on Ray Serve (one GPU each when the cluster has GPUs) [default: EDITOR_REPLICAS, "
+    "else one model in this process, without Ray]",
+)
+@click.option(
+    "--address", help="with --replicas: the Ray cluster to join [default: EDITOR_RAY_ADDRESS, else a local Ray]"
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 def serve(
-    host: str | None, port: int | None, model: str | None, device: str | None, no_migrate: bool, log_level: str
+    host: str | None,
+    port: int | None,
+    model: str | None,
+    device: str | None,
+    no_migrate: bool,
+    replicas: int | None,
+    address: str | None,
+    log_level: str,
 ) -> None:
-    """Start the editor and its REST API (one process, one model worker).
+    """Start the editor and its REST API (one process, one model worker; with --replicas, the
+    model runs in N Ray Serve replicas behind the same API).
 
     Settings come from EDITOR_* environment variables and a .env file; the options override them.
     The database is upgraded to the newest schema on start (created if missing).
@@ -87,7 +104,9 @@ def serve(
 
     from editor.server.app import create_app
 
-    settings = _settings(host=host, port=port, model=model, device=device)
+    settings = _settings(host=host, port=port, model=model, device=device, replicas=replicas, ray_address=address)
+    if address is not None and settings.replicas is None:
+        raise click.UsageError("--address goes with --replicas (or EDITOR_REPLICAS)")
     try:
         settings.check_serving()
     except ValueError as error:
@@ -96,9 +115,12 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # prepare_database says what it applied
     click.echo(prepare_database(settings, migrate_it=not no_migrate))
+    if settings.replicas is not None:
+        _join_ray(settings)
     app = create_app(settings)
     base = f"http://{_url_host(settings.host)}:{settings.port}"
-    click.echo(f"Model: {settings.model or 'bundled default'} (loading in the background; {base}/ready says when)")
+    where = f"{settings.replicas} Ray Serve replica(s)" if settings.replicas is not None else "this process"
+    click.echo(f"Model: {settings.model or 'bundled default'} in {where} (loading; {base}/ready says when)")
     click.echo(f"Editor:   {base}/")
     click.echo(f"API docs: {base}/schema")
     config = uvicorn.Config(
@@ -109,6 +131,26 @@ def serve(
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
     )
     run_server(config, on_exit=app.state.worker.shut_down)
+
+
+def _join_ray(settings: Settings) -> None:
+    """Connect to Ray here, in the main thread before uvicorn starts. `ray.init` replaces the
+    SIGTERM handler with one that exits at once; the previous one is put back, so SIGTERM shuts
+    the server down gracefully as without Ray (the app's shutdown then stops the replicas)."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        from editor.ray_cluster import connect
+    except ImportError as error:
+        raise click.ClickException(f"--replicas needs Ray: pip install 'dllm-editor[ray]' ({error})") from error
+    try:
+        connect(settings.ray_address)
+    except Exception as error:  # Ray raises ConnectionError, RuntimeError or ValueError here
+        where = settings.ray_address or "a local Ray instance"
+        raise click.ClickException(f"cannot start or join {where}: {error}") from error
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_server(config: Any, *, on_exit: Callable[[], None]) -> None:

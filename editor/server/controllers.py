@@ -18,6 +18,7 @@ from litestar.status_codes import (
 from editor.canvas import split_literals
 from editor.db.services import Store
 from editor.document import DocumentError
+from editor.server.backend import FillBackend
 from editor.server.errors import LimitExceeded, error_body
 from editor.server.revisions import (
     diff_revisions,
@@ -53,9 +54,17 @@ from editor.server.schemas import (
     TokenizeOut,
     TokenizeRequest,
 )
-from editor.server.streaming import FillService, Finisher, fill_body, in_thread, store_revision, wants_stream
+from editor.server.streaming import (
+    FillService,
+    Finisher,
+    fill_body,
+    in_thread,
+    replica_header,
+    store_revision,
+    wants_stream,
+)
 from editor.server.tokens import TokenCounter
-from editor.server.worker import FillJob, ModelWorker
+from editor.server.worker import FillJob
 
 AnyRequest = Request[Any, Any, Any]
 # Explicit parameter markers (Litestar 2.25 style): path, query, body and injected dependencies.
@@ -76,7 +85,7 @@ SpanKey = Annotated[
 
 Fills = NamedDependency[FillService]
 Storage = NamedDependency[Store]
-Worker = NamedDependency[ModelWorker]
+Worker = NamedDependency[FillBackend]
 Tokens = NamedDependency[TokenCounter]
 SSE = "text/event-stream"
 
@@ -124,7 +133,8 @@ async def _new_revision_response(
     if stream:
         return await fills.stream(request, job, finish)
     body = await fills.run(request, job, finish)
-    return Response(body, status_code=HTTP_201_CREATED, headers=_location(document_id, body["number"]))
+    headers = _location(document_id, body["number"]) | replica_header(job)
+    return Response(body, status_code=HTTP_201_CREATED, headers=headers)
 
 
 def _location(document_id: int, number: int) -> dict[str, str]:
@@ -149,7 +159,8 @@ class FillController(Controller):
 
         if stream:
             return await fills.stream(request, job, finish)
-        return Response(await fills.run(request, job, finish), status_code=HTTP_200_OK)
+        body = await fills.run(request, job, finish)
+        return Response(body, status_code=HTTP_200_OK, headers=replica_header(job))
 
 
 class DocumentController(Controller):

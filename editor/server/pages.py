@@ -21,8 +21,8 @@ from litestar.types import ControllerRouterHandler
 
 from editor import __version__
 from editor.db.services import NotFound, Store
+from editor.server.backend import FillBackend
 from editor.server.streaming import in_thread
-from editor.server.worker import ModelWorker
 from editor.settings import Settings
 
 # Only our own scripts and styles: no inline script, no third-party origin, no framing.
@@ -54,7 +54,7 @@ class PageController(Controller):
     response_headers = PAGE_HEADERS
 
     @get("/")
-    async def documents(self, settings: NamedDependency[Settings], worker: NamedDependency[ModelWorker]) -> Template:
+    async def documents(self, settings: NamedDependency[Settings], worker: NamedDependency[FillBackend]) -> Template:
         """Your documents: search, create, rename, delete."""
         return Template("documents.html", context=_context(settings, worker))
 
@@ -63,7 +63,7 @@ class PageController(Controller):
         self,
         document_id: FromPath[int],
         settings: NamedDependency[Settings],
-        worker: NamedDependency[ModelWorker],
+        worker: NamedDependency[FillBackend],
         store: NamedDependency[Store],
     ) -> Template:
         """The editor for one document (404 page if there is no such document)."""
@@ -75,7 +75,7 @@ class PageController(Controller):
         return Template("editor.html", context=context)
 
 
-def _context(settings: Settings, worker: ModelWorker) -> dict[str, Any]:
+def _context(settings: Settings, worker: FillBackend) -> dict[str, Any]:
     return {
         "version": __version__,
         "model": worker.model_name or "",

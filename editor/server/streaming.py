@@ -20,10 +20,11 @@ from editor.db.services import NewRevision, Store
 from editor.document import Document
 from editor.options import FillCancelled, SamplerOptions
 from editor.parser import parse_document
+from editor.server.backend import FillBackend
 from editor.server.errors import LimitExceeded, error_body
 from editor.server.protection import request_id
 from editor.server.schemas import FillOut, RevisionOut
-from editor.server.worker import FillJob, JobOutcome, ModelWorker, StepUpdate
+from editor.server.worker import FillJob, JobOutcome, StepUpdate
 from editor.settings import Settings
 
 Finisher = Callable[[JobOutcome], Awaitable[dict[str, Any]]]
@@ -42,7 +43,7 @@ def wants_stream(request: Request[Any, Any, Any], *, body_flag: bool, query_flag
 @dataclass
 class FillService:
     settings: Settings
-    worker: ModelWorker
+    worker: FillBackend
     store: Store
 
     # -- checks (pure Python, cheap enough for the event loop) --
@@ -90,7 +91,13 @@ class FillService:
         errors), then stream `step` events and a final `result` (or `error`) event."""
         await until_done(request, job, job.wait_started())
         events = _events(job, finish, request_id(request.scope))
-        return ServerSentEvent(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | replica_header(job)
+        return ServerSentEvent(events, headers=headers)
+
+
+def replica_header(job: FillJob) -> dict[str, str]:
+    """`X-Editor-Replica`: which Ray Serve replica ran the fill (none for the in-process worker)."""
+    return {"X-Editor-Replica": job.served_by} if job.served_by is not None else {}
 
 
 async def until_done(request: Request[Any, Any, Any], job: FillJob, waiting: Awaitable[Any]) -> Any:
@@ -151,4 +158,12 @@ async def store_revision(store: Store, document_id: int, new: NewRevision, *, tr
     return RevisionOut.from_revision(revision, trace=trace).model_dump(mode="json")
 
 
-__all__ = ["FillService", "fill_body", "in_thread", "store_revision", "until_done", "wants_stream"]
+__all__ = [
+    "FillService",
+    "fill_body",
+    "in_thread",
+    "replica_header",
+    "store_revision",
+    "until_done",
+    "wants_stream",
+]

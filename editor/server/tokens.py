@@ -10,14 +10,15 @@ from typing import Any
 import anyio.to_thread
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE
 
+from editor.server.backend import FillBackend
 from editor.server.errors import LimitExceeded
 from editor.server.schemas import TokenizeOut
-from editor.server.worker import ModelWorker, WorkerUnavailable
+from editor.server.worker import WorkerUnavailable
 
 
 class TokenCounter:
     # A plain class, not a dataclass: Litestar would try to validate a dataclass dependency's fields.
-    def __init__(self, worker: ModelWorker, max_chars: int) -> None:
+    def __init__(self, worker: FillBackend, max_chars: int) -> None:
         self.worker = worker
         self.max_chars = max_chars
         self._tokenizer: Any = None
@@ -44,10 +45,10 @@ class TokenCounter:
         """A private copy: a fast tokenizer is not safe to call from two threads at once, and the
         worker thread uses the model's own."""
         if self._tokenizer is None:
-            model = self.worker.model
-            if model is None:
+            tokenizer = self.worker.tokenizer
+            if tokenizer is None:
                 raise WorkerUnavailable("the model is not loaded")
-            self._tokenizer = copy.deepcopy(model.tokenizer)
+            self._tokenizer = copy.deepcopy(tokenizer)
         return self._tokenizer
 
 

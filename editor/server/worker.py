@@ -55,6 +55,9 @@ class QueueFull(RuntimeError):
         super().__init__(f"the fill queue is full; retry in {retry_after} s")
         self.retry_after = retry_after
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return type(self), (self.retry_after,)
+
 
 class WorkerUnavailable(RuntimeError):
     """The model could not be loaded, or the worker is shutting down."""
@@ -139,6 +142,8 @@ class FillJob:
     deadline: float | None = None  # perf_counter time after which the fill is cancelled (fill_timeout_s)
     canvases: list[Canvas] = field(default_factory=list)
     trace: list[dict[str, Any]] = field(default_factory=list)
+    served_by: str | None = None  # the replica that runs it (Ray Serve); None for the in-process worker
+    on_cancel: Callable[[], None] | None = None  # also told of `cancel` (a remote fill cancels its call)
     _cancel: threading.Event = field(default_factory=threading.Event)
     _started: asyncio.Future[None] = field(init=False)
     _outcome: asyncio.Future[JobOutcome] = field(init=False)
@@ -154,6 +159,8 @@ class FillJob:
     def cancel(self) -> None:
         """Stop this job at the sampler's next step (safe from any thread)."""
         self._cancel.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -351,6 +358,14 @@ class ModelWorker:
     def model_note(self) -> str | None:
         """Why the loaded model is not the one asked for (the default model's base is missing)."""
         return getattr(self.model, "note", None) if self.model is not None else None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer if self.model is not None else None
+
+    @property
+    def lanes(self) -> int:
+        return 1  # one model, one piece of background work at a time
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the model has loaded (or failed to); True when it is ready."""

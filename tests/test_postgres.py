@@ -1,0 +1,134 @@
+"""A `postgresql://` database URL: the same migrations (up, down, up again) and the API storing
+and reading revisions, on a throwaway PostgreSQL cluster started here from the Debian server
+binaries (`apt-get install postgresql`, as the README's test command does), listening only on a
+Unix socket in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from litestar.testing import TestClient
+
+from editor.db import migrate
+from editor.models.base import DiffusionModel
+from tests.api_fixtures import app_for, make_settings
+
+pytest_plugins = ("tests.api_fixtures",)
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("one_torch_thread")]
+
+
+def server_binaries() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda path: int(path.parts[-3]))
+    assert found, "PostgreSQL's server is not installed: apt-get install postgresql (see README, Tests)"
+    return found[-1].parent
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A new cluster in a temporary directory; initdb refuses to run as root, so as root the
+    server runs as `nobody`."""
+    binaries = server_binaries()
+    root = Path(tempfile.mkdtemp(prefix="editor-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+        as_user = ["runuser", "-u", "nobody", "--"]
+    data, log = root / "data", root / "server.log"
+    try:
+        subprocess.run(
+            [*as_user, str(binaries / "initdb"), "-D", str(data), "-U", "editor", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+        )
+        options = f"-k {root} -c listen_addresses='' -p 5432"
+        subprocess.run(
+            [*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start"],
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql://editor@/postgres?host={root}"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run(
+                [*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], check=False
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_migrations_run_down_and_up_again(postgres_url: str) -> None:
+    migrate.upgrade(postgres_url)
+    head = migrate.head_revision(postgres_url)
+    assert migrate.current_revision(postgres_url) == head
+    migrate.downgrade(postgres_url, "base")
+    assert migrate.current_revision(postgres_url) is None
+    migrate.upgrade(postgres_url)
+    assert migrate.current_revision(postgres_url) == head
+
+
+def test_the_api_stores_and_reads_revisions(
+    postgres_url: str, tmp_path: Path, api_model_dir: Path, api_model: DiffusionModel
+) -> None:
+    settings = make_settings(tmp_path, api_model_dir, database_url=postgres_url)
+    app = app_for(settings, api_model)
+    with TestClient(app) as client:
+        assert app.state.worker.wait_ready(10)
+        assert client.get("/ready").json()["database"] == "ok"
+        source = "Dear [MASK 3 name=who],\nthank you for ordering [MASK 4]. [MASK 2 as=int] items"
+        document = client.post("/api/v1/documents", json={"title": "pg", "source": source}).json()
+        path = f"/api/v1/documents/{document['id']}"
+        first = client.post(f"{path}/fill", json={"options": {"seed": 2**62 + 5}})
+        assert first.status_code == 201, first.text
+        stored = client.get(f"{path}/revisions/1?trace=true").json()
+        assert stored["text"] == first.json()["text"]
+        assert stored["seed"] == 2**62 + 5  # a 64-bit seed survives (BIGINT)
+        assert [span["name"] for span in stored["spans"]] == ["who", None, None]
+        assert stored["trace"]
+        # Concurrent fills of one document get distinct, consecutive numbers (the row lock).
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: client.post(f"{path}/fill", json={}), range(6)))
+        assert sorted(answer.json()["number"] for answer in answers) == [2, 3, 4, 5, 6, 7]
+        regenerated = client.post(f"{path}/revisions/1/spans/who/regenerate", json={})
+        assert regenerated.status_code == 201
+        assert regenerated.json()["parent"] == 1
+        listing = client.get(f"{path}/revisions?limit=100").json()
+        assert listing["total"] == 8
+        # U+0000 (which PostgreSQL's text cannot hold) is stored as U+FFFD, not a 500.
+        odd = client.post("/api/v1/documents", json={"title": "a\x00b", "source": "x\x00y [MASK 2]"})
+        assert odd.status_code == 201, odd.text
+        stored_odd = client.get(f"/api/v1/documents/{odd.json()['id']}").json()
+        assert (stored_odd["title"], stored_odd["source"]) == ("a\ufffdb", "x\ufffdy [MASK 2]")
+        assert client.delete(path).status_code == 204
+        assert client.get(f"{path}/revisions").status_code == 404
+
+
+def test_api_batch_jobs_run_on_postgres(
+    postgres_url: str, tmp_path: Path, api_model_dir: Path, api_model: DiffusionModel
+) -> None:
+    settings = make_settings(tmp_path, api_model_dir, database_url=postgres_url)
+    app = app_for(settings, api_model)
+    records = [{"id": "r1"}, {"id": "x" * 600}, {"id": "r3"}]
+    with TestClient(app) as client:
+        created = client.post(
+            "/api/v1/batches", json={"template": {"id": "{id}", "n": "[MASK 2 as=int]"}, "records": records}
+        )
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        deadline = time.monotonic() + 60
+        while (job := client.get(f"/api/v1/batches/{job_id}").json())["status"] != "done":
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        lines = [json.loads(line) for line in client.get(f"/api/v1/batches/{job_id}/results").text.splitlines()]
+    assert [line["custom_id"] for line in lines] == ["r1", "2", "r3"]
+    assert lines[1]["error"] == {"code": "invalid_record", "message": "line 2: the id is over 500 characters"}
+    assert all(type(line["output"]["n"]) is int for line in (lines[0], lines[2]))
