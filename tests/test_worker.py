@@ -302,3 +302,95 @@ def test_batched_random_jobs_reproduce_their_seeds(worker_settings: Settings, ap
     finally:
         worker.stop()
     assert filled == list(zip(alone, seeds, strict=True))
+
+
+LONG_DOC = "Start [MASK 60] end."
+SHORT_DOCS = ("One [MASK 3] two.", "A [MASK 2] b [MASK 2] c.")
+
+
+async def join_while_running(
+    worker: ModelWorker, options: SamplerOptions, seeds: tuple[int, ...]
+) -> tuple[list[str], list[int]]:
+    """Start the long fill, and once it has run two steps submit the short ones; returns the texts
+    (long first) and the order in which the jobs completed (0 = the long one)."""
+    finished: list[int] = []
+
+    async def outcome(index: int, job) -> str:
+        text = (await job.result()).results[0].text
+        finished.append(index)
+        return text
+
+    long_job = worker.submit([parse_document(LONG_DOC)], options.model_copy(update={"seed": seeds[0]}), stream=True)
+    waiters = [asyncio.create_task(outcome(0, long_job))]
+    async for update in long_job.steps():
+        if update.step == 2:
+            break
+    for index, (source, seed) in enumerate(zip(SHORT_DOCS, seeds[1:], strict=True), start=1):
+        job = worker.submit([parse_document(source)], options.model_copy(update={"seed": seed}))
+        waiters.append(asyncio.create_task(outcome(index, job)))
+    return list(await asyncio.gather(*waiters)), finished
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_fills_joining_a_running_batch_equal_their_fills_alone(
+    worker_settings: Settings, api_model: DiffusionModel, options: SamplerOptions
+) -> None:
+    seeds = (21, 22, 23)
+    alone = [
+        fill_documents(api_model, [parse_document(source)], options.model_copy(update={"seed": seed}))[0].text
+        for source, seed in zip((LONG_DOC, *SHORT_DOCS), seeds, strict=True)
+    ]
+    slow = SlowModel(api_model, delay=0.01)
+    worker = started_worker(worker_settings, slow)
+    try:
+        texts, finished = run(join_while_running(worker, options, seeds))
+    finally:
+        worker.stop()
+    assert texts == alone
+    assert finished[-1] == 0  # the short fills joined the long one's batch and left it first
+    assert slow.forwards == 60  # one batched forward pass per step of the long fill: none of their own
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_short_fill_submitted_during_a_long_one_finishes_first(
+    worker_settings: Settings, api_model: DiffusionModel, continuous: bool
+) -> None:
+    settings = worker_settings.model_copy(update={"continuous_batching": continuous})
+    worker = started_worker(settings, SlowModel(api_model, delay=0.01))
+    try:
+        _, finished = run(join_while_running(worker, GREEDY, (1, 2, 3)))
+    finally:
+        worker.stop()
+    # Static batching (the previous worker) makes the short fills wait for the whole long batch.
+    assert finished == ([1, 2, 0] if continuous else [0, 1, 2])
+
+
+def test_a_job_cancelled_in_a_joined_batch_leaves_without_disturbing_the_others(
+    worker_settings: Settings, api_model: DiffusionModel
+) -> None:
+    documents = [parse_document(s) for s in ("A [MASK 30] b.", "C [MASK 12] d.", "E [MASK 8] f [MASK 3].")]
+    alone = [fill_documents(api_model, [d], SAMPLED)[0].text for d in documents]
+    slow = SlowModel(api_model, delay=0.01)
+    worker = started_worker(worker_settings, slow)
+    try:
+
+        async def three() -> tuple[str, str]:
+            first = worker.submit([documents[0]], SAMPLED, stream=True)
+            async for update in first.steps():
+                if update.step == 1:
+                    break
+            quitter = worker.submit([documents[1]], SAMPLED, stream=True)  # joins the running batch
+            last = worker.submit([documents[2]], SAMPLED)
+            async for update in quitter.steps():
+                if update.step == 3:
+                    quitter.cancel()
+            with pytest.raises(FillCancelled):
+                await quitter.result()
+            return (await first.result()).results[0].text, (await last.result()).results[0].text
+
+        texts = run(three())
+    finally:
+        worker.stop()
+    assert texts == (alone[0], alone[2])
+    cancelled = [s for s in worker.recent if s.state == "cancelled"]
+    assert len(cancelled) == 1 and 4 <= cancelled[0].steps_done < 12
