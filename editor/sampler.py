@@ -399,7 +399,7 @@ class SamplerRun:
             self.cache.layers = [
                 (F.pad(k, (0, 0, 0, grow)), F.pad(v, (0, 0, 0, grow)))
                 if grow > 0
-                else (k[:, :, :width], v[:, :, :width])
+                else (k[:, :, :width].contiguous(), v[:, :, :width].contiguous())
                 for k, v in self.cache.layers
             ]
 
