@@ -296,13 +296,13 @@ class SamplerRun:
             row.seed if row.seed is not None else row_seed(self.seed, key) for row, key in zip(rows, keys, strict=True)
         ]
         width = max(self.width, *(len(row.ids) for row in rows))
+        rule_index = self._rule_index(rows, width)  # first: it may refuse the rows
         self._set_width(width)
         ids, pinned, attention = pad_rows(rows, self.model.special.pad, device, width=width)
         masked = ~pinned & attention
         ids[masked] = self.model.special.mask
         mask_counts = [sum(1 for p in row.pinned if not p) for row in rows]
         plans = [_row_plan(count, self.options) for count in mask_counts]
-        rule_index = self._rule_index(rows, width)
         self.ids = torch.cat([self.ids, ids])
         self.pinned = torch.cat([self.pinned, pinned])
         self.attention = torch.cat([self.attention, attention])
@@ -413,15 +413,17 @@ class SamplerRun:
         self.finished = max(self._counts, default=0) == 0
 
     def _rule_index(self, rows: Sequence[Row], width: int) -> torch.Tensor:
-        """[n, width] index of each position's rule in `allowed`, growing the table for new rules."""
-        known = len(self._rules)
+        """[n, width] index of each position's rule in `allowed`, growing the table for new rules.
+        Raises (a rule no token fits) before changing the run, so a bad row cannot break it."""
+        rules = dict(self._rules)
         index = torch.zeros((len(rows), width), dtype=torch.long)
         for row_number, row in enumerate(rows):
             for position, (rule, fixed) in enumerate(zip(row.rules, row.pinned, strict=True)):
                 if not fixed:
-                    index[row_number, position] = self._rules.setdefault(rule, len(self._rules))
-        if len(self._rules) > known:
-            self.allowed = self.vocabulary.table(list(self._rules), self.device)
+                    index[row_number, position] = rules.setdefault(rule, len(rules))
+        if len(rules) > len(self._rules):
+            self.allowed = self.vocabulary.table(list(rules), self.device)
+            self._rules = rules
         return index.to(self.device)
 
     # -- a step --

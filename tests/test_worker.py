@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from editor.document import DocumentError
-from editor.filling import fill_documents
+from editor.filling import fill_documents, prepare_canvas
 from editor.models.base import DiffusionModel
 from editor.options import FillCancelled, SamplerOptions
 from editor.parser import parse_document
 from editor.server.worker import (
+    FillJob,
     ModelWorker,
     QueueFull,
     WorkerUnavailable,
@@ -315,7 +318,7 @@ async def join_while_running(
     (long first) and the order in which the jobs completed (0 = the long one)."""
     finished: list[int] = []
 
-    async def outcome(index: int, job) -> str:
+    async def outcome(index: int, job: FillJob) -> str:
         text = (await job.result()).results[0].text
         finished.append(index)
         return text
@@ -394,3 +397,53 @@ def test_a_job_cancelled_in_a_joined_batch_leaves_without_disturbing_the_others(
     assert texts == (alone[0], alone[2])
     cancelled = [s for s in worker.recent if s.state == "cancelled"]
     assert len(cancelled) == 1 and 4 <= cancelled[0].steps_done < 12
+
+
+class BatchShapes(SlowModel):
+    """Records the canvas shape [rows, width] of every sampler step."""
+
+    def __init__(self, model: DiffusionModel) -> None:
+        super().__init__(model, delay=0.01)
+        self.shapes: list[tuple[int, int]] = []
+
+    def score(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.shapes.append((int(ids.shape[0]), int(ids.shape[1])))
+        return super().score(ids, *args, **kwargs)
+
+    def score_window(self, cache: Any, ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.shapes.append((int(ids.shape[0]), int(ids.shape[1])))
+        return super().score_window(cache, ids, *args, **kwargs)
+
+
+@pytest.mark.parametrize("limit", ["rows", "tokens"])
+def test_fills_join_a_running_batch_only_within_its_row_and_token_limits(
+    worker_settings: Settings, api_model: DiffusionModel, limit: str
+) -> None:
+    long_doc = parse_document(LONG_DOC)
+    width = len(prepare_canvas(api_model, long_doc).ids)
+    budget = 2 * width if limit == "tokens" else 100 * width
+    settings = worker_settings.model_copy(
+        update={"max_batch_rows": 3 if limit == "tokens" else 2, "max_batch_tokens": budget}
+    )
+    shorts = [parse_document(s) for s in ("One [MASK 3] two.", "[MASK 2] x", "y [MASK 4]", "z [MASK 1].")]
+    alone = [fill_documents(api_model, [d], GREEDY)[0].text for d in shorts]
+    recorder = BatchShapes(api_model)
+    worker = started_worker(settings, recorder)
+    try:
+
+        async def fill() -> list[str]:
+            first = worker.submit([long_doc], GREEDY, stream=True)
+            async for update in first.steps():
+                if update.step == 1:
+                    break
+            jobs = [worker.submit([d], GREEDY) for d in shorts]
+            texts = [(await job.result()).results[0].text for job in jobs]
+            await first.result()
+            return texts
+
+        texts = run(fill())
+    finally:
+        worker.stop()
+    assert texts == alone
+    assert max(rows for rows, _ in recorder.shapes) == 2  # the long fill plus one short one at a time
+    assert all(rows * columns <= budget for rows, columns in recorder.shapes)

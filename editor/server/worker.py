@@ -556,7 +556,11 @@ class ModelWorker:
             Row(canvas.ids, canvas.pinned, canvas.rules, seed=row_seed(seed, index))
             for index, canvas in enumerate(job.canvases)
         ]
-        keys = batch.run.add(rows)
+        try:
+            keys = batch.run.add(rows)
+        except Exception as error:  # e.g. a rule no token of the vocabulary fits: this job only
+            self._close(job, "failed", error=error)
+            return
         batch.jobs.append(job)
         batch.seeds[job.id] = seed
         batch.keys[job.id] = keys
