@@ -12,8 +12,9 @@ of a step in [B, M] (padded; `valid` marks real ones), and the only host read pe
 counts that size the next step. With `options.cache` and a model that can run a window of the
 canvas against cached keys/values (`WindowedModel`), a step recomputes only the masked positions
 and those committed at the step before (their input changed); everything else keeps the keys and
-values of its last run, refreshed by a full pass at block starts and every `cache_refresh_every`
-steps.
+values of its last run, refreshed by a full run of the row at its own block starts and every
+`cache_refresh_every` of its own steps. Rows may join and leave a run between steps (the worker's
+continuous batching); nothing a row computes depends on when it joined or on its neighbours.
 """
 
 from __future__ import annotations
