@@ -447,3 +447,35 @@ def test_fills_join_a_running_batch_only_within_its_row_and_token_limits(
     assert texts == alone
     assert max(rows for rows, _ in recorder.shapes) == 2  # the long fill plus one short one at a time
     assert all(rows * columns <= budget for rows, columns in recorder.shapes)
+
+
+def test_a_fill_waiting_for_room_in_the_batch_can_be_cancelled(
+    worker_settings: Settings, api_model: DiffusionModel
+) -> None:
+    long_doc = parse_document(LONG_DOC)
+    width = len(prepare_canvas(api_model, long_doc).ids)
+    settings = worker_settings.model_copy(update={"max_batch_tokens": width})  # no room beside the long fill
+    worker = started_worker(settings, SlowModel(api_model, delay=0.01))
+    try:
+
+        async def cancel_the_waiting_one() -> list[str]:
+            finished: list[str] = []
+            first = worker.submit([long_doc], GREEDY, stream=True)
+            async for update in first.steps():
+                if update.step == 1:
+                    break
+            waiting = worker.submit([parse_document(DOC)], GREEDY)
+            await waiting.wait_started()  # laid out, waiting for rows to leave
+            waiting.cancel()
+            with pytest.raises(FillCancelled):
+                await waiting.result()
+            assert first.state == "running"  # it left without waiting for the batch
+            finished.append("waiting")
+            await first.result()
+            finished.append("long")
+            return finished
+
+        assert run(cancel_the_waiting_one()) == ["waiting", "long"]
+    finally:
+        worker.stop()
+    assert [s.state for s in worker.recent] == ["cancelled", "done"]

@@ -521,6 +521,9 @@ class ModelWorker:
         batch = self._batch
         if batch is not None and not self.settings.continuous_batching:
             return
+        for job in [job for job in self._waiting if job.should_stop]:  # cancelled while waiting for room
+            self._waiting.remove(job)
+            self._close_stopped(job)
         while self._waiting:
             job = self._waiting[0]
             if batch is None:
