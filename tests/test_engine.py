@@ -165,7 +165,10 @@ def test_a_row_fills_the_same_alone_batched_or_joining_mid_run(
     rows already running are not disturbed by it joining or by others leaving."""
     model = tiny_shifted_model if shifted else tiny_model
     vocabulary = vocabulary_rules(model)
-    rows = [Row(r.ids, r.pinned, r.rules, seed=60 + i) for i, r in enumerate(rows_for(model, SOURCES))]
+    # The last row is the widest and finishes first: the batch narrows while the others run.
+    wide = "A long line of literal text that goes on and on before [MASK 2] and still goes on after it."
+    rows = [Row(r.ids, r.pinned, r.rules, seed=60 + i) for i, r in enumerate(rows_for(model, [*SOURCES, wide]))]
+    assert len(rows[3].ids) > max(len(row.ids) for row in rows[:3])
     solo = [sample(model, [row], options, vocabulary) for row in rows]
     alone = [(output.ids[0], output.confidences[0]) for output in solo]
     together = sample(model, rows, options, vocabulary)
@@ -175,11 +178,14 @@ def test_a_row_fills_the_same_alone_batched_or_joining_mid_run(
         (first,) = running.keys
         running.step()
         running.step()
-        joined = running.add([rows[0], rows[2]])  # a longer and a shorter canvas, mid-run
+        joined = running.add([rows[0], rows[2], rows[3]])  # longer and shorter canvases, mid-run
+        widths = [running.width]
         done: dict[int, tuple[list[int], list[float]]] = {}
         while not running.finished:
             running.step()
             finished = [key for key in running.keys if running.row_done(key)]
             done |= {key: running.row_output(key)[:2] for key in finished}
             running.remove(finished)  # each row leaves as soon as it is done
-    assert_same_fills([done[joined[0]], done[first], done[joined[1]]], alone)
+            widths.append(running.width)
+    assert_same_fills([done[joined[0]], done[first], done[joined[1]], done[joined[2]]], alone)
+    assert widths[0] > widths[-2] > 0  # the widest row left mid-run
