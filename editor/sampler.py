@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from editor.constraints import PositionRule, VocabularyRules
-from editor.models.base import CanvasCache, DiffusionModel, SpecialIds, scored_logits, windowed
+from editor.models.base import CanvasCache, DiffusionModel, SpecialIds, WindowedModel, scored_logits, windowed
 from editor.options import FillCancelled, SamplerOptions
 
 
@@ -504,21 +504,69 @@ class SamplerRun:
         if self.cache is None or len(due) == len(filling):  # every row still filling starts afresh
             logits, self.cache = self.fast.score(self.ids, attention, candidates, keep_cache=True)
             return logits
-        window_mask, widths = self._window_mask, list(self._window_counts)
-        if due:
-            # A row due for a refresh runs all of its positions in the window: its whole cache is
-            # recomputed, as a full pass would, while the other rows keep theirs.
-            rows = torch.tensor(due, device=self.device)
-            window_mask = window_mask.index_copy(0, rows, self.attention.index_select(0, rows))
-            for index in due:
-                widths[index] = len(self.rows[index].ids)
-        width = max(widths)
+        if not due:
+            width = max(self._window_counts)
+            return self._window_logits(self.fast, self.cache, self.ids, self._window_mask, candidates, width)
+        # Rows at other points of their own schedules (continuous batching): the rows due for a
+        # refresh get a full pass of their own and the rest their windows, so a refreshing row
+        # does not widen every row's window to the whole canvas.
+        return self._split_logits(self.fast, self.cache, due, candidates)
+
+    def _window_logits(
+        self,
+        fast: WindowedModel,
+        cache: CanvasCache,
+        ids: torch.Tensor,
+        window_mask: torch.Tensor,
+        candidates: torch.Tensor,
+        width: int,
+    ) -> torch.Tensor:
+        """A window run of rows `ids` [b, L] over their `window_mask` positions (at most `width` a
+        row, as read at the end of the last step) against `cache`."""
         window = torch.argsort((~window_mask).to(torch.uint8), dim=1, stable=True)[:, :width]
         # A row with a narrower window repeats its first position: a duplicate computes exactly what
         # the original does, so no row's cache depends on what else is in the batch.
         in_window = torch.arange(width, device=self.device)[None] < window_mask.sum(dim=1, keepdim=True)
-        window = torch.where(in_window, window, window[:, :1])  # [B, W]
-        return self.fast.score_window(self.cache, self.ids, window, candidates)
+        window = torch.where(in_window, window, window[:, :1])  # [b, W]
+        return fast.score_window(cache, ids, window, candidates)
+
+    def _split_logits(
+        self, fast: WindowedModel, cache: CanvasCache, due: list[int], candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [B, M, V] from a full pass of the `due` rows (their cache rows replaced) and a
+        window run of the others (their cache rows updated)."""
+        batch, width = self.ids.shape
+        rest = sorted(set(range(batch)) - set(due))
+        parts = []
+        for group, refresh in ((due, True), (rest, False)):
+            index = torch.tensor(group, device=self.device)
+            ids = self.ids.index_select(0, index)
+            padded = any(len(self.rows[i].ids) != width for i in group)
+            attention = self.attention.index_select(0, index) if padded else None
+            at = candidates.index_select(0, index)
+            if refresh:
+                logits, fresh = fast.score(ids, attention, at, keep_cache=True)
+                assert fresh is not None
+                layers = fresh.layers
+            else:
+                part = CanvasCache(
+                    [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache.layers],
+                    cache.positions.index_select(0, index),
+                    attention,
+                )
+                window_mask = self._window_mask.index_select(0, index)
+                most = max(self._window_counts[i] for i in group)
+                logits = self._window_logits(fast, part, ids, window_mask, at, most)
+                layers = part.layers
+            for (keys, values), (new_keys, new_values) in zip(cache.layers, layers, strict=True):
+                keys.index_copy_(0, index, new_keys)
+                values.index_copy_(0, index, new_values)
+            parts.append((index, logits))
+        (due_index, due_logits), (rest_index, rest_logits) = parts
+        logits = due_logits.new_empty((batch, *due_logits.shape[1:]))
+        logits.index_copy_(0, due_index, due_logits)
+        logits.index_copy_(0, rest_index, rest_logits)
+        return logits
 
     def _next_window(self) -> torch.Tensor:
         """[B, L] bool: positions to recompute next step. Inputs changed at the masked positions
