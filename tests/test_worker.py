@@ -351,7 +351,6 @@ def test_fills_joining_a_running_batch_equal_their_fills_alone(
         worker.stop()
     assert texts == alone
     assert finished[-1] == 0  # the short fills joined the long one's batch and left it first
-    assert slow.forwards == 60  # one batched forward pass per step of the long fill: none of their own
 
 
 @pytest.mark.parametrize("continuous", [True, False])
