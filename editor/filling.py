@@ -253,11 +253,28 @@ def fill_canvases(
     rows = [Row(c.ids, c.pinned, c.rules, seed=s) for c, s in zip(canvases, seeds, strict=True)]
     output = sample(model, rows, options, vocabulary_rules(model), on_step=on_step, should_cancel=should_cancel)
     elapsed = time.perf_counter() - started
-    results = []
-    for canvas, ids, confidences in zip(canvases, output.ids, output.confidences, strict=True):
-        filled: FilledText = render(canvas, ids, confidences, model.tokenizer, model.special.end_ids)
-        results.append(FillResult(filled.text, filled.spans, model.name, output.seed, output.steps, elapsed, options))
-    return results
+    return [
+        fill_result(
+            model, canvas, ids, confidences, seed=output.seed, steps=output.steps, elapsed=elapsed, options=options
+        )
+        for canvas, ids, confidences in zip(canvases, output.ids, output.confidences, strict=True)
+    ]
+
+
+def fill_result(
+    model: DiffusionModel,
+    canvas: Canvas,
+    ids: list[int],
+    confidences: list[float],
+    *,
+    seed: int,
+    steps: int,
+    elapsed: float,
+    options: SamplerOptions,
+) -> FillResult:
+    """The filled canvas `ids` rendered as a result."""
+    filled: FilledText = render(canvas, ids, confidences, model.tokenizer, model.special.end_ids)
+    return FillResult(filled.text, filled.spans, model.name, seed, steps, elapsed, options)
 
 
 def locate(canvas: Canvas, position: int) -> tuple[int, int] | None:
@@ -268,4 +285,4 @@ def locate(canvas: Canvas, position: int) -> tuple[int, int] | None:
     return None
 
 
-__all__ = ["FillResult", "StepEvent", "fill_canvases", "fill_documents", "locate", "prepare_canvas"]
+__all__ = ["FillResult", "StepEvent", "fill_canvases", "fill_documents", "fill_result", "locate", "prepare_canvas"]

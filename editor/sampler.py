@@ -12,8 +12,9 @@ of a step in [B, M] (padded; `valid` marks real ones), and the only host read pe
 counts that size the next step. With `options.cache` and a model that can run a window of the
 canvas against cached keys/values (`WindowedModel`), a step recomputes only the masked positions
 and those committed at the step before (their input changed); everything else keeps the keys and
-values of its last run, refreshed by a full pass at block starts and every `cache_refresh_every`
-steps.
+values of its last run, refreshed by a full run of the row at its own block starts and every
+`cache_refresh_every` of its own steps. Rows may join and leave a run between steps (the worker's
+continuous batching); nothing a row computes depends on when it joined or on its neighbours.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from editor.constraints import PositionRule, VocabularyRules
-from editor.models.base import CanvasCache, DiffusionModel, SpecialIds, scored_logits, windowed
+from editor.models.base import CanvasCache, DiffusionModel, SpecialIds, WindowedModel, scored_logits, windowed
 from editor.options import FillCancelled, SamplerOptions
 
 
@@ -51,8 +54,12 @@ class StepEvent:
         tokens: torch.Tensor,  # [B, M]
         confidence: torch.Tensor,  # [B, M] float32
         masked: torch.Tensor,  # [B, L] bool, after the step
+        keys: list[int] | None = None,  # each row's key in its run (SamplerRun.add)
+        row_steps: list[int] | None = None,  # each row's own step number (rows may join a run late)
     ) -> None:
         self.step = step
+        self.keys = keys if keys is not None else list(range(masked.shape[0]))
+        self.row_steps = row_steps if row_steps is not None else [step] * masked.shape[0]
         self._tensors = (candidates, committed, tokens, confidence, masked)
 
     @cached_property
@@ -162,9 +169,11 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def pad_rows(rows: Sequence[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [B, L], pinned [B, L], attention [B, L], right-padded to the longest row."""
-    width = max(len(row.ids) for row in rows)
+def pad_rows(
+    rows: Sequence[Row], pad_id: int, device: torch.device, *, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [B, L], pinned [B, L], attention [B, L], right-padded to the longest row (or `width`)."""
+    width = max(len(row.ids) for row in rows) if width is None else width
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pinned = torch.ones((len(rows), width), dtype=torch.bool)
     attention = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -173,20 +182,6 @@ def pad_rows(rows: Sequence[Row], pad_id: int, device: torch.device) -> tuple[to
         pinned[index, : len(row.ids)] = torch.tensor(row.pinned)
         attention[index, : len(row.ids)] = True
     return ids.to(device), pinned.to(device), attention.to(device)
-
-
-def rule_table(
-    rows: Sequence[Row], vocabulary: VocabularyRules, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """allowed [R, V] bool over the distinct rules, and rule index [B, L] per position."""
-    distinct: dict[PositionRule, int] = {PositionRule(): 0}
-    width = max(len(row.ids) for row in rows)
-    index = torch.zeros((len(rows), width), dtype=torch.long)
-    for row_number, row in enumerate(rows):
-        for position, (rule, fixed) in enumerate(zip(row.rules, row.pinned, strict=True)):
-            if not fixed:
-                index[row_number, position] = distinct.setdefault(rule, len(distinct))
-    return vocabulary.table(list(distinct), device), index.to(device)
 
 
 def penalize_neighbours(
@@ -235,54 +230,213 @@ def row_seed(seed: int, index: int) -> int:
 
 
 class SamplerRun:
-    """One batch of rows being filled, a step at a time (`step` until `finished`)."""
+    """Rows being filled, a step at a time (`step` until `finished`).
+
+    Rows may join (`add`) and leave (`remove`) between steps: that is the worker's continuous
+    batching (docs/engine.md). Everything a row's numbers depend on follows the row's own step
+    count, not the run's: its plan (commit counts, active block), its cache refreshes and its random
+    draws, so a row fills the same whether it ran alone, batched from the start or joined mid-run.
+    """
 
     def __init__(
         self, model: DiffusionModel, rows: Sequence[Row], options: SamplerOptions, vocabulary: VocabularyRules
     ) -> None:
         self.model = model
-        self.rows = list(rows)
         self.options = options
+        self.vocabulary = vocabulary
         device = self.device = model.device
         self.seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**63)
-        self.row_seeds = [row.seed if row.seed is not None else row_seed(self.seed, i) for i, row in enumerate(rows)]
         self.random = (
             options.temperature > 0
             or options.schedule == "random"
             or (options.alg_temp > 0 and options.schedule in ("confidence", "margin", "entropy", "blocks"))
         )
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.row_seeds] if self.random else []
-        self.ids, self.pinned, attention = pad_rows(rows, model.special.pad, device)
-        # No padding (one row, or rows of one length): no attention mask at all, so SDPA can use
-        # its fused kernels; decided from the host-side lengths, without reading the device.
-        self.padded = len({len(row.ids) for row in rows}) > 1
-        self.attention = attention
-        self.allowed, self.rule_index = rule_table(rows, vocabulary, device)
-        self.masked = ~self.pinned & attention  # [B, L] positions still to fill
-        self.ids[self.masked] = model.special.mask
-        self.confidences = torch.ones(self.ids.shape, dtype=torch.float32, device=device)
-        self.fresh = torch.zeros_like(self.masked)  # committed at the last step: inputs changed
-        mask_counts = [sum(1 for p in row.pinned if not p) for row in rows]
-        self.plan = _plan_tables(mask_counts, self.masked, options)
         self.fast = windowed(model)
         self.windowed = options.cache and self.fast is not None
+        # Host-side, one entry per row in batch order.
+        self.rows: list[Row] = []
+        self.keys: list[int] = []  # stable names for rows (indices shift when rows leave)
+        self.row_seeds: list[int] = []
+        self.generators: list[torch.Generator] = []
+        self.row_steps: list[int] = []  # steps each row has taken
+        self.last_commit: list[int] = []  # the row's own step of its last commit, plus one
+        self._counts: list[int] = []  # masks left per row, as last read from the device
+        self._window_counts: list[int] = []  # positions in each row's next window
+        self._block_starts: list[frozenset[int]] = []  # each row's own steps that start a block
+        self._rules: dict[PositionRule, int] = {PositionRule(): 0}
+        self._added = 0
+        # Device-side [B, ...] state; width L = the longest row.
+        empty = torch.zeros((0, 0), dtype=torch.bool, device=device)
+        self.ids = torch.zeros((0, 0), dtype=torch.long, device=device)
+        self.pinned, self.attention, self.masked, self.fresh, self._window_mask = (empty,) * 5
+        self.confidences = torch.zeros((0, 0), dtype=torch.float32, device=device)
+        self.rule_index = torch.zeros((0, 0), dtype=torch.long, device=device)
+        self.allowed = vocabulary.table([PositionRule()], device)
+        self.plan = _PlanTables(
+            counts=torch.zeros((0, 1), dtype=torch.long, device=device),
+            blocks=torch.zeros((0, 1), dtype=torch.long, device=device),
+            block_of=torch.zeros((0, 0), dtype=torch.long, device=device),
+        )
+        self._row_step = torch.zeros((0,), dtype=torch.long, device=device)
+        self.padded = False
         self.cache: CanvasCache | None = None
-        self._window_mask = self.masked
-        self._window_width = 0
         self.step_number = 0
-        self.last_commit = [0] * len(self.rows)
-        self._counts = mask_counts  # masks left per row, as last read from the device
-        self.finished = max(mask_counts, default=0) == 0
+        self.finished = True
+        self.add(rows)
+
+    # -- rows joining and leaving (between steps) --
+
+    def add(self, rows: Sequence[Row]) -> list[int]:
+        """Rows joining the run at its next step, each starting at its own step 0; returns their keys."""
+        if not rows:
+            return []
+        keys = list(range(self._added, self._added + len(rows)))
+        self._added += len(rows)
+        device = self.device
+        seeds = [
+            row.seed if row.seed is not None else row_seed(self.seed, key) for row, key in zip(rows, keys, strict=True)
+        ]
+        width = max(self.width, *(len(row.ids) for row in rows))
+        rule_index = self._rule_index(rows, width)  # first: it may refuse the rows
+        self._set_width(width)
+        ids, pinned, attention = pad_rows(rows, self.model.special.pad, device, width=width)
+        masked = ~pinned & attention
+        ids[masked] = self.model.special.mask
+        mask_counts = [sum(1 for p in row.pinned if not p) for row in rows]
+        plans = [_row_plan(count, self.options) for count in mask_counts]
+        self.ids = torch.cat([self.ids, ids])
+        self.pinned = torch.cat([self.pinned, pinned])
+        self.attention = torch.cat([self.attention, attention])
+        self.masked = torch.cat([self.masked, masked])
+        self.fresh = torch.cat([self.fresh, torch.zeros_like(masked)])
+        self._window_mask = torch.cat([self._window_mask, attention])
+        self.confidences = torch.cat([self.confidences, torch.ones(ids.shape, dtype=torch.float32, device=device)])
+        self.rule_index = torch.cat([self.rule_index, rule_index])
+        self.plan = self.plan.extended(plans, masked, self.options.block_length)
+        self._row_step = torch.cat([self._row_step, torch.zeros(len(rows), dtype=torch.long, device=device)])
+        if self.cache is not None:  # the joining rows' keys/values are computed at their first step
+            self.cache.layers = [
+                (
+                    torch.cat([k, k.new_zeros((len(rows), *k.shape[1:]))]),
+                    torch.cat([v, v.new_zeros((len(rows), *v.shape[1:]))]),
+                )
+                for k, v in self.cache.layers
+            ]
+        self.rows += rows
+        self.keys += keys
+        self.row_seeds += seeds
+        if self.random:
+            self.generators += [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.row_steps += [0] * len(rows)
+        self.last_commit += [0] * len(rows)
+        self._counts += mask_counts
+        self._window_counts += [len(row.ids) for row in rows]
+        self._block_starts += [_block_starts(plan) for plan in plans]
+        self._layout_changed()
+        return keys
+
+    def remove(self, keys: Sequence[int]) -> None:
+        """Rows leaving the run (done or cancelled); the rest keep every number they had."""
+        gone = set(keys)
+        kept = [index for index, key in enumerate(self.keys) if key not in gone]
+        if len(kept) == len(self.keys):
+            return
+        index = torch.tensor(kept, dtype=torch.long, device=self.device)
+
+        def pick(values: list[Any]) -> list[Any]:
+            return [values[i] for i in kept]
+
+        self.rows, self.keys, self.row_seeds = pick(self.rows), pick(self.keys), pick(self.row_seeds)
+        self.generators = pick(self.generators) if self.random else []
+        self.row_steps, self.last_commit = pick(self.row_steps), pick(self.last_commit)
+        self._counts, self._window_counts = pick(self._counts), pick(self._window_counts)
+        self._block_starts = pick(self._block_starts)
+        for name in ("ids", "pinned", "attention", "masked", "fresh", "_window_mask", "confidences", "rule_index"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.plan = self.plan.selected(index)
+        self._row_step = self._row_step.index_select(0, index)
+        if self.cache is not None:
+            self.cache.layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache.layers]
+        self._set_width(max((len(row.ids) for row in self.rows), default=0))
+        self._layout_changed()
+
+    def row_output(self, key: int) -> tuple[list[int], list[float], int]:
+        """A row's ids, confidences and steps taken (its own count, up to its last commit)."""
+        index = self.keys.index(key)
+        length = len(self.rows[index].ids)
+        ids = self.ids[index, :length].tolist()
+        confidences = self.confidences[index, :length].tolist()
+        return ids, confidences, self.last_commit[index]
+
+    def row_done(self, key: int) -> bool:
+        return self._counts[self.keys.index(key)] == 0
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+    def _set_width(self, width: int) -> None:
+        """Pad every [B, L] tensor (and the cache) to `width` columns, or cut it to `width`."""
+        if width == self.width:
+            return
+        grow = width - self.width
+        fills: dict[str, float | bool | int] = {
+            "ids": self.model.special.pad,
+            "pinned": True,
+            "attention": False,
+            "masked": False,
+            "fresh": False,
+            "_window_mask": False,
+            "confidences": 1.0,
+            "rule_index": 0,
+        }
+        for name, fill in fills.items():
+            tensor = getattr(self, name)
+            setattr(self, name, F.pad(tensor, (0, grow), value=fill) if grow > 0 else tensor[:, :width])
+        self.plan.block_of = (
+            F.pad(self.plan.block_of, (0, grow), value=-1) if grow > 0 else self.plan.block_of[:, :width]
+        )
+        if self.cache is not None:  # layers [B, Hkv, L, D]; new columns are padding, never attended to
+            self.cache.layers = [
+                (F.pad(k, (0, 0, 0, grow)), F.pad(v, (0, 0, 0, grow)))
+                if grow > 0
+                else (k[:, :, :width].contiguous(), v[:, :, :width].contiguous())
+                for k, v in self.cache.layers
+            ]
+
+    def _layout_changed(self) -> None:
+        """After rows joined or left: padding, the cache's view of it, and whether anything is left."""
+        self.padded = len({len(row.ids) for row in self.rows}) > 1
+        if self.cache is not None:
+            batch, width = self.ids.shape
+            self.cache.positions = torch.arange(width, device=self.device).expand(batch, width)
+            self.cache.attention = self.attention if self.padded else None
+        self.finished = max(self._counts, default=0) == 0
+
+    def _rule_index(self, rows: Sequence[Row], width: int) -> torch.Tensor:
+        """[n, width] index of each position's rule in `allowed`, growing the table for new rules.
+        Raises (a rule no token fits) before changing the run, so a bad row cannot break it."""
+        rules = dict(self._rules)
+        index = torch.zeros((len(rows), width), dtype=torch.long)
+        for row_number, row in enumerate(rows):
+            for position, (rule, fixed) in enumerate(zip(row.rules, row.pinned, strict=True)):
+                if not fixed:
+                    index[row_number, position] = rules.setdefault(rule, len(rules))
+        if len(rules) > len(self._rules):
+            self.allowed = self.vocabulary.table(list(rules), self.device)
+            self._rules = rules
+        return index.to(self.device)
+
+    # -- a step --
 
     def step(self) -> StepEvent | None:
         """Score, choose and commit one step; returns what happened (None once nothing is left)."""
         if self.finished:
             return None
-        step = self.step_number
         width = max(self._counts)
         candidates = torch.argsort((~self.masked).to(torch.uint8), dim=1, stable=True)[:, :width]  # [B, M]
         valid = self.masked.gather(1, candidates)  # [B, M] real masked positions (the rest is padding)
-        logits = self._logits(candidates, step)  # [B, M, V] model dtype
+        logits = self._logits(candidates)  # [B, M, V] model dtype
         allowed = self.allowed[self.rule_index.gather(1, candidates)]  # [B, M, V]
         logits = logits.float().masked_fill(~allowed, float("-inf"))
         if self.options.repetition_penalty != 1.0:
@@ -290,8 +444,9 @@ class SamplerRun:
             logits = penalize_neighbours(logits, self.ids, candidates, self.model.special, penalty)
         logits = _finite(logits, allowed)
         tokens, confidence, scores = self._choose(logits, candidates, valid)
-        count = self._commit_counts(confidence, valid, step)  # [B]
-        eligible = valid & self._eligible(candidates, step)
+        planned, block = self.plan.at(self._row_step)  # [B] each, at every row's own step
+        count = self._commit_counts(confidence, valid, planned)  # [B]
+        eligible = valid & self._eligible(candidates, block)
         scores = scores.masked_fill(~eligible, float("-inf"))
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         take = torch.arange(width, device=self.device)[None] < count[:, None]  # [B, M] in score order
@@ -302,22 +457,25 @@ class SamplerRun:
         )
         self.masked = self.masked.scatter(1, candidates, valid & ~committed)
         self.fresh = torch.zeros_like(self.masked).scatter(1, candidates, committed)
-        event = StepEvent(step, candidates, committed, tokens, confidence, self.masked)
-        # The one host read of the step: mask counts (and the next window's width) size the next
+        event = StepEvent(
+            self.step_number, candidates, committed, tokens, confidence, self.masked, list(self.keys), self.row_steps
+        )
+        # The one host read of the step: mask counts (and the next windows' widths) size the next
         # step and say when to stop.
         left = self.masked.sum(dim=1)  # [B]
         counts: list[int]
         if self.windowed:
             self._window_mask = self._next_window()
-            counts, window_width = torch.stack([left, self._window_mask.sum(dim=1)]).tolist()
-            self._window_width = max(window_width)
+            counts, self._window_counts = torch.stack([left, self._window_mask.sum(dim=1)]).tolist()
         else:
             counts = left.tolist()
         self.last_commit = [
-            step + 1 if now < before else last
-            for now, before, last in zip(counts, self._counts, self.last_commit, strict=True)
+            row_step + 1 if now < before else last
+            for now, before, last, row_step in zip(counts, self._counts, self.last_commit, self.row_steps, strict=True)
         ]
         self._counts = counts
+        self.row_steps = [row_step + 1 for row_step in self.row_steps]
+        self._row_step = self._row_step + 1
         self.step_number += 1
         self.finished = max(counts) == 0
         return event
@@ -334,22 +492,81 @@ class SamplerRun:
 
     # -- the parts of a step --
 
-    def _logits(self, candidates: torch.Tensor, step: int) -> torch.Tensor:
+    def _logits(self, candidates: torch.Tensor) -> torch.Tensor:
         """Aligned logits [B, M, V] at the candidates: a full pass, or a window run on the cache."""
         attention = self.attention if self.padded else None
         if self.fast is None:
             return scored_logits(self.model, self.ids, self.attention, candidates)
         if not self.windowed:
             return self.fast.score(self.ids, attention, candidates, keep_cache=False)[0]
-        if self.cache is None or self._refresh_due(step):
+        filling = [index for index, count in enumerate(self._counts) if count]
+        due = [index for index in filling if self._refresh_due(index)]
+        if self.cache is None or len(due) == len(filling):  # every row still filling starts afresh
             logits, self.cache = self.fast.score(self.ids, attention, candidates, keep_cache=True)
             return logits
-        window = torch.argsort((~self._window_mask).to(torch.uint8), dim=1, stable=True)[:, : self._window_width]
+        if not due:
+            width = max(self._window_counts)
+            return self._window_logits(self.fast, self.cache, self.ids, self._window_mask, candidates, width)
+        # Rows at other points of their own schedules (continuous batching): the rows due for a
+        # refresh get a full pass of their own and the rest their windows, so a refreshing row
+        # does not widen every row's window to the whole canvas.
+        return self._split_logits(self.fast, self.cache, due, candidates)
+
+    def _window_logits(
+        self,
+        fast: WindowedModel,
+        cache: CanvasCache,
+        ids: torch.Tensor,
+        window_mask: torch.Tensor,
+        candidates: torch.Tensor,
+        width: int,
+    ) -> torch.Tensor:
+        """A window run of rows `ids` [b, L] over their `window_mask` positions (at most `width` a
+        row, as read at the end of the last step) against `cache`."""
+        window = torch.argsort((~window_mask).to(torch.uint8), dim=1, stable=True)[:, :width]
         # A row with a narrower window repeats its first position: a duplicate computes exactly what
         # the original does, so no row's cache depends on what else is in the batch.
-        in_window = torch.arange(window.shape[1], device=self.device)[None] < self._window_mask.sum(dim=1, keepdim=True)
-        window = torch.where(in_window, window, window[:, :1])  # [B, W]
-        return self.fast.score_window(self.cache, self.ids, window, candidates)
+        in_window = torch.arange(width, device=self.device)[None] < window_mask.sum(dim=1, keepdim=True)
+        window = torch.where(in_window, window, window[:, :1])  # [b, W]
+        return fast.score_window(cache, ids, window, candidates)
+
+    def _split_logits(
+        self, fast: WindowedModel, cache: CanvasCache, due: list[int], candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [B, M, V] from a full pass of the `due` rows (their cache rows replaced) and a
+        window run of the others (their cache rows updated)."""
+        batch, width = self.ids.shape
+        rest = sorted(set(range(batch)) - set(due))
+        parts = []
+        for group, refresh in ((due, True), (rest, False)):
+            index = torch.tensor(group, device=self.device)
+            ids = self.ids.index_select(0, index)
+            padded = any(len(self.rows[i].ids) != width for i in group)
+            attention = self.attention.index_select(0, index) if padded else None
+            at = candidates.index_select(0, index)
+            if refresh:
+                logits, fresh = fast.score(ids, attention, at, keep_cache=True)
+                assert fresh is not None
+                layers = fresh.layers
+            else:
+                part = CanvasCache(
+                    [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache.layers],
+                    cache.positions.index_select(0, index),
+                    attention,
+                )
+                window_mask = self._window_mask.index_select(0, index)
+                most = max(self._window_counts[i] for i in group)
+                logits = self._window_logits(fast, part, ids, window_mask, at, most)
+                layers = part.layers
+            for (keys, values), (new_keys, new_values) in zip(cache.layers, layers, strict=True):
+                keys.index_copy_(0, index, new_keys)
+                values.index_copy_(0, index, new_values)
+            parts.append((index, logits))
+        (due_index, due_logits), (rest_index, rest_logits) = parts
+        logits = due_logits.new_empty((batch, *due_logits.shape[1:]))
+        logits.index_copy_(0, due_index, due_logits)
+        logits.index_copy_(0, rest_index, rest_logits)
+        return logits
 
     def _next_window(self) -> torch.Tensor:
         """[B, L] bool: positions to recompute next step. Inputs changed at the masked positions
@@ -360,11 +577,12 @@ class SamplerRun:
             window = window | torch.nn.functional.pad(self.masked[:, 1:], (0, 1))
         return window
 
-    def _refresh_due(self, step: int) -> bool:
+    def _refresh_due(self, index: int) -> bool:
+        """Whether row `index` refreshes its cache by a full run at its own next step: its first
+        step, each of its block starts, and every `cache_refresh_every` of its steps."""
+        row_step = self.row_steps[index]
         every = self.options.cache_refresh_every
-        if every is not None and step % every == 0:
-            return True
-        return step in self.plan.block_starts
+        return (every is not None and row_step % every == 0) or row_step in self._block_starts[index]
 
     def _choose(
         self, logits: torch.Tensor, candidates: torch.Tensor, valid: torch.Tensor
@@ -431,8 +649,8 @@ class SamplerRun:
                 )
         return noise
 
-    def _commit_counts(self, confidence: torch.Tensor, valid: torch.Tensor, step: int) -> torch.Tensor:
-        """[B] positions each row commits this step."""
+    def _commit_counts(self, confidence: torch.Tensor, valid: torch.Tensor, planned: torch.Tensor) -> torch.Tensor:
+        """[B] positions each row commits this step (`planned`: the row's plan at its own step)."""
         options = self.options
         remaining = valid.sum(dim=1)  # [B]
         if options.schedule in ("threshold", "factor"):
@@ -447,18 +665,16 @@ class SamplerRun:
                 sure = (((n + 1) * (1 - ranked) < options.factor) & (ranked > 0)).long().cumprod(dim=1).sum(dim=1)
             count = sure.clamp(min=1)
             if options.steps is not None:
-                steps_left = max(1, options.steps - step)
+                steps_left = (options.steps - self._row_step).clamp(min=1)
                 count = torch.maximum(count, (remaining + steps_left - 1) // steps_left)
             return torch.minimum(count, remaining)
-        if step < self.plan.counts.shape[0]:
-            return self.plan.counts[step]
-        return remaining
+        return planned
 
-    def _eligible(self, candidates: torch.Tensor, step: int) -> torch.Tensor:
+    def _eligible(self, candidates: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         """[B, M] bool: candidates the schedule may commit now (the active block for `blocks`)."""
-        if self.plan.blocks is None or step >= self.plan.blocks.shape[0]:
+        if self.options.schedule != "blocks":
             return torch.ones(candidates.shape, dtype=torch.bool, device=self.device)
-        block = self.plan.blocks[step][:, None]  # [B, 1]; -1 = the row's plan is over: any position
+        block = block[:, None]  # [B, 1]; -1 = the row's plan is over: any position
         return (self.plan.block_of.gather(1, candidates) == block) | (block < 0)
 
 
@@ -473,39 +689,53 @@ def _filtered(logits: torch.Tensor, options: SamplerOptions) -> torch.Tensor:
     return logits
 
 
+_PAST_PLAN = 2**31 - 1  # commit count of a row past its plan: every position left
+
+
 @dataclass
 class _PlanTables:
-    counts: torch.Tensor  # [S, B] positions each row commits at step s (rows past their plan: all)
-    blocks: torch.Tensor | None  # [S, B] active block (blocks schedule; -1 once a row's plan is over)
+    """Each row's schedule from its own mask count, laid out as device tables read by the row's own
+    step (built on the host when the row joins, so the loop reads no per-step plan from it)."""
+
+    counts: torch.Tensor  # [B, S] positions row b commits at its step s; past its plan: _PAST_PLAN
+    blocks: torch.Tensor  # [B, S] active block at step s (blocks schedule); -1 past the plan: any
     block_of: torch.Tensor  # [B, L] block of each masked position, -1 elsewhere
-    block_starts: frozenset[int]  # steps at which some row starts a new block (cache refresh points)
+
+    def at(self, row_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] commit counts and active blocks at each row's step `row_step` [B]."""
+        column = row_step.clamp(max=self.counts.shape[1] - 1)[:, None]  # the last column is past every plan
+        return self.counts.gather(1, column)[:, 0], self.blocks.gather(1, column)[:, 0]
+
+    def extended(self, plans: list[list[tuple[int, int]]], masked: torch.Tensor, block_length: int) -> _PlanTables:
+        """These tables with rows for `plans` (masked [n, L]: the new rows' masked positions) added."""
+        length = max(self.counts.shape[1], *(len(plan) + 1 for plan in plans))
+        grow = length - self.counts.shape[1]
+        device = masked.device
+        counts = [[c for c, _ in plan] + [_PAST_PLAN] * (length - len(plan)) for plan in plans]
+        blocks = [[b for _, b in plan] + [-1] * (length - len(plan)) for plan in plans]
+        rank = masked.long().cumsum(dim=1) - 1  # [n, L] order of each masked position in its row
+        return _PlanTables(
+            counts=torch.cat(
+                [F.pad(self.counts, (0, grow), value=_PAST_PLAN), torch.tensor(counts, dtype=torch.long, device=device)]
+            ),
+            blocks=torch.cat(
+                [F.pad(self.blocks, (0, grow), value=-1), torch.tensor(blocks, dtype=torch.long, device=device)]
+            ),
+            block_of=torch.cat([self.block_of, torch.where(masked, rank // block_length, torch.full_like(rank, -1))]),
+        )
+
+    def selected(self, index: torch.Tensor) -> _PlanTables:
+        return _PlanTables(self.counts[index], self.blocks[index], self.block_of[index])
 
 
-def _plan_tables(mask_counts: list[int], masked: torch.Tensor, options: SamplerOptions) -> _PlanTables:
-    """Each row's schedule from its own mask count, laid out as device tables read by step index
-    (built once on the host, so the loop reads no per-step plan from it)."""
-    device = masked.device
-    plans: list[list[tuple[int, int]]] = []
-    for count in mask_counts:
-        steps = options.steps if options.steps is not None else count
-        if options.schedule == "blocks":
-            plans.append(block_plan(count, steps, options.block_length))
-        else:
-            plans.append([(c, 0) for c in step_counts(count, steps)])
-    length = max((len(p) for p in plans), default=0)
-    everything = masked.shape[1]
-    counts = [[p[s][0] if s < len(p) else everything for p in plans] for s in range(length)]
-    blocks = [[p[s][1] if s < len(p) else -1 for p in plans] for s in range(length)]
-    starts = {0}
+def _row_plan(masks: int, options: SamplerOptions) -> list[tuple[int, int]]:
+    """(count, block) per step of one row with `masks` masked positions."""
+    steps = options.steps if options.steps is not None else masks
     if options.schedule == "blocks":
-        starts |= {s for s in range(1, length) if any(0 <= b != blocks[s - 1][i] for i, b in enumerate(blocks[s]))}
-    rank = masked.long().cumsum(dim=1) - 1  # [B, L] order of each masked position in its row
-    block_of = torch.where(masked, rank // options.block_length, torch.full_like(rank, -1))
-    return _PlanTables(
-        counts=torch.tensor(counts, dtype=torch.long, device=device).reshape(length, len(mask_counts)),
-        blocks=torch.tensor(blocks, dtype=torch.long, device=device).reshape(length, len(mask_counts))
-        if options.schedule == "blocks"
-        else None,
-        block_of=block_of,
-        block_starts=frozenset(starts),
-    )
+        return block_plan(masks, steps, options.block_length)
+    return [(count, 0) for count in step_counts(masks, steps)]
+
+
+def _block_starts(plan: list[tuple[int, int]]) -> frozenset[int]:
+    """The steps of a row's plan at which it starts a block (step 0 included): cache refresh points."""
+    return frozenset({0} | {s for s in range(1, len(plan)) if plan[s][1] != plan[s - 1][1]})

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(32, ge=1, description="fills waiting for the worker; beyond this requests get 429")
     batch_window_ms: float = Field(5.0, ge=0, description="how long the worker waits to gather a batch")
+    continuous_batching: bool = Field(
+        True,
+        description="admit queued fills into the running batch at each step and hand each fill back when its "
+        "rows are done; false: a batch runs to its end before the next starts",
+    )
     keep_step_trace: bool = Field(True, description="store each revision's step trace (for replay)")
 
     # Ray (README "Running on a Ray cluster"); nothing of Ray is imported unless asked for.

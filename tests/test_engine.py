@@ -11,7 +11,7 @@ from editor.filling import fill_documents, prepare_canvas, vocabulary_rules
 from editor.models import NativeDiffusionModel, aligned_logits
 from editor.options import SamplerOptions
 from editor.parser import parse_document
-from editor.sampler import Row, SampleOutput, StepEvent, sample
+from editor.sampler import Row, SampleOutput, SamplerRun, StepEvent, sample
 
 pytestmark = pytest.mark.usefixtures("tiny_one_thread")
 
@@ -136,3 +136,56 @@ def test_step_events_read_the_device_only_when_asked(tiny_model: NativeDiffusion
     assert [len(e.commits) for e in events] == [6, 6, 5]
     assert events[-1].remaining == [0]
     assert output.row_steps == [3]
+
+
+def assert_same_fills(got: list[tuple[list[int], list[float]]], expected: list[tuple[list[int], list[float]]]) -> None:
+    """Same tokens, and the same confidences up to float rounding (batch shapes change the order of
+    a few sums), which also catches a cache refreshed at another step when the tokens agree."""
+    assert [ids for ids, _ in got] == [ids for ids, _ in expected]
+    for (_, confidences), (_, wanted) in zip(got, expected, strict=True):
+        assert confidences == pytest.approx(wanted, abs=1e-5)
+
+
+JOIN_OPTIONS = [
+    SamplerOptions(seed=5),  # confidence, cache refreshed every 4 of a row's own steps
+    SamplerOptions(schedule="blocks", block_length=4, steps=9, cache_refresh_every=None, seed=5),
+    SamplerOptions(schedule="random", temperature=1.0, steps=7, seed=5),
+    SamplerOptions(schedule="threshold", threshold=0.05, temperature=0.7, top_p=0.9, seed=5),
+    SamplerOptions(schedule="factor", factor=2.0, steps=6, cache=False, seed=5),
+]
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("options", JOIN_OPTIONS, ids=lambda o: f"{o.schedule}-t{o.temperature}-cache{o.cache}")
+def test_a_row_fills_the_same_alone_batched_or_joining_mid_run(
+    tiny_model: NativeDiffusionModel, tiny_shifted_model: NativeDiffusionModel, shifted: bool, options: SamplerOptions
+) -> None:
+    """Continuous batching's invariant: plan, cache refreshes and random draws follow each row's
+    own steps, so a row joining a running batch (of other lengths) fills exactly as alone, and the
+    rows already running are not disturbed by it joining or by others leaving."""
+    model = tiny_shifted_model if shifted else tiny_model
+    vocabulary = vocabulary_rules(model)
+    # The last row is the widest and finishes first: the batch narrows while the others run.
+    wide = "A long line of literal text that goes on and on before [MASK 2] and still goes on after it."
+    rows = [Row(r.ids, r.pinned, r.rules, seed=60 + i) for i, r in enumerate(rows_for(model, [*SOURCES, wide]))]
+    assert len(rows[3].ids) > max(len(row.ids) for row in rows[:3])
+    solo = [sample(model, [row], options, vocabulary) for row in rows]
+    alone = [(output.ids[0], output.confidences[0]) for output in solo]
+    together = sample(model, rows, options, vocabulary)
+    assert_same_fills(list(zip(together.ids, together.confidences, strict=True)), alone)
+    with torch.inference_mode():
+        running = SamplerRun(model, rows[1:2], options, vocabulary)
+        (first,) = running.keys
+        running.step()
+        running.step()
+        joined = running.add([rows[0], rows[2], rows[3]])  # longer and shorter canvases, mid-run
+        widths = [running.width]
+        done: dict[int, tuple[list[int], list[float]]] = {}
+        while not running.finished:
+            running.step()
+            finished = [key for key in running.keys if running.row_done(key)]
+            done |= {key: running.row_output(key)[:2] for key in finished}
+            running.remove(finished)  # each row leaves as soon as it is done
+            widths.append(running.width)
+    assert_same_fills([done[joined[0]], done[first], done[joined[1]], done[joined[2]]], alone)
+    assert widths[0] > widths[-2] > 0  # the widest row left mid-run

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from editor.document import DocumentError
-from editor.filling import fill_documents
+from editor.filling import fill_documents, prepare_canvas
 from editor.models.base import DiffusionModel
 from editor.options import FillCancelled, SamplerOptions
 from editor.parser import parse_document
 from editor.server.worker import (
+    FillJob,
     ModelWorker,
     QueueFull,
     WorkerUnavailable,
@@ -302,3 +305,176 @@ def test_batched_random_jobs_reproduce_their_seeds(worker_settings: Settings, ap
     finally:
         worker.stop()
     assert filled == list(zip(alone, seeds, strict=True))
+
+
+LONG_DOC = "Start [MASK 60] end."
+SHORT_DOCS = ("One [MASK 3] two.", "A [MASK 2] b [MASK 2] c.")
+
+
+async def join_while_running(
+    worker: ModelWorker, options: SamplerOptions, seeds: tuple[int, ...]
+) -> tuple[list[str], list[int]]:
+    """Start the long fill, and once it has run two steps submit the short ones; returns the texts
+    (long first) and the order in which the jobs completed (0 = the long one)."""
+    finished: list[int] = []
+
+    async def outcome(index: int, job: FillJob) -> str:
+        text = (await job.result()).results[0].text
+        finished.append(index)
+        return text
+
+    long_job = worker.submit([parse_document(LONG_DOC)], options.model_copy(update={"seed": seeds[0]}), stream=True)
+    waiters = [asyncio.create_task(outcome(0, long_job))]
+    async for update in long_job.steps():
+        if update.step == 2:
+            break
+    for index, (source, seed) in enumerate(zip(SHORT_DOCS, seeds[1:], strict=True), start=1):
+        job = worker.submit([parse_document(source)], options.model_copy(update={"seed": seed}))
+        waiters.append(asyncio.create_task(outcome(index, job)))
+    return list(await asyncio.gather(*waiters)), finished
+
+
+@pytest.mark.parametrize("options", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_fills_joining_a_running_batch_equal_their_fills_alone(
+    worker_settings: Settings, api_model: DiffusionModel, options: SamplerOptions
+) -> None:
+    seeds = (21, 22, 23)
+    alone = [
+        fill_documents(api_model, [parse_document(source)], options.model_copy(update={"seed": seed}))[0].text
+        for source, seed in zip((LONG_DOC, *SHORT_DOCS), seeds, strict=True)
+    ]
+    slow = SlowModel(api_model, delay=0.01)
+    worker = started_worker(worker_settings, slow)
+    try:
+        texts, finished = run(join_while_running(worker, options, seeds))
+    finally:
+        worker.stop()
+    assert texts == alone
+    assert finished[-1] == 0  # the short fills joined the long one's batch and left it first
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_short_fill_submitted_during_a_long_one_finishes_first(
+    worker_settings: Settings, api_model: DiffusionModel, continuous: bool
+) -> None:
+    settings = worker_settings.model_copy(update={"continuous_batching": continuous})
+    worker = started_worker(settings, SlowModel(api_model, delay=0.01))
+    try:
+        _, finished = run(join_while_running(worker, GREEDY, (1, 2, 3)))
+    finally:
+        worker.stop()
+    # Static batching (the previous worker) makes the short fills wait for the whole long batch.
+    assert finished == ([1, 2, 0] if continuous else [0, 1, 2])
+
+
+def test_a_job_cancelled_in_a_joined_batch_leaves_without_disturbing_the_others(
+    worker_settings: Settings, api_model: DiffusionModel
+) -> None:
+    documents = [parse_document(s) for s in ("A [MASK 30] b.", "C [MASK 12] d.", "E [MASK 8] f [MASK 3].")]
+    alone = [fill_documents(api_model, [d], SAMPLED)[0].text for d in documents]
+    slow = SlowModel(api_model, delay=0.01)
+    worker = started_worker(worker_settings, slow)
+    try:
+
+        async def three() -> tuple[str, str]:
+            first = worker.submit([documents[0]], SAMPLED, stream=True)
+            async for update in first.steps():
+                if update.step == 1:
+                    break
+            quitter = worker.submit([documents[1]], SAMPLED, stream=True)  # joins the running batch
+            last = worker.submit([documents[2]], SAMPLED)
+            async for update in quitter.steps():
+                if update.step == 3:
+                    quitter.cancel()
+            with pytest.raises(FillCancelled):
+                await quitter.result()
+            return (await first.result()).results[0].text, (await last.result()).results[0].text
+
+        texts = run(three())
+    finally:
+        worker.stop()
+    assert texts == (alone[0], alone[2])
+    cancelled = [s for s in worker.recent if s.state == "cancelled"]
+    assert len(cancelled) == 1 and 4 <= cancelled[0].steps_done < 12
+
+
+class BatchShapes(SlowModel):
+    """Records the canvas shape [rows, width] of every sampler step."""
+
+    def __init__(self, model: DiffusionModel) -> None:
+        super().__init__(model, delay=0.01)
+        self.shapes: list[tuple[int, int]] = []
+
+    def score(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.shapes.append((int(ids.shape[0]), int(ids.shape[1])))
+        return super().score(ids, *args, **kwargs)
+
+    def score_window(self, cache: Any, ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.shapes.append((int(ids.shape[0]), int(ids.shape[1])))
+        return super().score_window(cache, ids, *args, **kwargs)
+
+
+@pytest.mark.parametrize("limit", ["rows", "tokens"])
+def test_fills_join_a_running_batch_only_within_its_row_and_token_limits(
+    worker_settings: Settings, api_model: DiffusionModel, limit: str
+) -> None:
+    long_doc = parse_document(LONG_DOC)
+    width = len(prepare_canvas(api_model, long_doc).ids)
+    budget = 2 * width if limit == "tokens" else 100 * width
+    settings = worker_settings.model_copy(
+        update={"max_batch_rows": 3 if limit == "tokens" else 2, "max_batch_tokens": budget}
+    )
+    shorts = [parse_document(s) for s in ("One [MASK 3] two.", "[MASK 2] x", "y [MASK 4]", "z [MASK 1].")]
+    alone = [fill_documents(api_model, [d], GREEDY)[0].text for d in shorts]
+    recorder = BatchShapes(api_model)
+    worker = started_worker(settings, recorder)
+    try:
+
+        async def fill() -> list[str]:
+            first = worker.submit([long_doc], GREEDY, stream=True)
+            async for update in first.steps():
+                if update.step == 1:
+                    break
+            jobs = [worker.submit([d], GREEDY) for d in shorts]
+            texts = [(await job.result()).results[0].text for job in jobs]
+            await first.result()
+            return texts
+
+        texts = run(fill())
+    finally:
+        worker.stop()
+    assert texts == alone
+    assert max(rows for rows, _ in recorder.shapes) == 2  # the long fill plus one short one at a time
+    assert all(rows * columns <= budget for rows, columns in recorder.shapes)
+
+
+def test_a_fill_waiting_for_room_in_the_batch_can_be_cancelled(
+    worker_settings: Settings, api_model: DiffusionModel
+) -> None:
+    long_doc = parse_document(LONG_DOC)
+    width = len(prepare_canvas(api_model, long_doc).ids)
+    settings = worker_settings.model_copy(update={"max_batch_tokens": width})  # no room beside the long fill
+    worker = started_worker(settings, SlowModel(api_model, delay=0.01))
+    try:
+
+        async def cancel_the_waiting_one() -> list[str]:
+            finished: list[str] = []
+            first = worker.submit([long_doc], GREEDY, stream=True)
+            async for update in first.steps():
+                if update.step == 1:
+                    break
+            waiting = worker.submit([parse_document(DOC)], GREEDY)
+            await waiting.wait_started()  # laid out, waiting for rows to leave
+            waiting.cancel()
+            with pytest.raises(FillCancelled):
+                await waiting.result()
+            assert first.state == "running"  # it left without waiting for the batch
+            finished.append("waiting")
+            await first.result()
+            finished.append("long")
+            return finished
+
+        assert run(cancel_the_waiting_one()) == ["waiting", "long"]
+    finally:
+        worker.stop()
+    assert [s.state for s in worker.recent] == ["cancelled", "done"]

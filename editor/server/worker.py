@@ -8,10 +8,14 @@ streaming jobs), and the outcome.
 
 Batching: jobs are run together when their sampler options are equal but for the seed. Every
 row draws its random numbers from its own generator, seeded from its job's seed and its index in
-the job (`editor.sampler.row_seed`), so a batched fill reproduces from its reported seed exactly
-as when run alone, random schedules and temperature included. Each job keeps its own cancel flag:
-a batch stops early only when every job in it is cancelled; a cancelled job in a running batch just
-has its result dropped.
+the job (`editor.sampler.row_seed`), and follows its own step count (plan, cache refreshes), so a
+batched fill reproduces from its reported seed exactly as when run alone, random schedules and
+temperature included.
+
+Continuous batching (`continuous_batching`, docs/engine.md): the batch is one `SamplerRun` that
+runs a step at a time. Between two steps, compatible queued jobs join it (within `max_batch_rows`
+and `max_batch_tokens`), a job whose rows are all done is handed back at once and its rows leave,
+and a cancelled or timed-out job leaves without disturbing the others.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Literal
 
@@ -33,11 +37,11 @@ import torch
 
 from editor.canvas import Canvas
 from editor.document import Document
-from editor.filling import FillResult, fill_canvases, locate, prepare_canvas
+from editor.filling import FillResult, fill_result, locate, prepare_canvas, vocabulary_rules
 from editor.models.base import DiffusionModel
 from editor.models.loading import load_configured
 from editor.options import FillCancelled, SamplerOptions
-from editor.sampler import StepEvent, effective_steps, row_seed
+from editor.sampler import Row, SamplerRun, StepEvent, effective_steps, row_seed
 from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.settings import Settings
 
@@ -120,6 +124,17 @@ class JobSummary:
 
 
 _job_ids = count(1)
+
+
+@dataclass
+class _Batch:
+    """The running sampler run and the jobs in it (rows are named by their run keys)."""
+
+    run: SamplerRun
+    jobs: list[FillJob] = field(default_factory=list)
+    seeds: dict[int, int] = field(default_factory=dict)  # job id -> the seed it reports
+    keys: dict[int, list[int]] = field(default_factory=dict)  # job id -> its rows' keys
+    owners: dict[int, tuple[FillJob, int]] = field(default_factory=dict)  # key -> (job, row in the job)
 
 
 @dataclass(eq=False)
@@ -273,6 +288,15 @@ class _JobQueue:
                     rows_left -= job.rows
         return taken
 
+    def take_leading(self, matches: Callable[[FillJob], bool], rows_left: int) -> list[FillJob]:
+        """Remove and return jobs from the front of the queue while they match and fit."""
+        taken: list[FillJob] = []
+        with self._ready:
+            while self._jobs and self._jobs[0].rows <= rows_left and matches(self._jobs[0]):
+                taken.append(self._jobs.popleft())
+                rows_left -= taken[-1].rows
+        return taken
+
     def wait(self, timeout: float) -> None:
         with self._ready:
             self._ready.wait(timeout)
@@ -308,7 +332,8 @@ class ModelWorker:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._loaded = threading.Event()
-        self._running: list[FillJob] = []
+        self._batch: _Batch | None = None  # the running sampler run (thread-side only)
+        self._waiting: deque[FillJob] = deque()  # laid out, waiting for room in the running batch
         self.model: DiffusionModel | None = None
         self.load_error: BaseException | None = None
         self.recent: deque[JobSummary] = deque(maxlen=256)
@@ -456,22 +481,37 @@ class ModelWorker:
         finally:
             self._loaded.set()
         while not self._stopping.is_set():
-            first = self._queue.take(timeout=0.0 if self._background else 0.1)
-            if first is None:
-                self._run_background()
-                continue
-            batch = self._gather(first)
-            self._running = batch
+            if self._batch is None and not self._waiting:
+                first = self._queue.take(timeout=0.0 if self._background else 0.1)
+                if first is None:
+                    self._run_background()
+                    continue
+                started = time.perf_counter()
+                self._waiting.extend(job for job in self._gather(first) if self._prepare(job, started))
             try:
-                self._run_batch(batch)
+                self._admit()
+                self._advance()
             except Exception as error:
                 log.exception("the worker failed on a batch")
-                for job in batch:
-                    if job.state in ("queued", "running"):
-                        self._close(job, "failed", error=error)
-            finally:
-                self._running = []
+                self._fail_running(error)
+        for job in self._running:  # the server is shutting down: stopped where they were
+            if job.state in ("queued", "running"):
+                self._close_stopped(job)
+        self._batch = None
+        self._waiting.clear()
         self._refuse_queued()  # submitted while the last batch was ending
+
+    @property
+    def _running(self) -> list[FillJob]:
+        """Jobs laid out and not yet finished: in the running batch or waiting for room in it."""
+        return [*(self._batch.jobs if self._batch is not None else ()), *self._waiting]
+
+    def _fail_running(self, error: BaseException) -> None:
+        for job in self._running:
+            if job.state in ("queued", "running"):
+                self._close(job, "failed", error=error)
+        self._batch = None
+        self._waiting.clear()
 
     def _gather(self, first: FillJob) -> list[FillJob]:
         """`first` plus compatible queued jobs, waiting up to the batch window for more to arrive."""
@@ -488,26 +528,125 @@ class ModelWorker:
             self._queue.wait(remaining)
         return batch
 
-    def _run_batch(self, jobs: list[FillJob]) -> None:
-        started = time.perf_counter()
-        live = [job for job in jobs if self._prepare(job, started)]
-        for group in self._passes(live):
-            self._run_pass(group, started)
-
-    def _passes(self, jobs: list[FillJob]) -> list[list[FillJob]]:
-        """Jobs split, in order, into sampler runs of at most `max_batch_tokens` (rows x widest row)."""
-        budget = self.settings.max_batch_tokens
-        groups: list[list[FillJob]] = []
-        rows, width = 0, 0
-        for job in jobs:
-            job_width = max(len(canvas.ids) for canvas in job.canvases)
-            if groups and (rows + job.rows) * max(width, job_width) <= budget:
-                groups[-1].append(job)
-                rows, width = rows + job.rows, max(width, job_width)
+    def _admit(self) -> None:
+        """Move laid-out jobs, then (continuous batching) compatible queued ones, into the running
+        batch while it has room; they join at its next step. A queued job never overtakes an
+        incompatible one ahead of it, so a stream of compatible fills cannot starve it."""
+        assert self.model is not None
+        batch = self._batch
+        if batch is not None and not self.settings.continuous_batching:
+            return
+        for job in [job for job in self._waiting if job.should_stop]:  # cancelled while waiting for room
+            self._waiting.remove(job)
+            self._close_stopped(job)
+        while self._waiting:
+            job = self._waiting[0]
+            if batch is None:
+                batch = self._batch = _Batch(SamplerRun(self.model, [], job.options, vocabulary_rules(self.model)))
+            if not self._fits(batch, job):
+                return
+            self._waiting.popleft()
+            self._join(batch, job)
+        if batch is None or not self.settings.continuous_batching:
+            return
+        rows_left = self.settings.max_batch_rows - len(batch.run.rows)
+        first = batch.jobs[0] if batch.jobs else None
+        if first is None or rows_left <= 0:
+            return
+        for job in self._queue.take_leading(lambda queued: compatible(first, queued), rows_left):
+            if not self._prepare(job, time.perf_counter()):
+                continue
+            if self._waiting or not self._fits(batch, job):
+                self._waiting.append(job)  # laid out; joins when rows leave
             else:
-                groups.append([job])
-                rows, width = job.rows, job_width
-        return groups
+                self._join(batch, job)
+
+    def _fits(self, batch: _Batch, job: FillJob) -> bool:
+        """Whether `job` can join without passing `max_batch_rows` or `max_batch_tokens`."""
+        run = batch.run
+        rows = len(run.rows) + job.rows
+        width = max(run.width, *(len(canvas.ids) for canvas in job.canvases))
+        return not run.rows or (rows <= self.settings.max_batch_rows and rows * width <= self.settings.max_batch_tokens)
+
+    def _join(self, batch: _Batch, job: FillJob) -> None:
+        seed = job.options.seed if job.options.seed is not None else random_seed()
+        rows = [
+            Row(canvas.ids, canvas.pinned, canvas.rules, seed=row_seed(seed, index))
+            for index, canvas in enumerate(job.canvases)
+        ]
+        try:
+            keys = batch.run.add(rows)
+        except Exception as error:  # e.g. a rule no token of the vocabulary fits: this job only
+            self._close(job, "failed", error=error)
+            return
+        batch.jobs.append(job)
+        batch.seeds[job.id] = seed
+        batch.keys[job.id] = keys
+        batch.owners |= {key: (job, index) for index, key in enumerate(keys)}
+
+    def _advance(self) -> None:
+        """One step of the running batch: stopped jobs leave first, finished ones are handed back."""
+        batch = self._batch
+        if batch is None:
+            return
+        for job in list(batch.jobs):
+            if job.should_stop or self._stopping.is_set():
+                self._leave(batch, job)
+                self._close_stopped(job)
+        self._hand_back_finished(batch)
+        if batch.jobs:
+            with torch.inference_mode():
+                event = batch.run.step()
+            if event is not None:
+                self._route_step(event, batch)
+            self._hand_back_finished(batch)
+        if not batch.jobs:
+            self._batch = None
+
+    def _leave(self, batch: _Batch, job: FillJob) -> None:
+        keys = batch.keys.pop(job.id)
+        batch.run.remove(keys)
+        batch.jobs.remove(job)
+        for key in keys:
+            del batch.owners[key]
+
+    def _hand_back_finished(self, batch: _Batch) -> None:
+        """Deliver every job whose rows are all done (continuous batching: at once; otherwise when
+        the whole batch is done) and let its rows leave the batch."""
+        run = batch.run
+        if not self.settings.continuous_batching and not run.finished:
+            return
+        for job in [job for job in batch.jobs if all(run.row_done(key) for key in batch.keys[job.id])]:
+            outputs = [run.row_output(key) for key in batch.keys[job.id]]
+            self._leave(batch, job)
+            self._deliver(job, batch.seeds.pop(job.id), outputs)
+
+    def _deliver(self, job: FillJob, seed: int, outputs: list[tuple[list[int], list[float], int]]) -> None:
+        assert self.model is not None and job.started_at is not None
+        finished = time.perf_counter()
+        steps = max((steps for _, _, steps in outputs), default=0)  # the job's own steps, as when run alone
+        results = [
+            fill_result(
+                self.model,
+                canvas,
+                ids,
+                confidences,
+                seed=seed,
+                steps=steps,
+                elapsed=finished - job.started_at,
+                options=job.options,
+            )
+            for canvas, (ids, confidences, _) in zip(job.canvases, outputs, strict=True)
+        ]
+        self._job_seconds = 0.8 * self._job_seconds + 0.2 * (finished - job.started_at)
+        outcome = JobOutcome(
+            results=results,
+            trace=job.trace if job.keep_trace else None,
+            queued_s=job.started_at - job.submitted_at,
+            fill_s=finished - job.started_at,
+            total_s=finished - job.submitted_at,
+        )
+        self._close(job, "done", outcome=outcome)
 
     def _stop_reason(self, job: FillJob) -> BaseException:
         """Why a job that the sampler stopped did not finish."""
@@ -525,54 +664,6 @@ class ModelWorker:
     def _close_stopped(self, job: FillJob) -> None:
         error = self._stop_reason(job)
         self._close(job, "failed" if isinstance(error, FillTimedOut) else "cancelled", error=error)
-
-    def _run_pass(self, live: list[FillJob], started: float) -> None:
-        assert self.model is not None
-        owners = [(job, row) for job in live for row in range(job.rows)]
-        canvases = [canvas for job in live for canvas in job.canvases]
-        seeds = {job.id: job.options.seed if job.options.seed is not None else random_seed() for job in live}
-        try:
-            with torch.inference_mode():
-                results = fill_canvases(
-                    self.model,
-                    canvases,
-                    live[0].options,
-                    started=started,
-                    row_seeds=[row_seed(seeds[job.id], row) for job, row in owners],
-                    on_step=lambda event: self._route_step(event, live, owners),
-                    should_cancel=lambda: self._stopping.is_set() or all(job.should_stop for job in live),
-                )
-        except FillCancelled:
-            for job in live:
-                self._close_stopped(job)
-            return
-        except Exception as error:
-            log.exception("fill failed")
-            for job in live:
-                self._close(job, "failed", error=error)
-            return
-        finished = time.perf_counter()
-        self._job_seconds = 0.8 * self._job_seconds + 0.2 * (finished - started)
-        first_row = 0
-        for job in live:
-            # Each job reports its own seed and options (the batch shares all but the seed).
-            mine = [
-                replace(result, seed=seeds[job.id], options=job.options)
-                for result in results[first_row : first_row + job.rows]
-            ]
-            first_row += job.rows
-            if job.cancelled:
-                self._close_stopped(job)
-                continue
-            assert job.started_at is not None
-            outcome = JobOutcome(
-                results=mine,
-                trace=job.trace if job.keep_trace else None,
-                queued_s=job.started_at - job.submitted_at,
-                fill_s=finished - job.started_at,
-                total_s=finished - job.submitted_at,
-            )
-            self._close(job, "done", outcome=outcome)
 
     def _prepare(self, job: FillJob, started: float) -> bool:
         """Lay out the job's canvases (choices and free musts use the model); False if it cannot run."""
@@ -627,32 +718,36 @@ class ModelWorker:
                 f"{self.settings.max_batch_tokens} (max_batch_tokens)"
             )
 
-    def _route_step(self, event: StepEvent, live: list[FillJob], owners: list[tuple[FillJob, int]]) -> None:
-        """Split one sampler step between the jobs of the batch, and hand each its own part."""
-        if not any(job.stream or job.keep_trace for job in live):
+    def _route_step(self, event: StepEvent, batch: _Batch) -> None:
+        """Split one sampler step between the jobs of the batch, and hand each its own part (a
+        job's step numbers are its own: it may have joined the batch late)."""
+        owners = [batch.owners[key] for key in event.keys]
+        if not any(job.stream or job.keep_trace for job in batch.jobs):
             # Nobody reads the tokens: one small read of per-row commit counts, no token decoding.
-            per_row = event.committed_per_row
-            for row_number, (job, _) in enumerate(owners):
-                if per_row[row_number] and not job.cancelled:
-                    job.steps_done = event.step + 1
+            for row_number, committed in enumerate(event.committed_per_row):
+                job = owners[row_number][0]
+                if committed and not job.cancelled:
+                    job.steps_done = event.row_steps[row_number] + 1
             return
-        commits: dict[int, list[CommitInfo]] = {job.id: [] for job in live}
-        counts: dict[int, int] = {job.id: 0 for job in live}
+        commits: dict[int, list[CommitInfo]] = {job.id: [] for job in batch.jobs}
+        counts: dict[int, int] = {job.id: 0 for job in batch.jobs}
+        remaining: dict[int, int] = {job.id: 0 for job in batch.jobs}
+        steps: dict[int, int] = {}
+        for (job, _), left, row_step in zip(owners, event.remaining, event.row_steps, strict=True):
+            remaining[job.id] += left
+            steps[job.id] = row_step
         for commit in event.commits:
             job, row = owners[commit.row]
             counts[job.id] += 1
             if job.stream or job.keep_trace:  # decoding token text costs time: only when someone reads it
                 commits[job.id].append(self._describe(job, row, commit.position, commit.token_id, commit.confidence))
-        first_row = 0
-        for job in live:
-            remaining = sum(event.remaining[first_row : first_row + job.rows])
-            first_row += job.rows
+        for job in batch.jobs:
             if counts[job.id] == 0 or job.cancelled:
                 continue
-            job.steps_done = event.step + 1
+            job.steps_done = steps[job.id] + 1
             if not (job.stream or job.keep_trace):
                 continue
-            update = StepUpdate(step=event.step, commits=commits[job.id], remaining=remaining)
+            update = StepUpdate(step=steps[job.id], commits=commits[job.id], remaining=remaining[job.id])
             if job.keep_trace:
                 job.trace.append(update.to_dict())
             job._publish(update)
