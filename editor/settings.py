@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         "rows are done; false: a batch runs to its end before the next starts",
     )
     keep_step_trace: bool = Field(True, description="store each revision's step trace (for replay)")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads of the model worker's torch; 0: one core fewer than the machine has (the event "
+        "loop needs one: two busy threads on two cores made fills under load 13x slower), or whatever "
+        "OMP_NUM_THREADS says when it is set (Ray sets it per replica)",
+    )
 
     # Ray (README "Running on a Ray cluster"); nothing of Ray is imported unless asked for.
     replicas: int | None = Field(

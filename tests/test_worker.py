@@ -22,6 +22,7 @@ from editor.server.worker import (
     QueueFull,
     WorkerUnavailable,
     compatible,
+    worker_threads,
 )
 from editor.settings import Settings
 from tests.api_fixtures import SlowModel, make_settings
@@ -478,3 +479,15 @@ def test_a_fill_waiting_for_room_in_the_batch_can_be_cancelled(
     finally:
         worker.stop()
     assert [s.state for s in worker.recent] == ["cancelled", "done"]
+
+
+def test_the_worker_leaves_a_core_for_the_event_loop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert worker_threads(0) == 7
+    assert worker_threads(3) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert worker_threads(0) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # Ray (or the user) chose: torch's own default stands
+    assert worker_threads(0) is None
+    assert worker_threads(4) == 4

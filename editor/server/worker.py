@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -313,6 +314,15 @@ class _JobQueue:
             return jobs
 
 
+def worker_threads(configured: int) -> int | None:
+    """How many CPU threads the worker's torch gets, or None to leave torch's own choice."""
+    if configured > 0:
+        return configured
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def settings_loader(settings: Settings) -> ModelLoader:
     """Loads the configured model (None = the bundled default) on the configured device."""
 
@@ -468,6 +478,9 @@ class ModelWorker:
     # -- the thread --
 
     def _run(self) -> None:
+        threads = worker_threads(self.settings.torch_threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         try:
             self.model = self._loader()
             log.info("model %s loaded on %s", self.model.name, self.model.device)
