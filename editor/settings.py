@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     batch_chunk_rows: int = Field(
         4, ge=1, description="records an API batch job hands the worker at a time (interactive fills go between)"
     )
+    batch_lease_s: float = Field(
+        300.0,
+        gt=0,
+        description="how long a front's claim on an API batch job holds without renewal (renewed at every chunk); "
+        "after that another `editor serve` on the same database takes the job over",
+    )
     max_batch_records: int = Field(100_000, ge=1, description="records in one API batch job")
     max_record_chars: int = Field(100_000, ge=1, description="characters in one input record (JSONL line)")
     max_batch_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="size of a POST /api/v1/batches body")

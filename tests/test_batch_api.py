@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -115,6 +116,50 @@ def test_a_job_continues_after_a_restart_and_can_be_cancelled(settings: Settings
         cancelled = client.post(f"/api/v1/batches/{other['id']}/cancel")
         assert cancelled.status_code == 200
         assert cancelled.json()["status"] in ("cancelled", "done")
+
+
+def test_two_fronts_on_one_database_run_a_job_once(settings: Settings, api_model: DiffusionModel) -> None:
+    """Two `editor serve` processes share a database: the job is claimed by one of them, the other
+    leaves it alone, and when the first stops the other takes over what is left."""
+    records = [{"id": f"r{n}"} for n in range(12)]
+    first, second = SlowModel(api_model, delay=0.2), SlowModel(api_model, delay=0.0)
+    with TestClient(app_for(settings, second)) as other:
+        runner = other.app.state.batch_runner
+        refused: list[int] = []
+        claim = runner._claim
+
+        async def counting_claim(job_id: int) -> bool:
+            won = await claim(job_id)
+            if not won:
+                refused.append(job_id)
+            return won
+
+        runner._claim = counting_claim
+        with TestClient(app_for(settings, first)) as client:
+            job_id = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": records}).json()["id"]
+            wait_for(client, job_id, lambda body: body["completed"] >= 1)
+            other.blocking_portal.call(runner.notify)  # the second front looks now (on its own loop)
+            partway = wait_for(client, job_id, lambda body: body["completed"] >= 8)
+            assert partway["status"] == "running" and refused == [job_id]
+            assert second.forwards == 0
+        # The first front stopped and released its claim: the second finishes the job.
+        final = wait_for(other, job_id, lambda body: body["status"] == "done")
+        assert (final["completed"], final["pending"]) == (12, 0) and second.forwards > 0
+        assert [line["custom_id"] for line in results(other, job_id)] == [r["id"] for r in records]
+
+
+def test_a_claim_holds_until_it_expires_and_ends_with_the_job(settings: Settings, api_model: DiffusionModel) -> None:
+    with TestClient(app_for(settings, SlowModel(api_model, delay=0.2))) as client:
+        client.app.state.worker.wait_ready(10)
+        job_id = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": [{"id": "a"}]}).json()["id"]
+        store = client.app.state.batch_runner.store
+        mine = client.app.state.batch_runner.runner_id
+        assert store.claim(job_id, mine, 60)  # the running front renews its own claim
+        assert not store.claim(job_id, "another front", 60)  # and nobody else gets it
+        later = datetime.now(UTC) + timedelta(seconds=61)
+        assert store.claim(job_id, "another front", 60, now=later)  # unless it expires unrenewed
+        client.post(f"/api/v1/batches/{job_id}/cancel")
+        assert not store.claim(job_id, "a third front", 60, now=later + timedelta(seconds=120))  # ended jobs stay
 
 
 def test_an_interactive_fill_finishes_while_a_batch_runs(settings: Settings, api_model: DiffusionModel) -> None:

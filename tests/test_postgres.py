@@ -14,12 +14,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from litestar.testing import TestClient
 
 from editor.db import migrate
+from editor.db.batches import BatchStore, NewRecord
+from editor.db.engine import make_engine, make_session_factory
 from editor.models.base import DiffusionModel
 from tests.api_fixtures import app_for, make_settings
 
@@ -132,3 +135,19 @@ def test_api_batch_jobs_run_on_postgres(
     assert [line["custom_id"] for line in lines] == ["r1", "2", "r3"]
     assert lines[1]["error"] == {"code": "invalid_record", "message": "line 2: the id is over 500 characters"}
     assert all(type(line["output"]["n"]) is int for line in (lines[0], lines[2]))
+
+
+def test_a_batch_job_claim_is_exclusive_on_postgres(postgres_url: str) -> None:
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    store = BatchStore(make_session_factory(engine))
+    job = store.create_job(
+        template="{}", options={}, instruction=None, model=None, input_name=None, records=[NewRecord(1, "a", {})]
+    )
+    now = datetime.now(UTC)
+    assert store.claim(job.id, "front a", 60, now=now)
+    assert not store.claim(job.id, "front b", 60, now=now + timedelta(seconds=30))
+    assert store.claim(job.id, "front b", 60, now=now + timedelta(seconds=61))  # a's claim expired
+    store.release("front b")
+    assert store.claim(job.id, "front a", 60, now=now + timedelta(seconds=62))
+    engine.dispose()

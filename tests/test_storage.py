@@ -68,11 +68,11 @@ def revision(text_: str = "Hi there.", *, spans: list[SpanFill] | None = None, *
 def test_upgrade_creates_every_table_and_downgrade_removes_them(url: str) -> None:
     assert migrate.current_revision(url) is None
     applied = migrate.upgrade(url)
-    assert [step.revision for step in applied] == ["0001"] and "initial schema" in applied[0].message
+    assert [step.revision for step in applied] == ["0001", "0002"] and "initial schema" in applied[0].message
     assert tables(url) == TABLES
     assert migrate.is_current(url) and migrate.upgrade(url) == []  # idempotent
     undone = migrate.downgrade(url, "base")
-    assert [step.revision for step in undone] == ["0001"]
+    assert [step.revision for step in undone] == ["0002", "0001"]
     assert tables(url) == set() and migrate.current_revision(url) is None
     assert migrate.upgrade(url) and tables(url) == TABLES  # and back up again
 
@@ -111,7 +111,9 @@ def test_db_commands_upgrade_show_and_downgrade(url: str, tmp_path: Path, monkey
     assert result.exit_code == 0 and "Applied 0001" in result.output
     assert "up to date" in runner.invoke(db, ["--database-url", url, "current"]).output
     assert "Nothing to do" in runner.invoke(db, ["--database-url", url, "upgrade"]).output
-    result = runner.invoke(db, ["--database-url", url, "downgrade"])
+    result = runner.invoke(db, ["--database-url", url, "downgrade"])  # one step
+    assert result.exit_code == 0 and "Undid 0002" in result.output and tables(url) == TABLES
+    result = runner.invoke(db, ["--database-url", url, "downgrade", "--revision", "base"])
     assert result.exit_code == 0 and "Undid 0001" in result.output and tables(url) == set()
     monkeypatch.setenv("EDITOR_DATABASE_URL", url)  # the URL also comes from the settings
     assert "Applied 0001" in runner.invoke(db, ["upgrade", "--revision", "0001"]).output

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from editor.db.engine import read_session, write_session
@@ -99,6 +100,27 @@ class BatchStore:
         """Ids of jobs still to run, oldest first (a restarted server continues them)."""
         with read_session(self.sessions) as session:
             return list(session.scalars(select(BatchJob.id).where(BatchJob.status.in_(ACTIVE)).order_by(BatchJob.id)))
+
+    def claim(self, job_id: int, runner: str, lease_s: float, *, now: datetime | None = None) -> bool:
+        """Take (or renew) the job for `runner` until `lease_s` from now, unless another runner's
+        claim still holds or the job has ended. One UPDATE, so two processes cannot both win."""
+        now = now or utcnow()
+        with write_session(self.sessions) as session:
+            result = session.execute(
+                update(BatchJob)
+                .where(
+                    BatchJob.id == job_id,
+                    BatchJob.status.in_(ACTIVE),
+                    or_(BatchJob.runner.is_(None), BatchJob.runner == runner, BatchJob.lease_until < now),
+                )
+                .values(runner=runner, lease_until=now + timedelta(seconds=lease_s))
+            )
+            return bool(cast("CursorResult[Any]", result).rowcount)
+
+    def release(self, runner: str) -> None:
+        """Give up every claim of `runner` (a front shutting down), so another front continues at once."""
+        with write_session(self.sessions) as session:
+            session.execute(update(BatchJob).where(BatchJob.runner == runner).values(runner=None, lease_until=None))
 
     def pending_records(self, job_id: int, limit: int) -> list[BatchRecord]:
         with read_session(self.sessions) as session:

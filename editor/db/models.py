@@ -197,6 +197,10 @@ class BatchJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
+    # The front process running the job and until when its claim holds: several `editor serve`
+    # processes on one database run each job once; a crashed one's job is taken over after expiry.
+    runner: Mapped[str | None] = mapped_column(PortableText(200))
+    lease_until: Mapped[datetime | None] = mapped_column()
 
     records: Mapped[list[BatchRecord]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="BatchRecord.line"

@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None, *, worker: FillBackend | None =
     app.state.settings = settings
     app.state.worker = worker
     app.state.store = store
+    app.state.batch_runner = batch_runner
     return app
 
 

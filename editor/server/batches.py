@@ -13,6 +13,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import partial
@@ -144,13 +147,20 @@ def fill_chunk(
     return filler.fill(inputs)
 
 
+OTHERS_POLL_S = 5.0  # how often a front looks at jobs that other fronts hold
+
+
 class BatchRunner:
     """Runs stored jobs in the background, oldest first, a chunk of records at a time."""
 
-    def __init__(self, settings: Settings, worker: FillBackend, store: BatchStore) -> None:
+    def __init__(
+        self, settings: Settings, worker: FillBackend, store: BatchStore, runner_id: str | None = None
+    ) -> None:
         self.settings = settings
         self.worker = worker
         self.store = store
+        # Names this process in the jobs it claims (docs/batch.md: several fronts on one database).
+        self.runner_id = runner_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -164,6 +174,11 @@ class BatchRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+            with contextlib.suppress(Exception):  # a lease that is not released expires on its own
+                await in_thread(self.store.release, self.runner_id)
+
+    async def _claim(self, job_id: int) -> bool:
+        return await in_thread(self.store.claim, job_id, self.runner_id, self.settings.batch_lease_s)
 
     def notify(self) -> None:
         """A job was created: look for work now."""
@@ -185,8 +200,12 @@ class BatchRunner:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
+            ran = False
             for job_id in jobs:
                 try:
+                    if not await self._claim(job_id):
+                        continue  # another front runs it
+                    ran = True
                     await self._run_job(job_id)
                 except WorkerUnavailable as error:
                     log.warning("batch job %s waits: %s", job_id, error)
@@ -196,6 +215,11 @@ class BatchRunner:
                 except Exception as error:
                     log.exception("batch job %s failed", job_id)
                     await in_thread(partial(self.store.set_status, job_id, "failed", error=str(error)))
+            if not ran:
+                # Every active job is another front's: look again soon (it may stop and release it).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=min(OTHERS_POLL_S, self.settings.batch_lease_s))
+                self._wake.clear()
 
     async def _run_job(self, job_id: int) -> None:
         job: BatchJob = await in_thread(self.store.get_job, job_id)
@@ -209,6 +233,9 @@ class BatchRunner:
         while True:
             job = await in_thread(self.store.get_job, job_id)
             if job.status not in ACTIVE:
+                return
+            if not await self._claim(job_id):  # renewed per chunk; lost only if this front stalled past it
+                log.warning("batch job %s was taken over by another front", job_id)
                 return
             rows = self.settings.batch_chunk_rows
             pending = await in_thread(self.store.pending_records, job_id, rows * self.worker.lanes)
