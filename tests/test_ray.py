@@ -47,6 +47,7 @@ SHORT = "Dear [MASK 3 name=who], thank you for [MASK 4]."
 MEDIUM = "Dear [MASK 3 name=who], [MASK 40] Kind regards."  # 40 steps: 4 fills at once overlap
 LONG = "Once upon a time [MASK 120] the end."  # 120 steps of 10 ms or more: seconds on a replica
 DELAY = 0.01  # seconds per forward pass on the replicas (room to cancel or kill a fill mid-way)
+READY_TIMEOUT_S = 300  # replicas start in seconds on a quiet machine, minutes on a loaded one; ready ends the wait
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def served(
     backend = RayBackend(settings, loader=partial(load_slow_model, api_model_dir, DELAY))
     app = create_app(settings, worker=backend)
     with TestClient(app, timeout=120) as client:
-        assert backend.wait_ready(120), backend.load_error
+        assert backend.wait_ready(READY_TIMEOUT_S), backend.load_error
         yield client, backend
 
 
