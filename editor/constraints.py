@@ -83,6 +83,7 @@ class VocabularyRules:
         size = min(len(tokenizer), vocab_size)
         self.texts = [tokenizer.decode([token_id], clean_up_tokenization_spaces=False) for token_id in range(size)]
         self._rows: dict[PositionRule, torch.Tensor] = {}
+        self._space_edges: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def mask(self, rule: PositionRule) -> torch.Tensor:
         """[V] bool, True where the token may be generated."""
@@ -99,6 +100,17 @@ class VocabularyRules:
                 raise ValueError(f"no token of this vocabulary fits {rule}")
             self._rows[rule] = allowed
         return self._rows[rule]
+
+    def space_edges(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """([V], [V]) bool: the tokens whose text starts with a space, and those whose text ends with one."""
+        if self._space_edges is None:
+            starts = torch.zeros(self.vocab_size, dtype=torch.bool)
+            ends = torch.zeros(self.vocab_size, dtype=torch.bool)
+            starts[: len(self.texts)] = torch.tensor([text.startswith(" ") for text in self.texts])
+            ends[: len(self.texts)] = torch.tensor([text.endswith(" ") for text in self.texts])
+            self._space_edges = (starts, ends)
+        starts, ends = self._space_edges
+        return starts.to(device), ends.to(device)
 
     def table(self, rules: list[PositionRule], device: torch.device) -> torch.Tensor:
         """[R, V] bool for a list of distinct rules."""

@@ -52,6 +52,11 @@ class SamplerOptions(BaseModel):
     threshold: float = Field(
         0.9, ge=MIN_PROBABILITY, le=1.0, description="confidence to commit at for the threshold schedule"
     )
+    single_spaces: bool = Field(
+        True,
+        description="a fill never puts a space token beside another space (no 'last  week'); "
+        "turn off for code, where runs of spaces indent",
+    )
     repetition_penalty: float = Field(
         1.5,
         ge=1.0,

@@ -202,6 +202,27 @@ def penalize_neighbours(
     return logits
 
 
+def forbid_double_spaces(
+    logits: torch.Tensor,
+    keep: torch.Tensor,
+    ids: torch.Tensor,
+    candidates: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+) -> torch.Tensor:
+    """logits [B, M, V] at `candidates` [B, M]: after a neighbour whose text ends with a space, tokens
+    that start with one are out, and before a neighbour that starts with one, tokens that end with one
+    (ids [B, L]; starts, ends [V] bool). Only where `keep` [B, M] says the position's rule allows some
+    token with no space at either end, so a rule is never left with nothing."""
+    length = ids.shape[1]
+    left = ids.gather(1, (candidates - 1).clamp(min=0))  # [B, M]
+    right = ids.gather(1, (candidates + 1).clamp(max=length - 1))  # [B, M]
+    after_space = ends[left] & (candidates > 0) & keep  # [B, M]
+    before_space = starts[right] & (candidates < length - 1) & keep  # [B, M]
+    out = (after_space[..., None] & starts) | (before_space[..., None] & ends)  # [B, M, V]
+    return logits.masked_fill(out, float("-inf"))
+
+
 def sample(
     model: DiffusionModel,
     rows: Sequence[Row],
@@ -251,6 +272,7 @@ class SamplerRun:
             or options.schedule == "random"
             or (options.alg_temp > 0 and options.schedule in ("confidence", "margin", "entropy", "blocks"))
         )
+        self.space_edges = vocabulary.space_edges(device) if options.single_spaces else None
         self.fast = windowed(model)
         self.windowed = options.cache and self.fast is not None
         # Host-side, one entry per row in batch order.
@@ -439,6 +461,11 @@ class SamplerRun:
         logits = self._logits(candidates)  # [B, M, V] model dtype
         allowed = self.allowed[self.rule_index.gather(1, candidates)]  # [B, M, V]
         logits = logits.float().masked_fill(~allowed, float("-inf"))
+        if self.space_edges is not None:
+            starts, ends = self.space_edges
+            plain = (self.allowed & ~(starts | ends)).any(dim=-1)  # [R] rules with a token free of edge spaces
+            keep = plain[self.rule_index.gather(1, candidates)]  # [B, M]
+            logits = forbid_double_spaces(logits, keep, self.ids, candidates, starts, ends)
         if self.options.repetition_penalty != 1.0:
             penalty = self.options.repetition_penalty
             logits = penalize_neighbours(logits, self.ids, candidates, self.model.special, penalty)

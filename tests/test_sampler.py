@@ -297,8 +297,10 @@ def test_blocks_finish_before_the_next_starts(tiny_model: DiffusionModel, steps:
 
 @pytest.mark.parametrize("schedule", ["confidence", "margin", "entropy"])
 def test_confidence_schedules_commit_the_best_scored_positions(tiny_model: DiffusionModel, schedule: str) -> None:
-    """Temperature 0: each step's committed positions score at least as high as every position left."""
-    run = run_sampler(tiny_model, BATCH, SamplerOptions(schedule=schedule, steps=4, seed=0, repetition_penalty=1.0))
+    """Temperature 0: each step's committed positions score at least as high as every position left
+    (the logit rules that look at neighbours are off: the scores below are recomputed without them)."""
+    options = SamplerOptions(schedule=schedule, steps=4, seed=0, repetition_penalty=1.0, single_spaces=False)
+    run = run_sampler(tiny_model, BATCH, options)
     check_run(run)
     vocabulary = vocabulary_rules(run.probe)
     for seen, logits, event in zip(run.probe.inputs, run.probe.outputs, run.events, strict=True):
@@ -652,3 +654,29 @@ def test_block_plan_with_whole_blocks_uses_every_step(blocks: int, block_length:
     assert len(plan) == max(blocks, min(steps, masks))
     if steps >= masks:
         assert all(c == 1 for c, _ in plan)  # one token a step
+
+
+@pytest.mark.parametrize("schedule", ["confidence", "left-to-right", "random"])
+def test_single_spaces_keeps_a_fill_from_doubling_spaces(tiny_model: DiffusionModel, schedule: str) -> None:
+    space = tiny_model.tokenizer.convert_tokens_to_ids("Ġ")  # the lone space token of byte-level BPE
+    bias = token_bias(tiny_model.vocab_size, {space: 50.0})  # the model wants nothing but spaces
+    source = "Dear[MASK 6]team"
+    spaced = run_sampler(tiny_model, [source], SamplerOptions(schedule=schedule, seed=1, single_spaces=False), bias)
+    assert "  " in tiny_model.tokenizer.decode(spaced.output.ids[0])
+    single = run_sampler(tiny_model, [source], SamplerOptions(schedule=schedule, seed=1), bias)
+    text = str(tiny_model.tokenizer.decode(single.output.ids[0]))
+    assert "  " not in text and text.count(" ") >= 3  # spaces, every other token at most
+    check_run(single)
+
+
+def test_single_spaces_never_leaves_a_span_without_a_token() -> None:
+    from editor.sampler import forbid_double_spaces
+
+    starts = torch.tensor([False, True, True, False])  # token 1 " a", token 2 " ", token 3 "b"
+    ends = torch.tensor([False, False, True, False])
+    ids = torch.tensor([[2, 9, 1]])  # a blank at 1 between " " and " a"
+    logits = torch.zeros(1, 1, 4)
+    out = forbid_double_spaces(logits, torch.tensor([[True]]), ids, torch.tensor([[1]]), starts, ends)
+    assert out[0, 0].tolist() == [0.0, float("-inf"), float("-inf"), 0.0]  # no " a" or " " after " "
+    kept = forbid_double_spaces(logits, torch.tensor([[False]]), ids, torch.tensor([[1]]), starts, ends)
+    assert torch.equal(kept, logits)  # a rule that allows only edge-space tokens keeps them
