@@ -15,6 +15,9 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from editor.db import migrate
+from editor.db.batches import BatchStore, NewRecord
+from editor.db.engine import make_engine, make_session_factory
 from editor.models.base import DiffusionModel
 from editor.options import SamplerOptions
 from editor.parser import parse_document
@@ -148,18 +151,21 @@ def test_two_fronts_on_one_database_run_a_job_once(settings: Settings, api_model
         assert [line["custom_id"] for line in results(other, job_id)] == [r["id"] for r in records]
 
 
-def test_a_claim_holds_until_it_expires_and_ends_with_the_job(settings: Settings, api_model: DiffusionModel) -> None:
-    with TestClient(app_for(settings, SlowModel(api_model, delay=0.2))) as client:
-        client.app.state.worker.wait_ready(10)
-        job_id = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": [{"id": "a"}]}).json()["id"]
-        store = client.app.state.batch_runner.store
-        mine = client.app.state.batch_runner.runner_id
-        assert store.claim(job_id, mine, 60)  # the running front renews its own claim
-        assert not store.claim(job_id, "another front", 60)  # and nobody else gets it
-        later = datetime.now(UTC) + timedelta(seconds=61)
-        assert store.claim(job_id, "another front", 60, now=later)  # unless it expires unrenewed
-        client.post(f"/api/v1/batches/{job_id}/cancel")
-        assert not store.claim(job_id, "a third front", 60, now=later + timedelta(seconds=120))  # ended jobs stay
+def test_a_claim_holds_until_it_expires_and_ends_with_the_job(settings: Settings) -> None:
+    migrate.upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    store = BatchStore(make_session_factory(engine))
+    job = store.create_job(
+        template="{}", options={}, instruction=None, model=None, input_name=None, records=[NewRecord(1, "a", {})]
+    )
+    now = datetime.now(UTC)
+    assert store.claim(job.id, "front a", 60, now=now)
+    assert store.claim(job.id, "front a", 60, now=now + timedelta(seconds=30))  # renewed by its holder
+    assert not store.claim(job.id, "front b", 60, now=now + timedelta(seconds=89))  # and nobody else's
+    assert store.claim(job.id, "front b", 60, now=now + timedelta(seconds=91))  # unless it expires unrenewed
+    store.set_status(job.id, "cancelled")
+    assert not store.claim(job.id, "front c", 60, now=now + timedelta(seconds=500))  # ended jobs stay ended
+    engine.dispose()
 
 
 def test_an_interactive_fill_finishes_while_a_batch_runs(settings: Settings, api_model: DiffusionModel) -> None:
