@@ -22,13 +22,15 @@ Place = Literal["body", "first", "first_spaced", "whole", "whole_spaced"]
 _PATTERNS: dict[tuple[str, Place], re.Pattern[str]] = {
     ("int", "body"): re.compile(r"\d+"),
     ("int", "first"): re.compile(r"-?\d+|-"),
-    ("number", "body"): re.compile(r"[\d.,]+"),
-    ("number", "first"): re.compile(r"-?[\d.,]+|-"),
+    # A number token holds at most one separator and a number starts with a digit or a minus, so no
+    # fill reads "1,,2", "..." or ",5" (a separator could still meet another across two tokens).
+    ("number", "body"): re.compile(r"(?=.)\d*[.,]?\d*"),
+    ("number", "first"): re.compile(r"-?\d+(?:[.,]\d*)?|-"),
     ("word", "body"): re.compile(r"[^\W\d_]+"),
     ("word", "first"): re.compile(r"[^\W\d_]+"),
     # A token that may be the span's only kept token must be a whole value on its own.
     ("int", "whole"): re.compile(r"-?\d+"),
-    ("number", "whole"): re.compile(r"-?[\d.,]*\d[\d.,]*"),
+    ("number", "whole"): re.compile(r"-?\d+(?:[.,]\d+)?"),
     ("word", "whole"): re.compile(r"[^\W\d_]+"),
 }
 _PARTIAL_CHARACTER = "\ufffd"

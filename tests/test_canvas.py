@@ -292,3 +292,27 @@ def test_a_must_word_cannot_be_extended_by_the_next_token(tiny_model: DiffusionM
     [result] = fill_documents(biased, [document], SamplerOptions(seed=1))
     assert result.spans[0].token_ids[max(layout.pinned) + 1] != letters[0]
     assert "refund" in result.spans[0].text
+
+
+@pytest.mark.parametrize(
+    ("text", "body", "first", "whole"),
+    [
+        ("5", True, True, True),
+        ("1,234", True, True, True),
+        ("5.", True, True, False),  # a number may go on after it, but cannot end there
+        (".", True, False, False),
+        (",5", True, False, False),  # never the start of a number
+        ("-", False, True, False),
+        ("-5", False, True, True),
+        (",,", False, False, False),  # never two separators in one token
+        ("...", False, False, False),
+        ("1.2.3", False, False, False),
+        ("", False, False, False),
+    ],
+)
+def test_number_tokens_start_with_a_digit_and_bring_one_separator_at_most(
+    text: str, body: bool, first: bool, whole: bool
+) -> None:
+    from editor.constraints import token_allowed
+
+    assert [token_allowed(text, "number", place) for place in ("body", "first", "whole")] == [body, first, whole]
