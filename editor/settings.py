@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto', or host:port of `ray start --head`); None = start a local one"
     )
+    ray_app_name: str = Field(
+        "editor",
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="the Ray Serve application of this server's replicas; servers sharing one Ray cluster need "
+        "different names (a second server with the same name replaces the first one's replicas)",
+    )
     ray_batch_workers: int = Field(1, ge=1, description="Ray Data workers (one model each) for `editor batch --ray`")
 
     # Batch JSON templates (docs/batch.md).

@@ -47,6 +47,7 @@ SHORT = "Dear [MASK 3 name=who], thank you for [MASK 4]."
 MEDIUM = "Dear [MASK 3 name=who], [MASK 40] Kind regards."  # 40 steps: 4 fills at once overlap
 LONG = "Once upon a time [MASK 120] the end."  # 120 steps of 10 ms or more: seconds on a replica
 DELAY = 0.01  # seconds per forward pass on the replicas (room to cancel or kill a fill mid-way)
+APP_NAME = "editor-tests"  # not the default: the replicas must be this server's own application
 READY_TIMEOUT_S = 300  # replicas start in seconds on a quiet machine, minutes on a loaded one; ready ends the wait
 
 
@@ -63,7 +64,9 @@ def served(
 ) -> Iterator[tuple[Client, RayBackend]]:
     """An app with two replicas of the tiny model (slowed); each takes 2 fills (queue_size) and
     the front holds as many again, so 8 fills at once fit and the 9th is a 429."""
-    settings = make_settings(tmp_path_factory.mktemp("ray_app"), api_model_dir, replicas=2, queue_size=2)
+    settings = make_settings(
+        tmp_path_factory.mktemp("ray_app"), api_model_dir, replicas=2, queue_size=2, ray_app_name=APP_NAME
+    )
     backend = RayBackend(settings, loader=partial(load_slow_model, api_model_dir, DELAY))
     app = create_app(settings, worker=backend)
     with TestClient(app, timeout=120) as client:
@@ -85,7 +88,7 @@ def replica_actors() -> list[Any]:
     return [
         ray.get_actor(actor["name"], namespace=actor["namespace"])
         for actor in ray.util.list_named_actors(all_namespaces=True)
-        if "FillReplica" in actor["name"]
+        if f"::{APP_NAME}#FillReplica#" in actor["name"]
     ]
 
 

@@ -48,7 +48,6 @@ from editor.settings import Settings
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "editor"  # the Serve application (one per cluster: a second `editor serve` replaces it)
 DEPLOYMENT = "FillReplica"
 Message = tuple[Literal["started", "step", "done", "error"], Any]
 
@@ -183,7 +182,9 @@ class RayBackend:
         try:
             serve.start(proxy_location="Disabled")
             deployment = serve.deployment(FillReplica, **replica_options(self.settings, self.replicas))
-            handle = serve.run(deployment.bind(self.settings, self._loader), name=APP_NAME, route_prefix=None)
+            handle = serve.run(
+                deployment.bind(self.settings, self._loader), name=self.settings.ray_app_name, route_prefix=None
+            )
             self._info = handle.describe.remote().result()
             self._handle = handle
             log.info("%d replica(s) of %s ready on Ray Serve", self.replicas, self._info["model_name"])
@@ -206,7 +207,7 @@ class RayBackend:
         if not ray.is_initialized():
             return
         try:
-            serve.delete(APP_NAME)
+            serve.delete(self.settings.ray_app_name)
         except Exception:
             log.exception("cannot remove the Serve application")
         if self._own_ray and not self.settings.ray_address:
@@ -369,4 +370,4 @@ def _state_for(error: BaseException) -> JobState:
     return "cancelled" if isinstance(error, FillCancelled) else "failed"
 
 
-__all__ = ["APP_NAME", "FillReplica", "RayBackend", "RemoteFill", "replica_options"]
+__all__ = ["FillReplica", "RayBackend", "RemoteFill", "replica_options"]
