@@ -39,6 +39,12 @@ def test_cli_help_imports_no_torch(arguments: list[str]) -> None:
     assert _imported_after(code) == []
 
 
+def test_the_model_worker_needs_neither_the_web_nor_the_database_layer() -> None:
+    """`editor bench worker` runs on a bare GPU image that has torch but not Litestar."""
+    imported = _imported_after("import editor.server.worker, editor.benchmarks.worker")
+    assert "torch" in imported and "litestar" not in imported and "sqlalchemy" not in imported
+
+
 def test_the_server_without_replicas_imports_no_ray() -> None:
     code = (
         "from editor.server.app import create_app\nfrom editor.settings import Settings\n"
