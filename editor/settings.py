@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     batch_chunk_rows: int = Field(
         4, ge=1, description="records an API batch job hands the worker at a time (interactive fills go between)"
     )
+    batch_max_wait_s: float = Field(
+        10.0,
+        gt=0,
+        description="under steady interactive load, an API batch job still gets one chunk through the worker "
+        "at least this often (the running fills pause for it between two steps)",
+    )
     batch_lease_s: float = Field(
         300.0,
         gt=0,

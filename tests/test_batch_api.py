@@ -215,3 +215,25 @@ def test_the_worker_runs_queued_interactive_fills_before_more_background_work(
     finally:
         worker.stop()
     assert seen == ["background 1, fill queued", "background 2, fill done", "background 3, fill done"]
+
+
+def test_a_batch_job_is_not_starved_by_a_steady_stream_of_fills(settings: Settings, api_model: DiffusionModel) -> None:
+    """With fills running back to back, background work still gets a turn every `batch_max_wait_s`."""
+    patient = settings.model_copy(update={"batch_max_wait_s": 0.3})
+    worker = ModelWorker(patient, loader=lambda: SlowModel(api_model, delay=0.05))
+    worker.start()
+    assert worker.wait_ready(10)
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        long = worker.submit([parse_document("Once upon a time [MASK 40] the end.")], SamplerOptions())
+        await long.wait_started()
+        piece = worker.submit_background(lambda model: seen.append(f"background while the fill is {long.state}"))
+        await asyncio.wrap_future(piece)
+        await long.result()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert seen == ["background while the fill is running"]

@@ -351,6 +351,7 @@ class ModelWorker:
         # Low-priority lane (batch jobs): run only when no interactive fill is queued, one small
         # piece at a time, so an interactive fill waits for at most one piece.
         self._background: deque[tuple[BackgroundWork, concurrent.futures.Future[Any]]] = deque()
+        self._background_ran_at = time.perf_counter()  # when a piece of background work last ran
 
     # -- lifecycle --
 
@@ -456,6 +457,7 @@ class ModelWorker:
         if not self._background or self.model is None:
             return
         work, future = self._background.popleft()
+        self._background_ran_at = time.perf_counter()
         if not future.set_running_or_notify_cancel():
             return
         try:
@@ -494,6 +496,8 @@ class ModelWorker:
         finally:
             self._loaded.set()
         while not self._stopping.is_set():
+            if self._background and time.perf_counter() - self._background_ran_at >= self.settings.batch_max_wait_s:
+                self._run_background()  # batch jobs are not starved by a steady stream of fills
             if self._batch is None and not self._waiting:
                 first = self._queue.take(timeout=0.0 if self._background else 0.1)
                 if first is None:
