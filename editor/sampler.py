@@ -184,6 +184,14 @@ def pad_rows(
     return ids.to(device), pinned.to(device), attention.to(device)
 
 
+def neighbours(ids: torch.Tensor, candidates: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token `offset` places from each candidate position (ids [B, L], candidates [B, M]) and
+    whether that place is on the canvas: ([B, M] ids, [B, M] bool)."""
+    beside = candidates + offset  # [B, M]
+    inside = (beside >= 0) & (beside < ids.shape[1])
+    return ids.gather(1, beside.clamp(0, ids.shape[1] - 1)), inside
+
+
 def penalize_neighbours(
     logits: torch.Tensor, ids: torch.Tensor, candidates: torch.Tensor, special: SpecialIds, penalty: float
 ) -> torch.Tensor:
@@ -192,9 +200,7 @@ def penalize_neighbours(
     fill does not repeat the word beside it ("team team"). Masks and end tokens are left alone."""
     skip = torch.tensor([special.mask, *special.end_ids], device=ids.device)
     for offset in (-1, 1):
-        beside = candidates + offset  # [B, M]
-        inside = (beside >= 0) & (beside < ids.shape[1])
-        tokens = ids.gather(1, beside.clamp(0, ids.shape[1] - 1))  # [B, M]
+        tokens, inside = neighbours(ids, candidates, offset)
         hit = inside & ~torch.isin(tokens, skip)
         values = logits.gather(2, tokens[..., None]).squeeze(-1)  # [B, M]
         penalised = torch.where(values > 0, values / penalty, values * penalty)
@@ -214,11 +220,10 @@ def forbid_double_spaces(
     that start with one are out, and before a neighbour that starts with one, tokens that end with one
     (ids [B, L]; starts, ends [V] bool). Only where `keep` [B, M] says the position's rule allows some
     token with no space at either end, so a rule is never left with nothing."""
-    length = ids.shape[1]
-    left = ids.gather(1, (candidates - 1).clamp(min=0))  # [B, M]
-    right = ids.gather(1, (candidates + 1).clamp(max=length - 1))  # [B, M]
-    after_space = ends[left] & (candidates > 0) & keep  # [B, M]
-    before_space = starts[right] & (candidates < length - 1) & keep  # [B, M]
+    left, has_left = neighbours(ids, candidates, -1)
+    right, has_right = neighbours(ids, candidates, 1)
+    after_space = ends[left] & has_left & keep  # [B, M]
+    before_space = starts[right] & has_right & keep  # [B, M]
     out = (after_space[..., None] & starts) | (before_space[..., None] & ends)  # [B, M, V]
     return logits.masked_fill(out, float("-inf"))
 
@@ -273,6 +278,7 @@ class SamplerRun:
             or (options.alg_temp > 0 and options.schedule in ("confidence", "margin", "entropy", "blocks"))
         )
         self.space_edges = vocabulary.space_edges(device) if options.single_spaces else None
+        self.spaced = self.space_edges[0] | self.space_edges[1] if self.space_edges else None  # [V]
         self.fast = windowed(model)
         self.windowed = options.cache and self.fast is not None
         # Host-side, one entry per row in batch order.
@@ -461,9 +467,9 @@ class SamplerRun:
         logits = self._logits(candidates)  # [B, M, V] model dtype
         allowed = self.allowed[self.rule_index.gather(1, candidates)]  # [B, M, V]
         logits = logits.float().masked_fill(~allowed, float("-inf"))
-        if self.space_edges is not None:
+        if self.space_edges is not None and self.spaced is not None:
             starts, ends = self.space_edges
-            plain = (self.allowed & ~(starts | ends)).any(dim=-1)  # [R] rules with a token free of edge spaces
+            plain = (self.allowed & ~self.spaced).any(dim=-1)  # [R] rules with a token free of edge spaces
             keep = plain[self.rule_index.gather(1, candidates)]  # [B, M]
             logits = forbid_double_spaces(logits, keep, self.ids, candidates, starts, ends)
         if self.options.repetition_penalty != 1.0:

@@ -234,9 +234,6 @@ class BatchRunner:
             job = await in_thread(self.store.get_job, job_id)
             if job.status not in ACTIVE:
                 return
-            if not await self._claim(job_id):  # renewed per chunk; lost only if this front stalled past it
-                log.warning("batch job %s was taken over by another front", job_id)
-                return
             rows = self.settings.batch_chunk_rows
             pending = await in_thread(self.store.pending_records, job_id, rows * self.worker.lanes)
             if not pending:
@@ -251,6 +248,9 @@ class BatchRunner:
                 for record, result in zip(chunk, results, strict=True)
             ]
             await in_thread(self.store.save_results, job_id, outcomes)
+            if not await self._claim(job_id):  # renewed per chunk; lost only if this front stalled past it
+                log.warning("batch job %s was taken over by another front", job_id)
+                return
 
     async def _fill(self, chunk: list[BatchRecord], template: Template, options: SamplerOptions) -> list[RecordResult]:
         inputs = [InputRecord(r.line, r.record_key or str(r.line), r.input) for r in chunk]

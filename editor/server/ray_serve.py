@@ -270,18 +270,13 @@ class RayBackend:
         keep_trace: bool | None = None,
     ) -> FillJob:
         handle = self._check_open()
-        keep = self.settings.keep_step_trace if keep_trace is None else keep_trace
-        loop = asyncio.get_running_loop()
-        job = FillJob(
-            documents=list(documents),
-            options=options,
-            instruction=instruction,
-            max_canvas_tokens=self.settings.max_canvas_tokens,
-            stream=stream,
-            keep_trace=keep,
-            loop=loop,
+        job = FillJob.submitted(
+            self.settings, documents, options, instruction=instruction, stream=stream, keep_trace=keep_trace
         )
-        call = handle.options(stream=True).fill.remote(RemoteFill(job.documents, options, instruction, stream, keep))
+        loop = job.loop
+        call = handle.options(stream=True).fill.remote(
+            RemoteFill(job.documents, options, instruction, stream, job.keep_trace)
+        )
 
         def cancel_call() -> None:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for the answer

@@ -165,6 +165,28 @@ class FillJob:
     _outcome: asyncio.Future[JobOutcome] = field(init=False)
     _events: asyncio.Queue[StepUpdate | None] = field(init=False)
 
+    @classmethod
+    def submitted(
+        cls,
+        settings: Settings,
+        documents: Sequence[Document],
+        options: SamplerOptions,
+        *,
+        instruction: str | None,
+        stream: bool,
+        keep_trace: bool | None,
+    ) -> FillJob:
+        """A new job on the running event loop, with the limits and trace default of `settings`."""
+        return cls(
+            documents=list(documents),
+            options=options,
+            instruction=instruction,
+            max_canvas_tokens=settings.max_canvas_tokens,
+            stream=stream,
+            keep_trace=settings.keep_step_trace if keep_trace is None else keep_trace,
+            loop=asyncio.get_running_loop(),
+        )
+
     def __post_init__(self) -> None:
         self._started = self.loop.create_future()
         self._outcome = self.loop.create_future()
@@ -428,14 +450,8 @@ class ModelWorker:
             raise WorkerUnavailable("the server is shutting down")
         if self.load_error is not None:
             raise WorkerUnavailable(f"the model failed to load: {self.load_error}")
-        job = FillJob(
-            documents=list(documents),
-            options=options,
-            instruction=instruction,
-            max_canvas_tokens=self.settings.max_canvas_tokens,
-            stream=stream,
-            keep_trace=self.settings.keep_step_trace if keep_trace is None else keep_trace,
-            loop=asyncio.get_running_loop(),
+        job = FillJob.submitted(
+            self.settings, documents, options, instruction=instruction, stream=stream, keep_trace=keep_trace
         )
         self._queue.put(job, self._retry_after)
         return job
