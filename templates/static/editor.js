@@ -735,6 +735,8 @@ function rememberSourceSelection() {
 
 async function maskSelection() {
   if (state.busy) return;
+  // The source's own selection wins while it has the focus: its "select" event may not have run yet.
+  if (document.activeElement === ui.source) rememberSourceSelection();
   rememberCanvasSelection();
   const chosen = state.lastSelection;
   if (!chosen) {
