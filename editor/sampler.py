@@ -289,6 +289,7 @@ class SamplerRun:
         self.row_steps: list[int] = []  # steps each row has taken
         self.last_commit: list[int] = []  # the row's own step of its last commit, plus one
         self._counts: list[int] = []  # masks left per row, as last read from the device
+        self._scored_counts: list[int] = []  # positions each row's next step scores (its active block's)
         self._window_counts: list[int] = []  # positions in each row's next window
         self._block_starts: list[frozenset[int]] = []  # each row's own steps that start a block
         self._rules: dict[PositionRule, int] = {PositionRule(): 0}
@@ -358,6 +359,9 @@ class SamplerRun:
         self.row_steps += [0] * len(rows)
         self.last_commit += [0] * len(rows)
         self._counts += mask_counts
+        self._scored_counts += [
+            _scored_at_start(count, plan, self.options) for count, plan in zip(mask_counts, plans, strict=True)
+        ]
         self._window_counts += [len(row.ids) for row in rows]
         self._block_starts += [_block_starts(plan) for plan in plans]
         self._layout_changed()
@@ -378,6 +382,7 @@ class SamplerRun:
         self.generators = pick(self.generators) if self.random else []
         self.row_steps, self.last_commit = pick(self.row_steps), pick(self.last_commit)
         self._counts, self._window_counts = pick(self._counts), pick(self._window_counts)
+        self._scored_counts = pick(self._scored_counts)
         self._block_starts = pick(self._block_starts)
         for name in ("ids", "pinned", "attention", "masked", "fresh", "_window_mask", "confidences", "rule_index"):
             setattr(self, name, getattr(self, name).index_select(0, index))
@@ -461,9 +466,11 @@ class SamplerRun:
         """Score, choose and commit one step; returns what happened (None once nothing is left)."""
         if self.finished:
             return None
-        width = max(self._counts)
-        candidates = torch.argsort((~self.masked).to(torch.uint8), dim=1, stable=True)[:, :width]  # [B, M]
-        valid = self.masked.gather(1, candidates)  # [B, M] real masked positions (the rest is padding)
+        planned, block = self.plan.at(self._row_step)  # [B] each, at every row's own step
+        scoring = self._scoring(self.masked, block)  # [B, L] the positions this step may commit
+        width = max(self._scored_counts)
+        candidates = torch.argsort((~scoring).to(torch.uint8), dim=1, stable=True)[:, :width]  # [B, M]
+        valid = scoring.gather(1, candidates)  # [B, M] real candidates (the rest is padding)
         logits = self._logits(candidates)  # [B, M, V] model dtype
         allowed = self.allowed[self.rule_index.gather(1, candidates)]  # [B, M, V]
         logits = logits.float().masked_fill(~allowed, float("-inf"))
@@ -477,13 +484,11 @@ class SamplerRun:
             logits = penalize_neighbours(logits, self.ids, candidates, self.model.special, penalty)
         logits = _finite(logits, allowed)
         tokens, confidence, scores = self._choose(logits, candidates, valid)
-        planned, block = self.plan.at(self._row_step)  # [B] each, at every row's own step
         count = self._commit_counts(confidence, valid, planned)  # [B]
-        eligible = valid & self._eligible(candidates, block)
-        scores = scores.masked_fill(~eligible, float("-inf"))
+        scores = scores.masked_fill(~valid, float("-inf"))
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         take = torch.arange(width, device=self.device)[None] < count[:, None]  # [B, M] in score order
-        committed = torch.zeros_like(take).scatter(1, order, take) & eligible  # [B, M]
+        committed = torch.zeros_like(take).scatter(1, order, take) & valid  # [B, M]
         self.ids.scatter_(1, candidates, torch.where(committed, tokens, self.ids.gather(1, candidates)))
         self.confidences.scatter_(
             1, candidates, torch.where(committed, confidence, self.confidences.gather(1, candidates))
@@ -493,15 +498,17 @@ class SamplerRun:
         event = StepEvent(
             self.step_number, candidates, committed, tokens, confidence, self.masked, list(self.keys), self.row_steps
         )
-        # The one host read of the step: mask counts (and the next windows' widths) size the next
-        # step and say when to stop.
+        # The one host read of the step: mask counts (and the next step's candidates and window
+        # widths) size the next step and say when to stop.
         left = self.masked.sum(dim=1)  # [B]
+        next_scoring = self._scoring(self.masked, self.plan.at(self._row_step + 1)[1])
         counts: list[int]
         if self.windowed:
-            self._window_mask = self._next_window()
-            counts, self._window_counts = torch.stack([left, self._window_mask.sum(dim=1)]).tolist()
+            self._window_mask = self._next_window(next_scoring)
+            reads = torch.stack([left, next_scoring.sum(dim=1), self._window_mask.sum(dim=1)]).tolist()
+            counts, self._scored_counts, self._window_counts = reads
         else:
-            counts = left.tolist()
+            counts, self._scored_counts = torch.stack([left, next_scoring.sum(dim=1)]).tolist()
         self.last_commit = [
             row_step + 1 if now < before else last
             for now, before, last, row_step in zip(counts, self._counts, self.last_commit, self.row_steps, strict=True)
@@ -601,13 +608,15 @@ class SamplerRun:
         logits.index_copy_(0, rest_index, rest_logits)
         return logits
 
-    def _next_window(self) -> torch.Tensor:
-        """[B, L] bool: positions to recompute next step. Inputs changed at the masked positions
-        (their context moved) and at those committed this step; a shifted model also needs the
-        output left of every masked position. The rest keeps its cached keys/values."""
-        window = self.masked | self.fresh
+    def _next_window(self, scoring: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: positions to recompute next step. The positions it scores (their context
+        moved) and those committed this step (their input changed); a shifted model also needs
+        the output left of each scored position. The rest keeps its cached keys/values: with the
+        blocks schedule that includes the masked positions of later blocks, refreshed when their
+        block starts (Fast-dLLM's dual cache)."""
+        window = scoring | self.fresh
         if self.model.logits_shifted:
-            window = window | torch.nn.functional.pad(self.masked[:, 1:], (0, 1))
+            window = window | torch.nn.functional.pad(scoring[:, 1:], (0, 1))
         return window
 
     def _refresh_due(self, index: int) -> bool:
@@ -662,7 +671,7 @@ class SamplerRun:
         """Gumbel-max in float64, as the LLaDA reference samples (float32 noise loses low-probability
         tokens); each row draws from its own generator, for its own masked positions only."""
         tokens = probs.argmax(dim=-1)
-        for row, count in enumerate(self._counts):
+        for row, count in enumerate(self._scored_counts):
             if count == 0:
                 continue
             uniform = torch.rand(
@@ -675,7 +684,7 @@ class SamplerRun:
     def _row_uniform(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, M] uniform noise, row b drawn from its own generator for its masked positions."""
         noise = torch.zeros(valid.shape, dtype=dtype, device=self.device)
-        for row, count in enumerate(self._counts):
+        for row, count in enumerate(self._scored_counts):
             if count:
                 noise[row, :count] = torch.rand(
                     (count,), generator=self.generators[row], device=self.device, dtype=dtype
@@ -703,12 +712,13 @@ class SamplerRun:
             return torch.minimum(count, remaining)
         return planned
 
-    def _eligible(self, candidates: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """[B, M] bool: candidates the schedule may commit now (the active block for `blocks`)."""
+    def _scoring(self, masked: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: the masked positions a step may commit, and so the only ones it scores:
+        the active block's (`block` [B], -1 once the row's plan is over: any) for `blocks`."""
         if self.options.schedule != "blocks":
-            return torch.ones(candidates.shape, dtype=torch.bool, device=self.device)
-        block = block[:, None]  # [B, 1]; -1 = the row's plan is over: any position
-        return (self.plan.block_of.gather(1, candidates) == block) | (block < 0)
+            return masked
+        block = block[:, None]  # [B, 1]
+        return masked & ((self.plan.block_of == block) | (block < 0))
 
 
 def _filtered(logits: torch.Tensor, options: SamplerOptions) -> torch.Tensor:
@@ -767,6 +777,14 @@ def _row_plan(masks: int, options: SamplerOptions) -> list[tuple[int, int]]:
     if options.schedule == "blocks":
         return block_plan(masks, steps, options.block_length)
     return [(count, 0) for count in step_counts(masks, steps)]
+
+
+def _scored_at_start(masks: int, plan: list[tuple[int, int]], options: SamplerOptions) -> int:
+    """Positions a new row's first step scores: all its masks, or its first block's for `blocks`."""
+    if options.schedule != "blocks" or not plan:
+        return masks
+    first_block = plan[0][1]
+    return min(options.block_length, masks - first_block * options.block_length)
 
 
 def _block_starts(plan: list[tuple[int, int]]) -> frozenset[int]:

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     dtype: Dtype = Field("auto", description="weights dtype; 'auto' = bfloat16 on GPU, float32 on CPU")
     instruction: str | None = Field(None, description="default instruction for instruct models (the user turn)")
+    cuda_graphs: int = Field(
+        48,
+        ge=0,
+        description="CUDA graphs of the cached window step kept per model (one per batch size, canvas length and "
+        "window width bucket, captured the second time a shape is seen); 0: run every step eagerly",
+    )
 
     # Network.
     host: str = Field("127.0.0.1", description="interface to listen on; anything but loopback requires api_token")

@@ -127,3 +127,23 @@ def test_serve_address_goes_with_replicas(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("EDITOR_REPLICAS", raising=False)
     code, _, err = run("serve", "--address", "10.0.0.1:6379")
     assert code == 2 and "--address goes with --replicas" in err
+
+
+def test_bench_engine_measures_naive_and_fast_fills(tmp_path: Path) -> None:
+    """`editor bench engine` (run on the GPU for results/engine-bench.md) still runs end to end:
+    a short CPU run writes every mode's figure."""
+    out = tmp_path / "engine.json"
+    arguments = ["bench", "engine", "--model", "tiny", "--batch", "1,2", "--tokens", "8", "--context", "24"]
+    arguments += ["--tokens-per-step", "4", "--refresh", "2", "--repeats", "0", "--threads", "1", "--json", str(out)]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())["figures"]
+    assert [(f["mode"], f["batch"]) for f in figures] == [
+        ("naive", 1),
+        ("fast", 1),
+        ("fast-r2", 1),
+        ("fast", 2),
+        ("fast-r2", 2),
+    ]
+    assert all(f["steps"] == 2 and f["tokens_per_s"] > 0 for f in figures)
+    assert figures[0]["work"]["windows"] == 0 and figures[1]["work"]["windows"] == 1  # the cache did run

@@ -9,6 +9,7 @@ import torch
 
 from editor.filling import fill_documents, prepare_canvas, vocabulary_rules
 from editor.models import NativeDiffusionModel, aligned_logits
+from editor.models.graphs import WindowGraphs, bucket, pad_columns
 from editor.options import SamplerOptions
 from editor.parser import parse_document
 from editor.sampler import Row, SampleOutput, SamplerRun, StepEvent, sample
@@ -189,3 +190,98 @@ def test_a_row_fills_the_same_alone_batched_or_joining_mid_run(
             widths.append(running.width)
     assert_same_fills([done[joined[0]], done[first], done[joined[1]], done[joined[2]]], alone)
     assert widths[0] > widths[-2] > 0  # the widest row left mid-run
+
+
+def test_graph_buckets_cover_each_width_with_little_padding() -> None:
+    widths = range(1, 2049)
+    buckets = [bucket(width) for width in widths]
+    assert all(b >= w for b, w in zip(buckets, widths, strict=True))
+    assert all(b - w < max(8, w / 4) for b, w in zip(buckets, widths, strict=True))  # a quarter at most
+    assert buckets == sorted(buckets)
+    assert len(set(buckets)) <= 4 * 9  # about four shapes per octave: few graphs per fill
+    assert pad_columns(torch.tensor([[4, 5, 6]]), 5).tolist() == [[4, 5, 6, 4, 4]]
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("max_graphs", [2, 48])
+@pytest.mark.parametrize("options", JOIN_OPTIONS[:4], ids=lambda o: f"{o.schedule}-t{o.temperature}")
+def test_window_steps_run_through_graph_buckets_fill_as_eager_ones(
+    tiny_model: NativeDiffusionModel,
+    tiny_shifted_model: NativeDiffusionModel,
+    monkeypatch: pytest.MonkeyPatch,
+    shifted: bool,
+    max_graphs: int,
+    options: SamplerOptions,
+) -> None:
+    """The CUDA-graph path's bookkeeping, run eagerly: windows and scored positions padded to
+    their buckets, the cache bound to a static slab, graphs dropped beyond the limit. A padded,
+    batched fill (rows of four lengths) comes out exactly as the plain window steps give it."""
+    model = tiny_shifted_model if shifted else tiny_model
+    vocabulary = vocabulary_rules(model)
+    wide = "A long line of literal text that goes on and on before [MASK 2] and still goes on after it."
+    rows = [Row(r.ids, r.pinned, r.rules, seed=60 + i) for i, r in enumerate(rows_for(model, [*SOURCES, wide]))]
+    eager = sample(model, rows, options, vocabulary)
+    graphs = WindowGraphs(model.network, max_graphs=max_graphs, capture=False)
+    monkeypatch.setattr(model, "window_graphs", graphs)
+    graphed = sample(model, rows, options, vocabulary)
+    assert_same_fills(
+        list(zip(graphed.ids, graphed.confidences, strict=True)),
+        list(zip(eager.ids, eager.confidences, strict=True)),
+    )
+    assert graphs.captures > 0 and graphs.replays > 0  # the padded path did run
+    assert len(graphs._graphs) <= max_graphs
+
+
+def test_two_runs_sharing_a_graph_slab_keep_their_own_caches(
+    tiny_shifted_model: NativeDiffusionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sampler runs of the same shape, stepped in turn, bind the same static keys/values: each
+    takes the slab over from the other and must still fill exactly as when run alone."""
+    model = tiny_shifted_model
+    vocabulary = vocabulary_rules(model)
+    rows = rows_for(model, SOURCES[:1])
+    runs_options = [
+        SamplerOptions(schedule="random", temperature=1.0, cache_refresh_every=None, seed=s) for s in (1, 2)
+    ]
+    alone = [sample(model, rows, options, vocabulary) for options in runs_options]
+    graphs = WindowGraphs(model.network, capture=False)
+    monkeypatch.setattr(model, "window_graphs", graphs)
+    with torch.inference_mode():
+        runs = [SamplerRun(model, rows, options, vocabulary) for options in runs_options]
+        while not all(run.finished for run in runs):
+            for run in runs:
+                run.step()
+    assert [run.output().ids for run in runs] == [output.ids for output in alone]
+    assert alone[0].ids != alone[1].ids  # the two runs did write different keys/values
+    assert graphs.replays > 0
+
+
+def test_blocks_score_and_recompute_only_the_active_block(
+    tiny_shifted_model: NativeDiffusionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `blocks`, a step scores only its active block's masked positions and its window holds
+    just those, the tokens committed the step before and (shifted) their left neighbours: the
+    masked positions of later blocks keep their cached keys/values (Fast-dLLM's dual cache)."""
+    model = tiny_shifted_model
+    shapes: list[tuple[int, int]] = []
+    score_window = NativeDiffusionModel.score_window
+
+    def recording(
+        self: NativeDiffusionModel, cache: object, ids: torch.Tensor, window: torch.Tensor, at: torch.Tensor
+    ) -> torch.Tensor:
+        shapes.append((window.shape[1], at.shape[1]))
+        return score_window(self, cache, ids, window, at)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NativeDiffusionModel, "score_window", recording)
+    rows = rows_for(model, ["[MASK 20] and then [MASK 12]"])
+    options = SamplerOptions(schedule="blocks", block_length=8, steps=16, cache_refresh_every=None, seed=0)
+    output, events = run(model, rows, options)
+    assert model.special.mask not in output.ids[0]
+    assert len(shapes) == 16 - 4  # every step but the four block starts (full passes)
+    assert max(scored for _, scored in shapes) <= 8  # never more than one block scored
+    # one block, the 2 tokens committed the step before, and the left neighbours of the block's runs
+    assert max(window for window, _ in shapes) <= 8 + 2 + 2
+    masked = [i for i, pinned in enumerate(rows[0].pinned) if not pinned]
+    blocks = [masked[i : i + 8] for i in range(0, len(masked), 8)]
+    committed = [c.position for e in events for c in e.commits]
+    assert sorted(committed[:8]) == blocks[0] and sorted(committed[8:16]) == blocks[1]  # in block order

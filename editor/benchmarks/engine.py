@@ -34,6 +34,8 @@ from typing import Any
 
 import click
 
+from editor.options import SCHEDULES
+
 SHAPES: dict[str, dict[str, Any]] = {
     # SmolLM2-135M (the default model's base), Dream-v0-7B (Qwen2.5-7B), LLaDA-8B: their published configs.
     "default-shape": {
@@ -103,6 +105,7 @@ class Figure:
     ceiling_fraction: float | None
     extrapolated_from_steps: int | None = None
     work: dict[str, int] = field(default_factory=dict)
+    graph_replays: int = 0  # window steps of the timed run(s) replayed as CUDA graphs
 
 
 class CountingModel:
@@ -168,14 +171,14 @@ def _flops_and_bytes(network: Any, work: Work, dtype_bytes: int) -> tuple[float,
     return flops, float(weight_bytes + kv_bytes * work.keys_read)  # and every key/value once per pass
 
 
-def _build(name: str, device: str, dtype_name: str) -> tuple[Any, Any]:
+def _build(name: str, device: str, dtype_name: str, cuda_graphs: int) -> tuple[Any, Any]:
     """(model, network) for a bench model name."""
     import torch
 
     from editor.models.loading import load_model
 
     dtype = getattr(torch, dtype_name)
-    bundled = load_model(None, device=device, dtype=dtype)
+    bundled = load_model("tiny", device=device, dtype=dtype, cuda_graphs=cuda_graphs)
     if name == "tiny":
         return bundled, bundled.network  # type: ignore[attr-defined]
     from editor.models.base import SpecialIds
@@ -204,14 +207,23 @@ def _build(name: str, device: str, dtype_name: str) -> tuple[Any, Any]:
         name=f"{name} (random weights)",
         use_chat_template=False,
     )
+    model.use_cuda_graphs(cuda_graphs)
     return model, network
 
 
 class _OpenVocabulary:
-    """Every token but the mask allowed: the vocabulary rules of an unconstrained span."""
+    """Every token but the mask allowed: the vocabulary rules of an unconstrained span. Every other
+    token counts as starting with a space and every tenth as ending with one, so the default
+    `single_spaces` rule does its real work."""
 
     def __init__(self, vocab_size: int, mask: int) -> None:
         self.vocab_size, self.mask_id = vocab_size, mask
+
+    def space_edges(self, device: Any) -> tuple[Any, Any]:
+        import torch
+
+        ids = torch.arange(self.vocab_size, device=device)
+        return ids % 2 == 0, ids % 10 == 5
 
     def table(self, rules: list[Any], device: Any) -> Any:
         import torch
@@ -259,6 +271,8 @@ def _measure(
     peak: tuple[float, float] | None,
     max_steps: int | None,
     repeats: int,
+    schedule: str,
+    block_length: int,
 ) -> Figure:
     import torch
 
@@ -266,15 +280,24 @@ def _measure(
     from editor.sampler import SamplerRun
 
     refresh = int(mode.split("-r")[1]) if "-r" in mode else None  # `fast`: no periodic refresh
-    options = SamplerOptions(steps=steps, seed=0, cache=mode != "naive", cache_refresh_every=refresh)
+    options = SamplerOptions(
+        steps=steps,
+        seed=0,
+        schedule=schedule,
+        block_length=block_length,
+        cache=mode != "naive",
+        cache_refresh_every=refresh,
+    )
     vocabulary = _OpenVocabulary(network.config.vocab_size, model.special.mask)
     rows = _rows(batch, context, tokens, network.config.vocab_size, seed=batch)
-    times, works, done_steps = [], [], 0
+    times, works, done_steps, replays = [], [], 0, 0
+    graphs = getattr(model, "window_graphs", None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     for attempt in range(repeats + 1 if repeats else 1):  # the first run warms up kernels and allocator
         work = Work()
         counted = CountingModel(model, work) if mode == "naive" else CountingWindowedModel(model, work)
+        replays_before = 0 if graphs is None else graphs.replays
         with torch.inference_mode():
             _synchronize(device)
             started = time.perf_counter()
@@ -287,6 +310,7 @@ def _measure(
         if attempt or not repeats:  # --repeats 0: the one (cold) run is the figure
             times.append(elapsed)
             works.append(work)
+            replays += 0 if graphs is None else graphs.replays - replays_before
     seconds = statistics.median(times)
     full_steps = max(1, min(steps, tokens))
     extrapolated = done_steps if done_steps < full_steps else None
@@ -317,6 +341,7 @@ def _measure(
         ceiling_fraction=None if ceiling is None else round(ceiling, 4),
         extrapolated_from_steps=extrapolated,
         work=asdict(work),
+        graph_replays=replays,
     )
 
 
@@ -349,10 +374,15 @@ def _peak(device: str, override_flops: float | None, override_bandwidth: float |
 @click.option("--naive-batches", default="1", help="batch sizes at which the naive loop is also run")
 @click.option("--refresh", default="", help="comma-separated k: also run the cache refreshed every k steps")
 @click.option("--naive-max-steps", default=None, type=int, help="time this many naive steps and extrapolate")
+@click.option("--schedule", default="confidence", type=click.Choice(SCHEDULES), help="the sampler's schedule")
+@click.option("--block-length", default=32, help="masked positions per block (the blocks schedule)")
 @click.option("--repeats", default=1, help="timed runs after one warm-up (median); 0: one cold run")
 @click.option("--peak-flops", default=None, type=float, help="override the assumed FLOP/s")
 @click.option("--peak-bandwidth", default=None, type=float, help="override the assumed bytes/s")
 @click.option("--threads", default=None, type=int, help="torch CPU threads [default: torch's choice]")
+@click.option(
+    "--cuda-graphs", default=None, type=int, help="CUDA graphs kept per model; 0: none [default: EDITOR_CUDA_GRAPHS]"
+)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write all figures here")
 def engine(
     models: tuple[str, ...],
@@ -366,16 +396,23 @@ def engine(
     refresh: str,
     naive_max_steps: int | None,
     repeats: int,
+    schedule: str,
+    block_length: int,
     peak_flops: float | None,
     peak_bandwidth: float | None,
     threads: int | None,
+    cuda_graphs: int | None,
     json_path: str | None,
 ) -> None:
     """Naive loop vs fast engine: tokens/s, ms/step, tokens/step, peak memory, ceiling fraction."""
     import torch
 
+    from editor.settings import Settings
+
     if threads:
         torch.set_num_threads(threads)
+    if cuda_graphs is None:
+        cuda_graphs = Settings().cuda_graphs
 
     dtype_name = dtype_name or ("float32" if device == "cpu" else "bfloat16")
     dtype_bytes = torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
@@ -384,7 +421,8 @@ def engine(
     hardware = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
     click.echo(
         f"device {device} ({hardware}), {dtype_name}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"{tokens} masked tokens in a {context}-token canvas"
+        f"{tokens} masked tokens in a {context}-token canvas; {schedule} schedule"
+        + (f", blocks of {block_length}" if schedule == "blocks" else "")
     )
     if peak is not None:
         click.echo(f"ceiling assumes {peak[0] / 1e12:.1f} TFLOP/s and {peak[1] / 1e9:.0f} GB/s")
@@ -393,7 +431,7 @@ def engine(
         f"{'peak MB':>8} {'TFLOP':>8} {'GB':>8} {'ceiling':>7}"
     )
     for name in models:
-        model, network = _build(name, device, dtype_name)
+        model, network = _build(name, device, dtype_name, cuda_graphs)
         for rate in [int(r) for r in per_step.split(",")]:
             steps = max(1, tokens // rate)
             for batch in [int(b) for b in batches.split(",")]:
@@ -413,6 +451,8 @@ def engine(
                         peak=peak,
                         max_steps=naive_max_steps if mode == "naive" else None,
                         repeats=repeats,
+                        schedule=schedule,
+                        block_length=block_length,
                     )
                     figures.append(figure)
                     ceiling = "-" if figure.ceiling_fraction is None else f"{figure.ceiling_fraction:.0%}"
@@ -433,6 +473,9 @@ def engine(
             "dtype": dtype_name,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "schedule": schedule,
+            "block_length": block_length if schedule == "blocks" else None,
+            "cuda_graphs": cuda_graphs if device.startswith("cuda") else 0,
             "assumed_peak_flops": None if peak is None else peak[0],
             "assumed_peak_bandwidth": None if peak is None else peak[1],
             "figures": [asdict(f) for f in figures],

@@ -16,8 +16,9 @@ from editor.models.adapter import ADAPTER_TYPE, merged_model_dir
 from editor.models.base import DiffusionModel, SpecialIds
 from editor.models.checkpoints import FAMILIES, load_checkpoint
 from editor.models.gguf import BASE_SHA256, INSTALL_HINT, find_base_gguf
+from editor.models.graphs import DEFAULT_MAX_GRAPHS
 from editor.models.hf_masked import MaskedLMAdapter
-from editor.models.native import ModelLoadError, default_dtype, read_config, resolve_checkpoint
+from editor.models.native import ModelLoadError, NativeDiffusionModel, default_dtype, read_config, resolve_checkpoint
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 from editor.settings import Settings
 
@@ -92,16 +93,26 @@ def dtype_named(name: str | None) -> torch.dtype | None:
 def load_configured(settings: Settings, *, model: str | None = None, device: str | None = None) -> DiffusionModel:
     """The model the settings name (EDITOR_MODEL, EDITOR_DEVICE, EDITOR_DTYPE), with command-line
     overrides on top: the one way every command and the server load their model."""
-    return load_model(model or settings.model, device=device or settings.device, dtype=dtype_named(settings.dtype))
+    return load_model(
+        model or settings.model,
+        device=device or settings.device,
+        dtype=dtype_named(settings.dtype),
+        cuda_graphs=settings.cuda_graphs,
+    )
 
 
 def load_model(
-    spec: str | Path | None = None, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    spec: str | Path | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    cuda_graphs: int = DEFAULT_MAX_GRAPHS,
 ) -> DiffusionModel:
     """`None`/"default" -> the default model (SmolLM2-135M + our adapter; the tiny model, with a
     note, when the base package is not installed); "tiny" -> the bundled 17M model; a directory ->
     by its config.json's model_type; anything else -> a Hugging Face id, fetched (or found in the
-    cache) and dispatched the same way. `device` may be "auto"."""
+    cache) and dispatched the same way. `device` may be "auto". On CUDA, a native model replays its
+    window steps as CUDA graphs (at most `cuda_graphs` kept; 0: off)."""
     device = resolve_device(device)
     note = None
     if spec is None or str(spec) in DEFAULT_SPECS:
@@ -135,6 +146,8 @@ def load_model(
         model = load_checkpoint(FAMILIES[kind], path, device=device, dtype=resolved, name=name)
     else:
         model = MaskedLMAdapter.load(path, device=device, dtype=resolved, name=name)
+    if isinstance(model, NativeDiffusionModel):
+        model.use_cuda_graphs(cuda_graphs)
     model.note = note  # type: ignore[attr-defined]
     return model
 

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from editor.models.base import CanvasCache, SpecialIds
+from editor.models.graphs import DEFAULT_MAX_GRAPHS, WindowGraphs
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 
 DEFAULT_INSTRUCTION = "Fill in the blanks of the document."
@@ -259,6 +260,13 @@ class NativeDiffusionModel:
         # Instruct models are framed with their chat template; base models with a bare bos.
         self.use_chat_template = bool(tokenizer.chat_template) if use_chat_template is None else use_chat_template
         self._end_of_turn = end_of_turn_ids(tokenizer) if self.use_chat_template else ()
+        self.window_graphs: WindowGraphs | None = None  # set by `use_cuda_graphs` (CUDA only)
+
+    def use_cuda_graphs(self, max_graphs: int = DEFAULT_MAX_GRAPHS) -> None:
+        """Replay window steps as CUDA graphs (at most `max_graphs` kept; 0: never). Does nothing
+        off CUDA. Call it after moving the model: the graphs hold device addresses."""
+        on_cuda = self.device.type == "cuda"
+        self.window_graphs = WindowGraphs(self.network, max_graphs=max_graphs) if on_cuda and max_graphs else None
 
     @property
     def device(self) -> torch.device:
@@ -308,14 +316,13 @@ class NativeDiffusionModel:
         slot = torch.zeros_like(input_ids).scatter_(
             1, window, torch.arange(width, device=window.device).expand(batch, -1)
         )
-        return self.network.forward_window(
-            cache.layers,
-            input_ids.gather(1, window),
-            window,
-            cache.positions.gather(1, window),
-            cache.attention,
-            hidden_at=slot.gather(1, self._output_index(at)),
-        )
+        ids, positions = input_ids.gather(1, window), cache.positions.gather(1, window)
+        hidden_at = slot.gather(1, self._output_index(at))
+        if self.window_graphs is not None:
+            logits = self.window_graphs.run(cache, ids, window, positions, hidden_at)
+            if logits is not None:
+                return logits
+        return self.network.forward_window(cache.layers, ids, window, positions, cache.attention, hidden_at=hidden_at)
 
     def _output_index(self, at: torch.Tensor) -> torch.Tensor:
         """The output rows that score canvas positions `at` (one to the left for a shifted model)."""
