@@ -285,3 +285,56 @@ def test_blocks_score_and_recompute_only_the_active_block(
     blocks = [masked[i : i + 8] for i in range(0, len(masked), 8)]
     committed = [c.position for e in events for c in e.commits]
     assert sorted(committed[:8]) == blocks[0] and sorted(committed[8:16]) == blocks[1]  # in block order
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_fused_projections_score_as_the_separate_ones(
+    tiny_model: NativeDiffusionModel, tiny_shifted_model: NativeDiffusionModel, shifted: bool
+) -> None:
+    """q/k/v and gate/up fused into one matrix each (as served on CUDA) give the same logits, on
+    the full pass and on a window against the cache, and keep the parameter count."""
+    import copy
+
+    model = tiny_shifted_model if shifted else tiny_model
+    fused = copy.deepcopy(model)
+    fused.network.fuse_projections()
+    assert fused.network.num_parameters() == model.network.num_parameters()
+    assert not any(name.endswith(("q_proj.weight", "gate_proj.weight")) for name, _ in fused.network.named_parameters())
+    rows = rows_for(model, SOURCES[:2])
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((2, width), model.special.pad)
+    attention = torch.zeros((2, width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row.ids)] = torch.tensor(row.ids)
+        attention[i, : len(row.ids)] = True
+    at = torch.tensor([[5, 6, 7, 9], [8, 9, 10, 11]])
+    window = torch.tensor([[4, 5, 6, 7, 8, 9], [7, 8, 9, 10, 11, 2]])
+    with torch.inference_mode():
+        results = []
+        for candidate in (model, fused):
+            scored, cache = candidate.score(ids, attention, at, keep_cache=True)
+            assert cache is not None
+            results.append((scored, candidate.score_window(cache, ids, window, at)))
+    for expected, got in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fusing_keeps_the_qkv_bias_of_qwen2_layouts() -> None:
+    """Dream (Qwen2) has q/k/v biases: the fused matrix carries them."""
+    import copy
+
+    from editor.models.transformer import BidirectionalTransformer, TransformerConfig
+
+    torch.manual_seed(0)
+    config = TransformerConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48, qkv_bias=True
+    )
+    network = BidirectionalTransformer(config).eval()
+    for name, parameter in network.named_parameters():
+        if name.endswith("_proj.bias"):
+            torch.nn.init.normal_(parameter)
+    fused = copy.deepcopy(network)
+    fused.fuse_projections()
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids), network(ids), atol=1e-5, rtol=1e-5)

@@ -171,7 +171,7 @@ def _flops_and_bytes(network: Any, work: Work, dtype_bytes: int) -> tuple[float,
     return flops, float(weight_bytes + kv_bytes * work.keys_read)  # and every key/value once per pass
 
 
-def _build(name: str, device: str, dtype_name: str, cuda_graphs: int) -> tuple[Any, Any]:
+def _build(name: str, device: str, dtype_name: str, cuda_graphs: int, fuse: bool) -> tuple[Any, Any]:
     """(model, network) for a bench model name."""
     import torch
 
@@ -179,7 +179,7 @@ def _build(name: str, device: str, dtype_name: str, cuda_graphs: int) -> tuple[A
 
     dtype = getattr(torch, dtype_name)
     bundled = load_model("tiny", device=device, dtype=dtype, cuda_graphs=cuda_graphs)
-    if name == "tiny":
+    if name == "tiny":  # loaded as served: fused on CUDA
         return bundled, bundled.network  # type: ignore[attr-defined]
     from editor.models.base import SpecialIds
     from editor.models.native import NativeDiffusionModel
@@ -196,6 +196,8 @@ def _build(name: str, device: str, dtype_name: str, cuda_graphs: int) -> tuple[A
             network = BidirectionalTransformer(config).eval()
             for parameter in network.parameters():
                 parameter.data.mul_(0.5)  # keep random activations in range over many layers
+            if fuse and device.startswith("cuda"):
+                network.fuse_projections()
     finally:
         torch.set_default_dtype(previous)
     special = SpecialIds(mask=config.vocab_size - 1, pad=0, bos=1, eos=0)
@@ -383,6 +385,7 @@ def _peak(device: str, override_flops: float | None, override_bandwidth: float |
 @click.option(
     "--cuda-graphs", default=None, type=int, help="CUDA graphs kept per model; 0: none [default: EDITOR_CUDA_GRAPHS]"
 )
+@click.option("--no-fuse", is_flag=True, help="keep q/k/v and gate/up unfused (random-weight models; as served: fused)")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write all figures here")
 def engine(
     models: tuple[str, ...],
@@ -402,6 +405,7 @@ def engine(
     peak_bandwidth: float | None,
     threads: int | None,
     cuda_graphs: int | None,
+    no_fuse: bool,
     json_path: str | None,
 ) -> None:
     """Naive loop vs fast engine: tokens/s, ms/step, tokens/step, peak memory, ceiling fraction."""
@@ -431,7 +435,7 @@ def engine(
         f"{'peak MB':>8} {'TFLOP':>8} {'GB':>8} {'ceiling':>7}"
     )
     for name in models:
-        model, network = _build(name, device, dtype_name, cuda_graphs)
+        model, network = _build(name, device, dtype_name, cuda_graphs, fuse=not no_fuse)
         for rate in [int(r) for r in per_step.split(",")]:
             steps = max(1, tokens // rate)
             for batch in [int(b) for b in batches.split(",")]:
@@ -476,6 +480,7 @@ def engine(
             "schedule": schedule,
             "block_length": block_length if schedule == "blocks" else None,
             "cuda_graphs": cuda_graphs if device.startswith("cuda") else 0,
+            "fused_projections": device.startswith("cuda") and not no_fuse,
             "assumed_peak_flops": None if peak is None else peak[0],
             "assumed_peak_bandwidth": None if peak is None else peak[1],
             "figures": [asdict(f) for f in figures],

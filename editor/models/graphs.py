@@ -107,6 +107,17 @@ class WindowGraphs:
         first time it is seen): the caller then runs `forward_window` itself."""
         if self.max_graphs <= 0:
             return None
+        with torch.inference_mode():  # static buffers are inference tensors: keep every caller in the mode
+            return self._run(cache, ids, window, positions, hidden_at)
+
+    def _run(
+        self,
+        cache: CanvasCache,
+        ids: torch.Tensor,
+        window: torch.Tensor,
+        positions: torch.Tensor,
+        hidden_at: torch.Tensor,
+    ) -> torch.Tensor | None:
         batch, width = window.shape
         length = cache.layers[0][0].shape[2]
         scored = hidden_at.shape[1]

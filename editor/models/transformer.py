@@ -112,13 +112,38 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one matrix after `fuse`
+
+    def fuse(self) -> None:
+        """One matrix product for q, k and v instead of three (inference only: the parameters
+        change names, so a fused network is neither trained nor saved)."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        weight = parts[0].weight
+        fused = nn.Linear(
+            weight.shape[1],
+            sum(p.out_features for p in parts),
+            bias=parts[0].bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))  # [(H + 2 Hkv) D, C]
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in parts if p.bias is not None]))
+        self.qkv_proj = fused.requires_grad_(False)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, KV]:
         """x [B, W, C] -> q [B, H, W, D] and k, v [B, Hkv, W, D], rotary applied to q and k."""
         batch, width, _ = x.shape
-        q = self.q_proj(x).view(batch, width, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+            q, k, v = self.qkv_proj(x).split(sizes, dim=-1)  # [B, W, H*D], [B, W, Hkv*D] x 2
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, width, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rotary(q, cos, sin), (apply_rotary(k, cos, sin), v)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -168,8 +193,27 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # gate and up in one matrix after `fuse`
+
+    def fuse(self) -> None:
+        """One matrix product for gate and up (inference only, as `Attention.fuse`)."""
+        gate, up = self.gate_proj, self.up_proj
+        fused = nn.Linear(
+            gate.in_features,
+            gate.out_features + up.out_features,
+            bias=False,
+            device=gate.weight.device,
+            dtype=gate.weight.dtype,
+        )
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([gate.weight, up.weight]))  # [2I, C]
+        self.gate_up_proj = fused.requires_grad_(False)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, W, I] each
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -267,6 +311,15 @@ class BidirectionalTransformer(nn.Module):
         if hidden_at is not None:
             x = x.gather(1, hidden_at[..., None].expand(-1, -1, x.shape[-1]))  # [B, M, C]
         return self.lm_head(self.norm(x))  # [B, M, V]
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up into one matrix product each (for inference on the GPU, where a
+        window's small products run far below the memory bandwidth; docs/engine.md). The
+        parameters change names, so fuse only a network that is neither trained nor saved."""
+        for layer in self.layers:
+            assert isinstance(layer, Block)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

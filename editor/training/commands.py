@@ -78,6 +78,8 @@ def prepare_data(tokenizer_dir: Path, corpus: Path, out: Path) -> None:
     "--init-from", type=click.Path(exists=True, path_type=Path), default=None, help="continue from a model directory"
 )
 @click.option("--span-share", default=0.3, help="share of rows masked as contiguous spans instead of token by token")
+@click.option("--whole-paragraph-share", default=0.5, help="share of rows cut at a paragraph end (the rest padded)")
+@click.option("--padded-span-share", default=0.2, help="share of rows whose masked span is followed by end tokens")
 @click.option(
     "--init-from-gguf",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -104,6 +106,8 @@ def prepare_data(tokenizer_dir: Path, corpus: Path, out: Path) -> None:
 @click.option("--no-compile", is_flag=True, help="run eagerly (torch.compile is used on CUDA by default)")
 def train(
     span_share: float,
+    whole_paragraph_share: float,
+    padded_span_share: float,
     init_from_gguf: Path | None,
     lora_rank: int,
     lora_alpha: float | None,
@@ -119,6 +123,18 @@ def train(
     model (the default model). Run on a GPU."""
     from editor.training.data import BatchSpec
 
+    shares = (span_share, whole_paragraph_share, padded_span_share)
+    if not all(0.0 <= share <= 1.0 for share in shares):
+        raise click.BadParameter(f"the row shares must lie between 0 and 1, got {shares}")
+
+    def batch_spec(size: int) -> BatchSpec:
+        return BatchSpec(
+            batch_size=size,
+            span_share=span_share,
+            whole_paragraph_share=whole_paragraph_share,
+            padded_span_share=padded_span_share,
+        )
+
     given = {k: v for k, v in values.items() if v is not None}
     if init_from_gguf is not None:
         from editor.training.lora import LoRAConfig, measure_storage, train_lora
@@ -129,7 +145,7 @@ def train(
             out_dir=given.pop("out_dir"),
             rank=lora_rank,
             alpha=float(lora_alpha or lora_rank),
-            batch=BatchSpec(span_share=span_share, batch_size=batch_size or 128),
+            batch=batch_spec(batch_size or 128),
             compile=not no_compile,
             storage=storage,
             save_rank=save_rank,
@@ -147,7 +163,7 @@ def train(
     from editor.training.train import TrainConfig
     from editor.training.train import train as run_training
 
-    summary = run_training(TrainConfig(**given, batch=BatchSpec(span_share=span_share, batch_size=batch_size or 256)))
+    summary = run_training(TrainConfig(**given, batch=batch_spec(batch_size or 256)))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
 
 

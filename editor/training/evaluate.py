@@ -179,20 +179,22 @@ def format_report(
     examples: dict[str, str],
     options: SamplerOptions,
     unigram_source: str,
+    rows_kind: str = "window",
 ) -> str:
     lines = [
         f"# Evaluation of `{model_name}`",
         "",
-        "Held-out split: one row per paragraph (beginning-of-text id + up to 256 tokens); each token masked",
-        "independently at the rate shown (seed 0); all masks predicted in one forward pass (argmax).",
+        f"Rows: {ROW_DESCRIPTIONS[rows_kind]}. Each token is masked independently at the rate shown",
+        "(seed 0); all masks predicted in one forward pass (argmax). Bits per character = the masked tokens'",
+        "NLL in bits over the characters they spell (comparable across tokenizers).",
         f"Unigram baseline: add-one smoothed token frequencies of {unigram_source}.",
         "",
-        "| mask rate | masked tokens | accuracy | NLL (nats/token) | unigram accuracy | unigram NLL |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mask rate | masked tokens | accuracy | NLL (nats/token) | bits/char | unigram accuracy | unigram NLL |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
-            f"| {r.rate:.2f} | {r.masked_tokens} | {r.accuracy:.1%} | {r.nll:.3f} "
+            f"| {r.rate:.2f} | {r.masked_tokens} | {r.accuracy:.1%} | {r.nll:.3f} | {r.bits_per_char:.3f} "
             f"| {r.unigram_accuracy:.1%} | {r.unigram_nll:.3f} |"
         )
     lines += ["", f"## Example fills ({options.model_dump(exclude_defaults=True) or 'default options'})", ""]
@@ -228,7 +230,7 @@ def evaluate(
     rows = held_out_rows(valid, model, rows_kind)
     unigram = unigram_log_probs(unigram_tokens, model.vocab_size)
     results = [evaluate_rate(model, rows, rate, unigram) for rate in MASK_RATES]
-    return format_report(model.name, results, example_fills(model, options), options, unigram_source)
+    return format_report(model.name, results, example_fills(model, options), options, unigram_source, rows_kind)
 
 
 @dataclass

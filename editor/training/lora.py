@@ -182,6 +182,10 @@ def run_record(config: LoRAConfig, summary: dict[str, object]) -> dict[str, obje
         "warmup_steps": config.warmup_steps,
         "seed": config.seed,
         "corpus": config.corpus.name,
+        "time_budget_s": config.time_budget_s,
+        "whole_paragraph_share": config.batch.whole_paragraph_share,
+        "span_share": config.batch.span_share,
+        "padded_span_share": config.batch.padded_span_share,
         "continued_from": config.init_adapter.name if config.init_adapter else None,
     }
 
