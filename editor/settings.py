@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         description="CUDA graphs of the cached window step kept per model (one per batch size, canvas length and "
         "window width bucket, captured the second time a shape is seen); 0: run every step eagerly",
     )
+    cuda_graph_slabs: int = Field(
+        4,
+        ge=1,
+        description="(batch, canvas length) shapes whose CUDA graphs keep a static copy of the keys/values (each "
+        "as large as one running batch's cache); the least recently used shape is dropped first",
+    )
 
     # Network.
     host: str = Field("127.0.0.1", description="interface to listen on; anything but loopback requires api_token")

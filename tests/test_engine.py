@@ -232,22 +232,26 @@ def test_window_steps_run_through_graph_buckets_fill_as_eager_ones(
     assert len(graphs._graphs) <= max_graphs
 
 
-def test_two_runs_sharing_a_graph_slab_keep_their_own_caches(
-    tiny_shifted_model: NativeDiffusionModel, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("sources", [SOURCES[:1] * 2, SOURCES[:2]], ids=["same-shape", "two-lengths"])
+def test_two_runs_stepped_in_turn_keep_their_own_caches(
+    tiny_shifted_model: NativeDiffusionModel, monkeypatch: pytest.MonkeyPatch, sources: list[str]
 ) -> None:
-    """Two sampler runs of the same shape, stepped in turn, bind the same static keys/values: each
-    takes the slab over from the other and must still fill exactly as when run alone."""
+    """Two sampler runs stepped in turn: of one shape, they bind the same static keys/values and
+    each takes the slab over from the other; of two canvas lengths with room for one slab, each
+    step evicts the other's slab and graphs. Both must fill exactly as when run alone."""
     model = tiny_shifted_model
     vocabulary = vocabulary_rules(model)
-    rows = rows_for(model, SOURCES[:1])
+    runs_rows = [rows_for(model, [source]) for source in sources]
     runs_options = [
         SamplerOptions(schedule="random", temperature=1.0, cache_refresh_every=None, seed=s) for s in (1, 2)
     ]
-    alone = [sample(model, rows, options, vocabulary) for options in runs_options]
-    graphs = WindowGraphs(model.network, capture=False)
+    alone = [sample(model, rows, options, vocabulary) for rows, options in zip(runs_rows, runs_options, strict=True)]
+    graphs = WindowGraphs(model.network, max_slabs=1, capture=False)
     monkeypatch.setattr(model, "window_graphs", graphs)
     with torch.inference_mode():
-        runs = [SamplerRun(model, rows, options, vocabulary) for options in runs_options]
+        runs = [
+            SamplerRun(model, rows, options, vocabulary) for rows, options in zip(runs_rows, runs_options, strict=True)
+        ]
         while not all(run.finished for run in runs):
             for run in runs:
                 run.step()
@@ -338,3 +342,39 @@ def test_fusing_keeps_the_qkv_bias_of_qwen2_layouts() -> None:
     ids = torch.randint(0, 64, (2, 10))
     with torch.inference_mode():
         torch.testing.assert_close(fused(ids), network(ids), atol=1e-5, rtol=1e-5)
+
+
+def joined_mid_run(model: NativeDiffusionModel, rows: list[Row], options: SamplerOptions) -> list[list[int]]:
+    """Row 1 alone for two steps, then rows 0, 2 and 3 join; each row leaves when done."""
+    vocabulary = vocabulary_rules(model)
+    with torch.inference_mode():
+        running = SamplerRun(model, rows[1:2], options, vocabulary)
+        (first,) = running.keys
+        running.step()
+        running.step()
+        joined = running.add([rows[0], rows[2], rows[3]])
+        done: dict[int, list[int]] = {}
+        while not running.finished:
+            running.step()
+            finished = [key for key in running.keys if running.row_done(key)]
+            done |= {key: running.row_output(key)[0] for key in finished}
+            running.remove(finished)
+    return [done[key] for key in (joined[0], first, joined[1], joined[2])]
+
+
+@pytest.mark.parametrize("options", JOIN_OPTIONS[:2], ids=lambda o: o.schedule)
+def test_graph_shapes_evicted_under_continuous_batching_fill_as_eager_ones(
+    tiny_shifted_model: NativeDiffusionModel, monkeypatch: pytest.MonkeyPatch, options: SamplerOptions
+) -> None:
+    """Rows joining and leaving change the batch shape (and rows refreshing on their own steps
+    run as a sub-batch), so window steps come in several (batch, length) shapes: with room for one
+    slab and three graphs, shapes keep evicting each other, and every fill is still exact."""
+    model = tiny_shifted_model
+    wide = "A long line of literal text that goes on and on before [MASK 2] and still goes on after it."
+    rows = [Row(r.ids, r.pinned, r.rules, seed=60 + i) for i, r in enumerate(rows_for(model, [*SOURCES, wide]))]
+    eager = joined_mid_run(model, rows, options)
+    graphs = WindowGraphs(model.network, max_graphs=3, max_slabs=1, capture=False)
+    monkeypatch.setattr(model, "window_graphs", graphs)
+    assert joined_mid_run(model, rows, options) == eager
+    assert graphs.replays > 0
+    assert len(graphs._slabs) == 1 and len(graphs._graphs) <= 3

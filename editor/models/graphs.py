@@ -14,10 +14,12 @@ holds fixed shapes and fixed addresses, so:
   slab's contents back to the previous owner as its own copy, so neither sees the other's writes;
 - a shape is captured the second time it is seen, so a shape that occurs once (a batch that
   changes at the next step) costs no capture. At most `max_graphs` graphs are kept, least recently
-  used dropped first; their memory comes from one shared pool.
-
-The returned logits are a view of the graph's static output, valid until the next window run of
-the same model: the sampler reads them at once, within the step.
+  used dropped first; their memory comes from one shared pool;
+- a slab is as large as one run's cache (for a 7B model, 8 rows of 4,096 positions: ~2 GB), so at
+  most `max_slabs` (batch, canvas length) shapes keep one; the least recently used goes, with its
+  graphs;
+- a graph ends at the final norm of the scored positions ([B, M, C]); the output head runs after
+  the replay, so no graph holds a [B, M, vocabulary] logits buffer of its own.
 
 `capture=False` runs the same bucketing, slab binding and padding eagerly (no CUDA needed): that is
 how the CPU tests check that a graphed run fills exactly what an unpadded one does.
@@ -36,6 +38,8 @@ from editor.models.base import CanvasCache
 from editor.models.transformer import KV, BidirectionalTransformer
 
 DEFAULT_MAX_GRAPHS = 48
+DEFAULT_MAX_SLABS = 4
+SEEN_LIMIT = 4096  # shapes remembered as seen once; forgotten all at once beyond this
 MIN_BUCKET = 8
 
 
@@ -83,13 +87,19 @@ class WindowGraphs:
     """Captured window steps of one network (owned by the one worker that owns the model)."""
 
     def __init__(
-        self, network: BidirectionalTransformer, *, max_graphs: int = DEFAULT_MAX_GRAPHS, capture: bool = True
+        self,
+        network: BidirectionalTransformer,
+        *,
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
+        max_slabs: int = DEFAULT_MAX_SLABS,
+        capture: bool = True,
     ):
         self.network = network
         self.max_graphs = max_graphs
+        self.max_slabs = max(1, max_slabs)
         self.capture = capture
         self._graphs: OrderedDict[GraphKey, _Graph] = OrderedDict()
-        self._slabs: dict[tuple[int, int], _Slab] = {}
+        self._slabs: OrderedDict[tuple[int, int], _Slab] = OrderedDict()
         self._seen: set[GraphKey] = set()
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0  # graphs captured so far (for the benchmark and the tests)
@@ -125,6 +135,8 @@ class WindowGraphs:
         graph = self._graphs.get(key)
         if graph is None:
             if key not in self._seen:
+                if len(self._seen) >= SEEN_LIMIT:
+                    self._seen.clear()
                 self._seen.add(key)
                 return None
             graph = self._capture(key, cache, ids, window, positions, hidden_at)
@@ -139,15 +151,26 @@ class WindowGraphs:
             assert cache.attention is not None
             graph.attention.copy_(cache.attention)
         self.replays += 1
-        return graph.replay()[:, :scored]
+        hidden = graph.replay()[:, :scored]  # [B, M, C]
+        return self.network.lm_head(hidden)  # [B, M, V]
 
     def _slab(self, cache: CanvasCache) -> _Slab:
         first = cache.layers[0][0]
         slab_key = (first.shape[0], first.shape[2])
         slab = self._slabs.get(slab_key)
-        if slab is None:
-            slab = self._slabs[slab_key] = _Slab([(torch.empty_like(k), torch.empty_like(v)) for k, v in cache.layers])
+        if slab is not None:
+            self._slabs.move_to_end(slab_key)
+            return slab
+        while len(self._slabs) >= self.max_slabs:
+            self._drop_slab(next(iter(self._slabs)))
+        slab = self._slabs[slab_key] = _Slab([(torch.empty_like(k), torch.empty_like(v)) for k, v in cache.layers])
         return slab
+
+    def _drop_slab(self, slab_key: tuple[int, int]) -> None:
+        """Forget a slab and its graphs (a cache still bound to it keeps its tensors alive)."""
+        for key in [key for key in self._graphs if key[:2] == slab_key]:
+            del self._graphs[key]
+        del self._slabs[slab_key]
 
     @staticmethod
     def _bind(cache: CanvasCache, slab: _Slab) -> None:
@@ -184,7 +207,9 @@ class WindowGraphs:
         attention = None if cache.attention is None else cache.attention.clone()
 
         def step() -> torch.Tensor:
-            return self.network.forward_window(slab.layers, ids, window, positions, attention, hidden_at=hidden_at)
+            return self.network.forward_window(
+                slab.layers, ids, window, positions, attention, hidden_at=hidden_at, logits=False
+            )
 
         replay: Callable[[], torch.Tensor] = step
         if self.capture:
@@ -196,24 +221,18 @@ class WindowGraphs:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                logits = step()
+                hidden = step()
 
             def replay_graph() -> torch.Tensor:
                 graph.replay()
-                return logits
+                return hidden
 
             replay = replay_graph
         self._graphs[key] = _Graph(ids, window, positions, hidden_at, attention, replay)
         self.captures += 1
         while len(self._graphs) > self.max_graphs:
-            self._drop(next(iter(self._graphs)))
+            self._graphs.popitem(last=False)
         return self._graphs[key]
-
-    def _drop(self, key: GraphKey) -> None:
-        del self._graphs[key]
-        slab_key = key[:2]
-        if not any(other[:2] == slab_key for other in self._graphs):
-            self._slabs.pop(slab_key, None)  # a cache still bound to it keeps its tensors alive
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -221,4 +240,4 @@ class WindowGraphs:
         self._seen.clear()
 
 
-__all__ = ["DEFAULT_MAX_GRAPHS", "WindowGraphs", "bucket", "pad_columns"]
+__all__ = ["DEFAULT_MAX_GRAPHS", "DEFAULT_MAX_SLABS", "WindowGraphs", "bucket", "pad_columns"]

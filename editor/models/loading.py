@@ -16,7 +16,7 @@ from editor.models.adapter import ADAPTER_TYPE, merged_model_dir
 from editor.models.base import DiffusionModel, SpecialIds
 from editor.models.checkpoints import FAMILIES, load_checkpoint
 from editor.models.gguf import BASE_SHA256, INSTALL_HINT, find_base_gguf
-from editor.models.graphs import DEFAULT_MAX_GRAPHS
+from editor.models.graphs import DEFAULT_MAX_GRAPHS, DEFAULT_MAX_SLABS
 from editor.models.hf_masked import MaskedLMAdapter
 from editor.models.native import ModelLoadError, NativeDiffusionModel, default_dtype, read_config, resolve_checkpoint
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
@@ -98,6 +98,7 @@ def load_configured(settings: Settings, *, model: str | None = None, device: str
         device=device or settings.device,
         dtype=dtype_named(settings.dtype),
         cuda_graphs=settings.cuda_graphs,
+        cuda_graph_slabs=settings.cuda_graph_slabs,
     )
 
 
@@ -107,12 +108,14 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     cuda_graphs: int = DEFAULT_MAX_GRAPHS,
+    cuda_graph_slabs: int = DEFAULT_MAX_SLABS,
 ) -> DiffusionModel:
     """`None`/"default" -> the default model (SmolLM2-135M + our adapter; the tiny model, with a
     note, when the base package is not installed); "tiny" -> the bundled 17M model; a directory ->
     by its config.json's model_type; anything else -> a Hugging Face id, fetched (or found in the
     cache) and dispatched the same way. `device` may be "auto". On CUDA, a native model replays its
-    window steps as CUDA graphs (at most `cuda_graphs` kept; 0: off)."""
+    window steps as CUDA graphs (at most `cuda_graphs` kept, over `cuda_graph_slabs` batch shapes;
+    0 graphs: off)."""
     device = resolve_device(device)
     note = None
     if spec is None or str(spec) in DEFAULT_SPECS:
@@ -149,7 +152,7 @@ def load_model(
     if isinstance(model, NativeDiffusionModel):
         if model.device.type == "cuda":
             model.network.fuse_projections()  # served, never trained: fewer, larger matrix products
-        model.use_cuda_graphs(cuda_graphs)
+        model.use_cuda_graphs(cuda_graphs, cuda_graph_slabs)
     model.note = note  # type: ignore[attr-defined]
     return model
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from editor.models.base import CanvasCache, SpecialIds
-from editor.models.graphs import DEFAULT_MAX_GRAPHS, WindowGraphs
+from editor.models.graphs import DEFAULT_MAX_GRAPHS, DEFAULT_MAX_SLABS, WindowGraphs
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 
 DEFAULT_INSTRUCTION = "Fill in the blanks of the document."
@@ -262,11 +262,14 @@ class NativeDiffusionModel:
         self._end_of_turn = end_of_turn_ids(tokenizer) if self.use_chat_template else ()
         self.window_graphs: WindowGraphs | None = None  # set by `use_cuda_graphs` (CUDA only)
 
-    def use_cuda_graphs(self, max_graphs: int = DEFAULT_MAX_GRAPHS) -> None:
-        """Replay window steps as CUDA graphs (at most `max_graphs` kept; 0: never). Does nothing
-        off CUDA. Call it after moving the model: the graphs hold device addresses."""
+    def use_cuda_graphs(self, max_graphs: int = DEFAULT_MAX_GRAPHS, max_slabs: int = DEFAULT_MAX_SLABS) -> None:
+        """Replay window steps as CUDA graphs (at most `max_graphs` kept, over at most `max_slabs`
+        batch shapes; 0 graphs: never). Does nothing off CUDA. Call it after moving the model:
+        the graphs hold device addresses."""
         on_cuda = self.device.type == "cuda"
-        self.window_graphs = WindowGraphs(self.network, max_graphs=max_graphs) if on_cuda and max_graphs else None
+        self.window_graphs = (
+            WindowGraphs(self.network, max_graphs=max_graphs, max_slabs=max_slabs) if on_cuda and max_graphs else None
+        )
 
     @property
     def device(self) -> torch.device:

@@ -292,9 +292,11 @@ class BidirectionalTransformer(nn.Module):
         position_ids: torch.Tensor,  # [B, W] rotary positions of the window
         attention_mask: torch.Tensor | None,  # [B, L] bool over the canvas; None = no padding
         hidden_at: torch.Tensor | None = None,  # [B, M] window indices to score; None = all W
+        logits: bool = True,
     ) -> torch.Tensor:
-        """Logits [B, M, V] of a window of the canvas run against cached keys/values of the rest.
-        The window's own keys/values are recomputed and written into `cache`, so a position that
+        """Logits [B, M, V] of a window of the canvas run against cached keys/values of the rest
+        (with `logits=False`: the final-normed hidden states [B, M, C] the head would take). The
+        window's own keys/values are recomputed and written into `cache`, so a position that
         leaves the window keeps the keys/values of its last run."""
         length = cache[0][0].shape[2]
         key_mask = None if attention_mask is None else attention_mask[:, None, None, :]
@@ -303,14 +305,18 @@ class BidirectionalTransformer(nn.Module):
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             assert isinstance(layer, Block)
             x = layer.forward_cached(x, cos, sin, key_mask, layer_cache, window)
-        return self.head(x, hidden_at)
+        return self.head(x, hidden_at) if logits else self.normed(x, hidden_at)
 
     def head(self, x: torch.Tensor, hidden_at: torch.Tensor | None) -> torch.Tensor:
         """Final norm and output head, only at `hidden_at` ([B, M] indices into x's W) when given:
         the head is the largest matrix of a small model and its output the largest tensor."""
+        return self.lm_head(self.normed(x, hidden_at))  # [B, M, V]
+
+    def normed(self, x: torch.Tensor, hidden_at: torch.Tensor | None) -> torch.Tensor:
+        """The final norm of x [B, W, C] at `hidden_at` ([B, M] indices into W; None = all): [B, M, C]."""
         if hidden_at is not None:
             x = x.gather(1, hidden_at[..., None].expand(-1, -1, x.shape[-1]))  # [B, M, C]
-        return self.lm_head(self.norm(x))  # [B, M, V]
+        return self.norm(x)
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and gate/up into one matrix product each (for inference on the GPU, where a
