@@ -86,6 +86,7 @@ class VocabularyRules:
         self.texts = [tokenizer.decode([token_id], clean_up_tokenization_spaces=False) for token_id in range(size)]
         self._rows: dict[PositionRule, torch.Tensor] = {}
         self._space_edges: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._word_classes: torch.Tensor | None = None
 
     def mask(self, rule: PositionRule) -> torch.Tensor:
         """[V] bool, True where the token may be generated."""
@@ -113,6 +114,19 @@ class VocabularyRules:
             self._space_edges = (starts, ends)
         starts, ends = self._space_edges
         return starts.to(device), ends.to(device)
+
+    def word_classes(self, device: torch.device) -> torch.Tensor:
+        """[V] long: tokens spelling the same word share a class, case and edge spaces aside
+        (" Book", "book" and "BOOK"); tokens with no letter or digit (punctuation, spaces) are -1."""
+        if self._word_classes is None:
+            classes = torch.full((self.vocab_size,), -1, dtype=torch.long)
+            numbers: dict[str, int] = {}
+            for token_id, text in enumerate(self.texts):
+                word = text.strip().lower()
+                if any(ch.isalnum() for ch in word):
+                    classes[token_id] = numbers.setdefault(word, len(numbers))
+            self._word_classes = classes
+        return self._word_classes.to(device)
 
     def table(self, rules: list[PositionRule], device: torch.device) -> torch.Tensor:
         """[R, V] bool for a list of distinct rules."""

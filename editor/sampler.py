@@ -193,18 +193,34 @@ def neighbours(ids: torch.Tensor, candidates: torch.Tensor, offset: int) -> tupl
 
 
 def penalize_neighbours(
-    logits: torch.Tensor, ids: torch.Tensor, candidates: torch.Tensor, special: SpecialIds, penalty: float
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    candidates: torch.Tensor,
+    special: SpecialIds,
+    penalty: float,
+    word_classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits [B, M, V] at `candidates` [B, M] made less keen on the token on either side (ids
     [B, L]), CTRL-style (positive logits divided by `penalty`, negative ones multiplied), so that a
-    fill does not repeat the word beside it ("team team"). Masks and end tokens are left alone."""
+    fill does not repeat the word beside it ("team team"). With `word_classes` ([V], see
+    `VocabularyRules.word_classes`) every spelling of that word is penalised ("Book book"), and a
+    punctuation token or a position still masked beside the blank is looked past: "Mr, Mr" is
+    often chosen as "Mr [mask] Mr" before the comma. Masks and end tokens are never penalised."""
     skip = torch.tensor([special.mask, *special.end_ids], device=ids.device)
     for offset in (-1, 1):
         tokens, inside = neighbours(ids, candidates, offset)
-        hit = inside & ~torch.isin(tokens, skip)
-        values = logits.gather(2, tokens[..., None]).squeeze(-1)  # [B, M]
-        penalised = torch.where(values > 0, values / penalty, values * penalty)
-        logits = logits.scatter(2, tokens[..., None], torch.where(hit, penalised, values)[..., None])
+        hit = inside & ~torch.isin(tokens, skip)  # [B, M]
+        same = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        same.scatter_(2, tokens[..., None], hit[..., None])  # [B, M, V] the neighbour's own id
+        if word_classes is not None:
+            word = torch.where(hit, word_classes[tokens], -1)  # [B, M]
+            further, further_inside = neighbours(ids, candidates, 2 * offset)
+            between = (hit & (word < 0)) | (inside & (tokens == special.mask))  # punctuation, or not filled yet
+            past = between & further_inside & ~torch.isin(further, skip)
+            word = torch.where(past, word_classes[further], word)
+            same |= (word_classes == word[..., None]) & (word[..., None] >= 0)
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(same, penalised, logits)
     return logits
 
 
@@ -279,6 +295,7 @@ class SamplerRun:
         )
         self.space_edges = vocabulary.space_edges(device) if options.single_spaces else None
         self.spaced = self.space_edges[0] | self.space_edges[1] if self.space_edges else None  # [V]
+        self.word_classes = vocabulary.word_classes(device) if options.repetition_penalty != 1.0 else None  # [V]
         self.fast = windowed(model)
         self.windowed = options.cache and self.fast is not None
         # Host-side, one entry per row in batch order.
@@ -481,7 +498,7 @@ class SamplerRun:
             logits = forbid_double_spaces(logits, keep, self.ids, candidates, starts, ends)
         if self.options.repetition_penalty != 1.0:
             penalty = self.options.repetition_penalty
-            logits = penalize_neighbours(logits, self.ids, candidates, self.model.special, penalty)
+            logits = penalize_neighbours(logits, self.ids, candidates, self.model.special, penalty, self.word_classes)
         logits = _finite(logits, allowed)
         tokens, confidence, scores = self._choose(logits, candidates, valid)
         count = self._commit_counts(confidence, valid, planned)  # [B]

@@ -310,3 +310,41 @@ def test_repetition_penalty_lowers_the_neighbouring_tokens_only() -> None:
     assert out[0, 5] == 1.0 and out[0, 7] == -2.0  # positive halved, negative doubled
     assert torch.equal(out[1], logits[0, 1])  # end tokens beside a blank are not penalised
     assert torch.equal(out[0, [0, 1, 2, 3, 4, 6, 8, 9]], logits[0, 0, [0, 1, 2, 3, 4, 6, 8, 9]])
+
+
+def test_repetition_penalty_covers_every_spelling_of_the_word_and_looks_past_punctuation() -> None:
+    """ "The Book book team" and "Dear Mr, Mr," were fills of the default model: the word beside a
+    blank is penalised in every spelling (case, edge spaces), past one punctuation token."""
+    from editor.models.base import SpecialIds
+    from editor.sampler import penalize_neighbours
+
+    special = SpecialIds(mask=9, pad=0)
+    # ids 5 " Book" and 6 "book" spell one word, 7 and 8 others, 3 is "," (no letters): class -1
+    classes = torch.tensor([-1, -1, -1, -1, 4, 0, 0, 1, 2, 3])
+    ids = torch.tensor([[5, 9, 8, 6, 3, 9, 7, 9, 9, 4]])  # blank 1 after " Book"; 5 after "book ,"
+    candidates = torch.tensor([[1, 5, 8]])  # blank 8: a blank, then 7 on the left; 4 on the right
+    logits = torch.full((1, 3, 10), 2.0)
+    out = penalize_neighbours(logits, ids, candidates, special, 2.0, classes)[0]
+    assert out[0, 5] == out[0, 6] == 1.0  # both spellings of the word on the left
+    assert out[0, 8] == 1.0  # and the word on the right
+    assert out[1, 5] == out[1, 6] == 1.0  # past the comma
+    assert out[1, 3] == 1.0 and out[1, 7] == 1.0  # the comma itself, and the word on the right
+    untouched = [0, 1, 2, 3, 4, 7, 9]
+    assert torch.equal(out[0, untouched], logits[0, 0, untouched])
+    assert torch.equal(out[1, [0, 1, 2, 4, 8, 9]], logits[0, 1, [0, 1, 2, 4, 8, 9]])
+    assert out[2, 7] == 1.0 and out[2, 4] == 1.0  # past a position not filled yet ("Mr [mask] Mr")
+    assert torch.equal(out[2, [0, 1, 2, 3, 5, 6, 8, 9]], logits[0, 2, [0, 1, 2, 3, 5, 6, 8, 9]])
+
+
+def test_word_classes_join_spellings_and_leave_punctuation_out(tiny_tokenizer) -> None:
+    from editor.constraints import VocabularyRules
+
+    rules = VocabularyRules(tiny_tokenizer, len(tiny_tokenizer) + 3, set(), (0,))
+    classes = rules.word_classes(torch.device("cpu"))
+    vocab = tiny_tokenizer.get_vocab()
+    by_text = {rules.texts[i]: int(classes[i]) for i in range(len(rules.texts))}
+    spellings = [text for text in by_text if text.strip().lower() == "the"]
+    assert len(spellings) >= 2, spellings  # e.g. "the" and " the"
+    assert len({by_text[text] for text in spellings}) == 1 and by_text[spellings[0]] >= 0
+    assert all(by_text[text] == -1 for text in by_text if text.strip() and not any(c.isalnum() for c in text))
+    assert (classes[len(rules.texts) :] == -1).all() and len(vocab) == len(rules.texts)
