@@ -61,7 +61,8 @@ class SamplerOptions(BaseModel):
         1.5,
         ge=1.0,
         le=10.0,
-        description="the tokens right beside a blank are this much less likely there (no 'team team'); 1 = off",
+        description="the word right beside a blank (any spelling, past one punctuation token) is this much less "
+        "likely there (no 'team team'); 1 = off",
     )
     factor: float = Field(
         1.0,
