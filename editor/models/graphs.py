@@ -80,7 +80,7 @@ class _Graph:
     positions: torch.Tensor  # [B, Wb] rotary positions
     hidden_at: torch.Tensor  # [B, Mb] window indices to score
     attention: torch.Tensor | None  # [B, L] bool, or None for an unpadded batch
-    replay: Callable[[], torch.Tensor]  # -> logits [B, Mb, V]
+    replay: Callable[[], torch.Tensor]  # -> final-normed hidden states [B, Mb, C]
 
 
 class WindowGraphs:
