@@ -77,9 +77,24 @@ def prepare_data(tokenizer_dir: Path, corpus: Path, out: Path) -> None:
 @click.option(
     "--init-from", type=click.Path(exists=True, path_type=Path), default=None, help="continue from a model directory"
 )
-@click.option("--span-share", default=0.3, help="share of rows masked as contiguous spans instead of token by token")
-@click.option("--whole-paragraph-share", default=0.5, help="share of rows cut at a paragraph end (the rest padded)")
-@click.option("--padded-span-share", default=0.2, help="share of rows whose masked span is followed by end tokens")
+@click.option(
+    "--span-share",
+    default=0.3,
+    type=click.FloatRange(0.0, 1.0),
+    help="share of rows masked as contiguous spans instead of token by token",
+)
+@click.option(
+    "--whole-paragraph-share",
+    default=0.5,
+    type=click.FloatRange(0.0, 1.0),
+    help="share of rows cut at a paragraph end (the rest padded)",
+)
+@click.option(
+    "--padded-span-share",
+    default=0.2,
+    type=click.FloatRange(0.0, 1.0),
+    help="share of rows whose masked span is followed by end tokens",
+)
 @click.option(
     "--init-from-gguf",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -122,10 +137,6 @@ def train(
     """Masked-diffusion training: from scratch (the tiny model), or a LoRA adaptation of a GGUF
     model (the default model). Run on a GPU."""
     from editor.training.data import BatchSpec
-
-    shares = (span_share, whole_paragraph_share, padded_span_share)
-    if not all(0.0 <= share <= 1.0 for share in shares):
-        raise click.BadParameter(f"the row shares must lie between 0 and 1, got {shares}")
 
     def batch_spec(size: int) -> BatchSpec:
         return BatchSpec(
