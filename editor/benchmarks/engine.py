@@ -384,7 +384,7 @@ def _peak(device: str, override_flops: float | None, override_bandwidth: float |
 @click.option("--refresh", default="", help="comma-separated k: also run the cache refreshed every k steps")
 @click.option("--naive-max-steps", default=None, type=int, help="time this many naive steps and extrapolate")
 @click.option("--schedule", default="confidence", type=click.Choice(SCHEDULES), help="the sampler's schedule")
-@click.option("--block-length", default=32, help="masked positions per block (the blocks schedule)")
+@click.option("--block-length", default=32, type=click.IntRange(1), help="masked positions per block (blocks schedule)")
 @click.option("--repeats", default=1, help="timed runs after one warm-up (median); 0: one cold run")
 @click.option("--peak-flops", default=None, type=float, help="override the assumed FLOP/s")
 @click.option("--peak-bandwidth", default=None, type=float, help="override the assumed bytes/s")
