@@ -147,3 +147,17 @@ def test_bench_engine_measures_naive_and_fast_fills(tmp_path: Path) -> None:
     ]
     assert all(f["steps"] == 2 and f["tokens_per_s"] > 0 for f in figures)
     assert figures[0]["work"]["windows"] == 0 and figures[1]["work"]["windows"] == 1  # the cache did run
+
+
+def test_bench_document_times_the_naive_and_cached_fills_of_a_file(tmp_path: Path) -> None:
+    document = tmp_path / "doc.txt"
+    document.write_text("This week we [MASK 6] and the customers said [MASK 4].", encoding="utf-8")
+    out = tmp_path / "document.json"
+    arguments = ["bench", "document", str(document), "--schedule", "blocks", "--block-length", "4"]
+    arguments += ["--refresh", "none", "--repeats", "1", "--threads", "1", "--json", str(out)]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["schedule"] == "blocks" and payload["block_length"] == 4
+    assert [f["mode"] for f in payload["figures"]] == ["naive", "fast-rnone"]
+    assert all(f["steps"] >= 3 and f["median_s"] > 0 for f in payload["figures"])  # 10 masks, blocks of 4

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from editor.options import SCHEDULES
+
 
 @click.command("document")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -27,6 +29,8 @@ import click
 @click.option("--steps", "steps_list", default="default", help="comma-separated; 'default' = one per masked token")
 @click.option("--refresh", "refresh_list", default="4", help="comma-separated cache_refresh_every for fast; none")
 @click.option("--naive/--no-naive", default=True, help="also time the naive loop")
+@click.option("--schedule", default="confidence", type=click.Choice(SCHEDULES), help="the sampler's schedule")
+@click.option("--block-length", default=32, type=click.IntRange(1), help="masked positions per block (blocks schedule)")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, help="timed runs after one warm-up (median)")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's]")
 @click.option(
@@ -40,6 +44,8 @@ def document_bench(
     steps_list: str,
     refresh_list: str,
     naive: bool,
+    schedule: str,
+    block_length: int,
     repeats: int,
     threads: int | None,
     json_path: Path | None,
@@ -61,18 +67,18 @@ def document_bench(
     load_before = list(os.getloadavg())
     click.echo(
         f"{model.name} on {device} ({dtype_name or 'default dtype'}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load average {load_before[0]:.1f}; {path.name}, seed 0"
+        f"{torch.get_num_threads()} threads, load average {load_before[0]:.1f}; {path.name}, seed 0, {schedule}"
     )
     figures = []
     for steps_text in steps_list.split(","):
         steps = None if steps_text == "default" else int(steps_text)
         modes: list[tuple[str, SamplerOptions, bool]] = []
+        base = SamplerOptions(seed=0, steps=steps, schedule=schedule, block_length=block_length)
         if naive:
-            modes.append(("naive", SamplerOptions(seed=0, steps=steps, cache=False), True))
+            modes.append(("naive", base.model_copy(update={"cache": False}), True))
         for refresh_text in refresh_list.split(","):
             refresh = None if refresh_text == "none" else int(refresh_text)
-            options = SamplerOptions(seed=0, steps=steps, cache_refresh_every=refresh)
-            modes.append((f"fast-r{refresh_text}", options, False))
+            modes.append((f"fast-r{refresh_text}", base.model_copy(update={"cache_refresh_every": refresh}), False))
         for mode, options, plain in modes:
             filler = CountingModel(model, Work()) if plain else model
             runs = []
@@ -100,6 +106,8 @@ def document_bench(
             "dtype": dtype_name or "default",
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "schedule": schedule,
+            "block_length": block_length if schedule == "blocks" else None,
             "load_average_before": load_before,
             "load_average_after": list(os.getloadavg()),
             "figures": figures,
