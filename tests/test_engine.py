@@ -12,7 +12,7 @@ from editor.models import NativeDiffusionModel, aligned_logits
 from editor.models.graphs import WindowGraphs, bucket, pad_columns
 from editor.options import SamplerOptions
 from editor.parser import parse_document
-from editor.sampler import Row, SampleOutput, SamplerRun, StepEvent, sample
+from editor.sampler import Row, SampleOutput, SamplerRun, StepEvent, pad_rows, sample
 
 pytestmark = pytest.mark.usefixtures("tiny_one_thread")
 
@@ -55,13 +55,7 @@ def test_a_window_step_scores_like_the_full_pass(
     """With a fresh cache, recomputing any window that holds the scored positions (and, shifted,
     the positions left of them) gives the full pass's logits there, in padded batches too."""
     model = tiny_shifted_model if shifted else tiny_model
-    rows = rows_for(model, SOURCES[:2])
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((2, width), model.special.pad)
-    attention = torch.zeros((2, width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, : len(row.ids)] = torch.tensor(row.ids)
-        attention[i, : len(row.ids)] = True
+    ids, _, attention = pad_rows(rows_for(model, SOURCES[:2]), model.special.pad, model.device)
     at = torch.tensor([[5, 6, 7, 9], [8, 9, 10, 11]])
     full = aligned_logits(model, ids, attention)  # [2, L, V]
     expected = full.gather(1, at[..., None].expand(-1, -1, full.shape[-1]))
@@ -304,13 +298,7 @@ def test_fused_projections_score_as_the_separate_ones(
     fused.network.fuse_projections()
     assert fused.network.num_parameters() == model.network.num_parameters()
     assert not any(name.endswith(("q_proj.weight", "gate_proj.weight")) for name, _ in fused.network.named_parameters())
-    rows = rows_for(model, SOURCES[:2])
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((2, width), model.special.pad)
-    attention = torch.zeros((2, width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, : len(row.ids)] = torch.tensor(row.ids)
-        attention[i, : len(row.ids)] = True
+    ids, _, attention = pad_rows(rows_for(model, SOURCES[:2]), model.special.pad, model.device)
     at = torch.tensor([[5, 6, 7, 9], [8, 9, 10, 11]])
     window = torch.tensor([[4, 5, 6, 7, 8, 9], [7, 8, 9, 10, 11, 2]])
     with torch.inference_mode():

@@ -12,6 +12,9 @@ import click
 
 from editor.options import SamplerOptions
 
+# The training rows' mix (docs/models.md): each share is a fraction of the rows of a batch.
+ROW_SHARE: dict[str, Any] = {"type": click.FloatRange(0.0, 1.0), "show_default": True}
+
 
 @click.command("train-tokenizer")
 @click.option(
@@ -77,24 +80,9 @@ def prepare_data(tokenizer_dir: Path, corpus: Path, out: Path) -> None:
 @click.option(
     "--init-from", type=click.Path(exists=True, path_type=Path), default=None, help="continue from a model directory"
 )
-@click.option(
-    "--span-share",
-    default=0.3,
-    type=click.FloatRange(0.0, 1.0),
-    help="share of rows masked as contiguous spans instead of token by token",
-)
-@click.option(
-    "--whole-paragraph-share",
-    default=0.5,
-    type=click.FloatRange(0.0, 1.0),
-    help="share of rows cut at a paragraph end (the rest padded)",
-)
-@click.option(
-    "--padded-span-share",
-    default=0.2,
-    type=click.FloatRange(0.0, 1.0),
-    help="share of rows whose masked span is followed by end tokens",
-)
+@click.option("--span-share", **ROW_SHARE, default=0.3, help="rows masked as contiguous spans, not token by token")
+@click.option("--whole-paragraph-share", **ROW_SHARE, default=0.5, help="rows cut at a paragraph end, the rest padded")
+@click.option("--padded-span-share", **ROW_SHARE, default=0.2, help="rows whose masked span is followed by end tokens")
 @click.option(
     "--init-from-gguf",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
