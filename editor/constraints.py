@@ -74,6 +74,9 @@ def token_allowed(text: str, value_class: ValueClass | None, place: Place) -> bo
     return _PATTERNS[(value_class, place)].fullmatch(text) is not None
 
 
+MAX_SPELLINGS = 16  # tokens per word class a repetition penalty touches ("the", " the", "The", ...)
+
+
 class VocabularyRules:
     """Boolean vocabulary masks for position rules, cached per rule. Rows are [V] over the
     model's logit width, which may be wider than the tokenizer (the extra ids are never allowed)."""
@@ -86,7 +89,7 @@ class VocabularyRules:
         self.texts = [tokenizer.decode([token_id], clean_up_tokenization_spaces=False) for token_id in range(size)]
         self._rows: dict[PositionRule, torch.Tensor] = {}
         self._space_edges: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._word_classes: torch.Tensor | None = None
+        self._word_classes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def mask(self, rule: PositionRule) -> torch.Tensor:
         """[V] bool, True where the token may be generated."""
@@ -115,18 +118,25 @@ class VocabularyRules:
         starts, ends = self._space_edges
         return starts.to(device), ends.to(device)
 
-    def word_classes(self, device: torch.device) -> torch.Tensor:
-        """[V] long: tokens spelling the same word share a class, case and edge spaces aside
-        (" Book", "book" and "BOOK"); tokens with no letter or digit (punctuation, spaces) are -1."""
+    def word_classes(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens spelling the same word, case and edge spaces aside (" Book", "book", "BOOK"):
+        each token's class [V] long (-1 for tokens with no letter or digit: punctuation, spaces),
+        and each class's tokens [C, K] (rows padded by repeating their first token; at most
+        MAX_SPELLINGS kept), so a penalty touches K logits per position, not the vocabulary."""
         if self._word_classes is None:
-            classes = torch.full((self.vocab_size,), -1, dtype=torch.long)
-            numbers: dict[str, int] = {}
+            class_of = [-1] * self.vocab_size
+            spellings: dict[str, list[int]] = {}  # in class order
             for token_id, text in enumerate(self.texts):
                 word = text.strip().lower()
                 if any(ch.isalnum() for ch in word):
-                    classes[token_id] = numbers.setdefault(word, len(numbers))
-            self._word_classes = classes
-        return self._word_classes.to(device)
+                    members = spellings.setdefault(word, [])
+                    class_of[token_id] = class_of[members[0]] if members else len(spellings) - 1
+                    members.append(token_id)
+            width = min(MAX_SPELLINGS, max((len(m) for m in spellings.values()), default=1))
+            rows = [(m + [m[0]] * width)[:width] for m in spellings.values()] or [[0] * width]
+            self._word_classes = (torch.tensor(class_of, dtype=torch.long), torch.tensor(rows, dtype=torch.long))
+        classes, spelled = self._word_classes
+        return classes.to(device), spelled.to(device)
 
     def table(self, rules: list[PositionRule], device: torch.device) -> torch.Tensor:
         """[R, V] bool for a list of distinct rules."""

@@ -198,29 +198,37 @@ def penalize_neighbours(
     candidates: torch.Tensor,
     special: SpecialIds,
     penalty: float,
-    word_classes: torch.Tensor | None = None,
+    words: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """logits [B, M, V] at `candidates` [B, M] made less keen on the token on either side (ids
     [B, L]), CTRL-style (positive logits divided by `penalty`, negative ones multiplied), so that a
-    fill does not repeat the word beside it ("team team"). With `word_classes` ([V], see
-    `VocabularyRules.word_classes`) every spelling of that word is penalised ("Book book"), and a
-    punctuation token or a position still masked beside the blank is looked past: "Mr, Mr" is
-    often chosen as "Mr [mask] Mr" before the comma. Masks and end tokens are never penalised."""
+    fill does not repeat the word beside it ("team team"). With `words` (each token's word class
+    [V] and each class's spellings [C, K], see `VocabularyRules.word_classes`) every spelling of
+    that word is penalised ("Book book"), and a punctuation token or a position still masked
+    beside the blank is looked past: "Mr, Mr" is often chosen as "Mr [mask] Mr" before the comma.
+    Masks and end tokens are never penalised. Touches 1 + K logits per position, not V."""
     skip = torch.tensor([special.mask, *special.end_ids], device=ids.device)
     for offset in (-1, 1):
         tokens, inside = neighbours(ids, candidates, offset)
-        hit = inside & ~torch.isin(tokens, skip)  # [B, M]
-        same = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        same.scatter_(2, tokens[..., None], hit[..., None])  # [B, M, V] the neighbour's own id
-        if word_classes is not None:
-            word = torch.where(hit, word_classes[tokens], -1)  # [B, M]
+        hit = inside & ~torch.isin(tokens, skip)  # [B, M] the neighbour's own id is penalised
+        targets = tokens[..., None]  # [B, M, 1]
+        penalise = hit
+        if words is not None:
+            classes, spellings = words
+            word = torch.where(hit, classes[tokens], -1)  # [B, M]
             further, further_inside = neighbours(ids, candidates, 2 * offset)
             between = (hit & (word < 0)) | (inside & (tokens == special.mask))  # punctuation, or not filled yet
             past = between & further_inside & ~torch.isin(further, skip)
-            word = torch.where(past, word_classes[further], word)
-            same |= (word_classes == word[..., None]) & (word[..., None] >= 0)
-        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(same, penalised, logits)
+            word = torch.where(past, classes[further], word)
+            has_word = word >= 0
+            spelled = spellings[word.clamp(min=0)]  # [B, M, K]
+            # Every index of a row is penalised or none is, so a repeated index reads and writes one value.
+            first = torch.where(hit | ~has_word, tokens, spelled[..., 0])[..., None]  # [B, M, 1]
+            targets = torch.cat([first, torch.where(has_word[..., None], spelled, first)], dim=-1)  # [B, M, 1+K]
+            penalise = hit | has_word
+        values = logits.gather(2, targets)
+        penalised = torch.where(values > 0, values / penalty, values * penalty)
+        logits = logits.scatter(2, targets, torch.where(penalise[..., None], penalised, values))
     return logits
 
 
@@ -295,7 +303,8 @@ class SamplerRun:
         )
         self.space_edges = vocabulary.space_edges(device) if options.single_spaces else None
         self.spaced = self.space_edges[0] | self.space_edges[1] if self.space_edges else None  # [V]
-        self.word_classes = vocabulary.word_classes(device) if options.repetition_penalty != 1.0 else None  # [V]
+        # each token's word class [V] and each class's spellings [C, K]
+        self.words = vocabulary.word_classes(device) if options.repetition_penalty != 1.0 else None
         self.fast = windowed(model)
         self.windowed = options.cache and self.fast is not None
         # Host-side, one entry per row in batch order.
@@ -498,7 +507,7 @@ class SamplerRun:
             logits = forbid_double_spaces(logits, keep, self.ids, candidates, starts, ends)
         if self.options.repetition_penalty != 1.0:
             penalty = self.options.repetition_penalty
-            logits = penalize_neighbours(logits, self.ids, candidates, self.model.special, penalty, self.word_classes)
+            logits = penalize_neighbours(logits, self.ids, candidates, self.model.special, penalty, self.words)
         logits = _finite(logits, allowed)
         tokens, confidence, scores = self._choose(logits, candidates, valid)
         count = self._commit_counts(confidence, valid, planned)  # [B]

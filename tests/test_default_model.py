@@ -321,10 +321,11 @@ def test_repetition_penalty_covers_every_spelling_of_the_word_and_looks_past_pun
     special = SpecialIds(mask=9, pad=0)
     # ids 5 " Book" and 6 "book" spell one word, 7 and 8 others, 3 is "," (no letters): class -1
     classes = torch.tensor([-1, -1, -1, -1, 4, 0, 0, 1, 2, 3])
+    spellings = torch.tensor([[5, 6], [7, 7], [8, 8], [9, 9], [4, 4]])  # each class's tokens, padded
     ids = torch.tensor([[5, 9, 8, 6, 3, 9, 7, 9, 9, 4]])  # blank 1 after " Book"; 5 after "book ,"
     candidates = torch.tensor([[1, 5, 8]])  # blank 8: a blank, then 7 on the left; 4 on the right
     logits = torch.full((1, 3, 10), 2.0)
-    out = penalize_neighbours(logits, ids, candidates, special, 2.0, classes)[0]
+    out = penalize_neighbours(logits, ids, candidates, special, 2.0, (classes, spellings))[0]
     assert out[0, 5] == out[0, 6] == 1.0  # both spellings of the word on the left
     assert out[0, 8] == 1.0  # and the word on the right
     assert out[1, 5] == out[1, 6] == 1.0  # past the comma
@@ -340,11 +341,60 @@ def test_word_classes_join_spellings_and_leave_punctuation_out(tiny_tokenizer) -
     from editor.constraints import VocabularyRules
 
     rules = VocabularyRules(tiny_tokenizer, len(tiny_tokenizer) + 3, set(), (0,))
-    classes = rules.word_classes(torch.device("cpu"))
-    vocab = tiny_tokenizer.get_vocab()
-    by_text = {rules.texts[i]: int(classes[i]) for i in range(len(rules.texts))}
-    spellings = [text for text in by_text if text.strip().lower() == "the"]
-    assert len(spellings) >= 2, spellings  # e.g. "the" and " the"
-    assert len({by_text[text] for text in spellings}) == 1 and by_text[spellings[0]] >= 0
-    assert all(by_text[text] == -1 for text in by_text if text.strip() and not any(c.isalnum() for c in text))
-    assert (classes[len(rules.texts) :] == -1).all() and len(vocab) == len(rules.texts)
+    classes, spelled = rules.word_classes(torch.device("cpu"))
+    class_of = {rules.texts[i]: int(classes[i]) for i in range(len(rules.texts))}
+    the = [text for text in class_of if text.strip().lower() == "the"]
+    assert len(the) >= 2, the  # e.g. "the" and " the"
+    assert len({class_of[text] for text in the}) == 1 and class_of[the[0]] >= 0
+    assert all(class_of[text] == -1 for text in class_of if text.strip() and not any(c.isalnum() for c in text))
+    assert (classes[len(rules.texts) :] == -1).all()
+    # a class's row holds its spellings (padded by repeating the first) and nothing else
+    assert {rules.texts[int(i)] for i in spelled[class_of[the[0]]]} == set(the)
+    assert all(int(classes[int(i)]) == row for row in range(len(spelled)) for i in spelled[row])
+
+
+def test_repetition_penalty_matches_its_definition_on_random_canvases(tiny_tokenizer) -> None:
+    """The gather/scatter over each word's spellings penalises exactly the vocabulary entries the
+    definition names: the neighbour's own id, and every token of its word (or, past punctuation or
+    a blank, of the next word), once per side."""
+    from editor.constraints import VocabularyRules
+    from editor.models.base import SpecialIds
+    from editor.sampler import neighbours, penalize_neighbours
+
+    vocab_size = len(tiny_tokenizer)
+    rules = VocabularyRules(tiny_tokenizer, vocab_size, set(), (0,))
+    classes, spelled = rules.word_classes(torch.device("cpu"))
+    assert spelled.shape[1] >= 2  # some word has two spellings in this vocabulary
+    special = SpecialIds(mask=vocab_size - 1, pad=0)
+    generator = torch.Generator().manual_seed(0)
+    punctuation = [i for i in range(vocab_size) if classes[i] < 0 and i not in (0, vocab_size - 1)]
+    several = [row for row in spelled.tolist() if len(set(row)) > 1][:20]  # words with several spellings
+    assert punctuation and several
+    pool = torch.tensor([i for row in several for i in row] + punctuation[:10] * 8 + [special.mask] * 80 + [0] * 5)
+    ids = pool[torch.randint(len(pool), (4, 60), generator=generator)]
+    candidates = torch.stack([torch.randperm(60, generator=generator)[:20] for _ in range(4)])
+    logits = torch.randn((4, 20, vocab_size), generator=generator) * 3
+    got = penalize_neighbours(logits, ids, candidates, special, 1.7, (classes, spelled))
+    expected = logits.clone()
+    skip = torch.tensor([special.mask, 0])
+    looked_past = 0
+    for offset in (-1, 1):
+        near, inside = neighbours(ids, candidates, offset)
+        far, far_inside = neighbours(ids, candidates, 2 * offset)
+        for b in range(4):
+            for m in range(20):
+                token, hit = int(near[b, m]), bool(inside[b, m]) and int(near[b, m]) not in skip
+                chosen = torch.zeros(vocab_size, dtype=torch.bool)
+                if hit:
+                    chosen[token] = True
+                word = int(classes[token]) if hit else -1
+                look_past = (hit and word < 0) or (bool(inside[b, m]) and token == special.mask)
+                if look_past and bool(far_inside[b, m]) and int(far[b, m]) not in skip:
+                    word = int(classes[int(far[b, m])])
+                    looked_past += word >= 0
+                if word >= 0:
+                    chosen |= (classes == word) & torch.isin(torch.arange(vocab_size), spelled[word])
+                row = expected[b, m]
+                expected[b, m] = torch.where(chosen, torch.where(row > 0, row / 1.7, row * 1.7), row)
+    assert looked_past > 5  # the canvases do exercise looking past commas and blanks
+    torch.testing.assert_close(got, expected)

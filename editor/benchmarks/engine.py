@@ -227,12 +227,15 @@ class _OpenVocabulary:
         ids = torch.arange(self.vocab_size, device=device)
         return ids % 2 == 0, ids % 10 == 5
 
-    def word_classes(self, device: Any) -> Any:
+    def word_classes(self, device: Any) -> tuple[Any, Any]:
         """Pairs of ids spell one word (a spaced and an unspaced spelling), every tenth is punctuation."""
         import torch
 
         ids = torch.arange(self.vocab_size, device=device)
-        return torch.where(ids % 10 == 5, -1, ids // 2)
+        spellings = torch.arange(0, self.vocab_size - 1, 2, device=device)[:, None] + torch.tensor(
+            [0, 1], device=device
+        )
+        return torch.where(ids % 10 == 5, -1, ids // 2), spellings  # [V], [C, 2]
 
     def table(self, rules: list[Any], device: Any) -> Any:
         import torch
