@@ -302,7 +302,6 @@ class SamplerRun:
             or (options.alg_temp > 0 and options.schedule in ("confidence", "margin", "entropy", "blocks"))
         )
         self.space_edges = vocabulary.space_edges(device) if options.single_spaces else None
-        self.spaced = self.space_edges[0] | self.space_edges[1] if self.space_edges else None  # [V]
         # each token's word class [V] and each class's spellings [C, K]
         self.words = vocabulary.word_classes(device) if options.repetition_penalty != 1.0 else None
         self.fast = windowed(model)
@@ -326,7 +325,7 @@ class SamplerRun:
         self.pinned, self.attention, self.masked, self.fresh, self._window_mask = (empty,) * 5
         self.confidences = torch.zeros((0, 0), dtype=torch.float32, device=device)
         self.rule_index = torch.zeros((0, 0), dtype=torch.long, device=device)
-        self.allowed = vocabulary.table([PositionRule()], device)
+        self._set_allowed(vocabulary.table([PositionRule()], device))
         self.plan = _PlanTables(
             counts=torch.zeros((0, 1), dtype=torch.long, device=device),
             blocks=torch.zeros((0, 1), dtype=torch.long, device=device),
@@ -482,9 +481,18 @@ class SamplerRun:
                 if not fixed:
                     index[row_number, position] = rules.setdefault(rule, len(rules))
         if len(rules) > len(self._rules):
-            self.allowed = self.vocabulary.table(list(rules), self.device)
+            self._set_allowed(self.vocabulary.table(list(rules), self.device))
             self._rules = rules
         return index.to(self.device)
+
+    def _set_allowed(self, allowed: torch.Tensor) -> None:
+        """The rules' vocabulary table [R, V], and (single_spaces) which rules allow a token with
+        no space at either end [R]: worked out when the rules change, not at every step."""
+        self.allowed = allowed
+        self._plain_rules: torch.Tensor | None = None
+        if self.space_edges is not None:
+            spaced = self.space_edges[0] | self.space_edges[1]  # [V]
+            self._plain_rules = (allowed & ~spaced).any(dim=-1)
 
     # -- a step --
 
@@ -500,10 +508,9 @@ class SamplerRun:
         logits = self._logits(candidates)  # [B, M, V] model dtype
         allowed = self.allowed[self.rule_index.gather(1, candidates)]  # [B, M, V]
         logits = logits.float().masked_fill(~allowed, float("-inf"))
-        if self.space_edges is not None and self.spaced is not None:
+        if self.space_edges is not None and self._plain_rules is not None:
             starts, ends = self.space_edges
-            plain = (self.allowed & ~self.spaced).any(dim=-1)  # [R] rules with a token free of edge spaces
-            keep = plain[self.rule_index.gather(1, candidates)]  # [B, M]
+            keep = self._plain_rules[self.rule_index.gather(1, candidates)]  # [B, M]
             logits = forbid_double_spaces(logits, keep, self.ids, candidates, starts, ends)
         if self.options.repetition_penalty != 1.0:
             penalty = self.options.repetition_penalty

@@ -7,9 +7,10 @@ PYTEST_DONT_REWRITE: the test modules import helpers from here before pytest loa
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +138,23 @@ def load_slow_model(model_dir: Path, delay: float) -> Any:
     """A model loader for another process (a Ray replica loads it there): the checkpoint at
     `model_dir` on the CPU, each forward pass slowed by `delay` seconds."""
     return SlowModel(load_model(model_dir, device="cpu"), delay)
+
+
+def wait_for(
+    client: TestClient[Litestar], job_id: int, done: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> dict[str, Any]:
+    """The batch job's status once `done` says so (or when `timeout` runs out: the caller asserts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = client.get(f"/api/v1/batches/{job_id}").json()
+        if done(body) or time.monotonic() > deadline:
+            return body
+        time.sleep(0.02)
+
+
+def results(client: TestClient[Litestar], job_id: int) -> list[dict[str, Any]]:
+    """A batch job's JSONL results, parsed."""
+    response = client.get(f"/api/v1/batches/{job_id}/results")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/jsonl")
+    return [json.loads(line) for line in response.text.splitlines()]

@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -23,7 +22,7 @@ from editor.options import SamplerOptions
 from editor.parser import parse_document
 from editor.server.worker import FillJob, ModelWorker
 from editor.settings import Settings
-from tests.api_fixtures import SlowModel, app_for
+from tests.api_fixtures import SlowModel, app_for, results, wait_for
 
 pytest_plugins = ("tests.api_fixtures",)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,24 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 Client = TestClient[Litestar]
 TEMPLATE = {"id": "{id}", "text": "[MASK 3]", "n": "[MASK 2 as=int]"}
 OPTIONS = {"schedule": "threshold", "steps": 2}
-
-
-def wait_for(
-    client: Client, job_id: int, done: Callable[[dict[str, Any]], bool], timeout: float = 60
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        body: dict[str, Any] = client.get(f"/api/v1/batches/{job_id}").json()
-        if done(body) or time.monotonic() > deadline:
-            return body
-        time.sleep(0.02)
-
-
-def results(client: Client, job_id: int) -> list[dict[str, Any]]:
-    response = client.get(f"/api/v1/batches/{job_id}/results")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("application/jsonl")
-    return [json.loads(line) for line in response.text.splitlines()]
 
 
 def test_job_lifecycle_from_json_body(settings: Settings, api_model: DiffusionModel) -> None:

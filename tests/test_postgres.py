@@ -5,13 +5,11 @@ Unix socket in a temporary directory."""
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -24,7 +22,7 @@ from editor.db import migrate
 from editor.db.batches import BatchStore, NewRecord
 from editor.db.engine import make_engine, make_session_factory
 from editor.models.base import DiffusionModel
-from tests.api_fixtures import app_for, make_settings
+from tests.api_fixtures import app_for, make_settings, results, wait_for
 
 pytest_plugins = ("tests.api_fixtures",)
 pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("one_torch_thread")]
@@ -127,11 +125,9 @@ def test_api_batch_jobs_run_on_postgres(
         )
         assert created.status_code == 202, created.text
         job_id = created.json()["id"]
-        deadline = time.monotonic() + 60
-        while (job := client.get(f"/api/v1/batches/{job_id}").json())["status"] != "done":
-            assert time.monotonic() < deadline, job
-            time.sleep(0.05)
-        lines = [json.loads(line) for line in client.get(f"/api/v1/batches/{job_id}/results").text.splitlines()]
+        job = wait_for(client, job_id, lambda body: body["status"] == "done")
+        assert job["status"] == "done", job
+        lines = results(client, job_id)
     assert [line["custom_id"] for line in lines] == ["r1", "2", "r3"]
     assert lines[1]["error"] == {"code": "invalid_record", "message": "line 2: the id is over 500 characters"}
     assert all(type(line["output"]["n"]) is int for line in (lines[0], lines[2]))

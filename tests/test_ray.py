@@ -36,7 +36,7 @@ from editor.options import SamplerOptions
 from editor.server import create_app
 from editor.server.ray_serve import RayBackend
 from tests import test_api as api_tests
-from tests.api_fixtures import load_slow_model, make_settings
+from tests.api_fixtures import load_slow_model, make_settings, results, wait_for
 from tests.servers import free_port, wait_ready
 
 pytest_plugins = ("tests.api_fixtures",)
@@ -229,12 +229,10 @@ def test_api_batch_jobs_run_on_the_replicas(served: tuple[Client, RayBackend]) -
     created = client.post("/api/v1/batches", json={"template": template, "records": records})
     assert created.status_code == 202, created.text
     job_id = created.json()["id"]
-    deadline = time.monotonic() + 60
-    while (job := client.get(f"/api/v1/batches/{job_id}").json())["status"] != "done":
-        assert time.monotonic() < deadline, job
-        time.sleep(0.1)
+    job = wait_for(client, job_id, lambda body: body["status"] == "done")
+    assert job["status"] == "done", job
     assert (job["completed"], job["failed"]) == (5, 1)
-    lines = [json.loads(line) for line in client.get(f"/api/v1/batches/{job_id}/results").text.splitlines()]
+    lines = results(client, job_id)
     assert [line["custom_id"] for line in lines] == [f"r{n}" for n in range(5)] + ["6"]
     assert all(type(line["output"]["n"]) is int for line in lines[:5])
 

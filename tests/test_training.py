@@ -5,15 +5,16 @@ and falls back to the eager loss when a compiled one fails."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 from editor.training.data import Batch
-from editor.training.train import UNTIMED_STEPS, learning_rate, masked_diffusion_loss, training_loop
+from editor.training.train import UNTIMED_STEPS, LoopOutcome, learning_rate, masked_diffusion_loss, training_loop
 
 
 @dataclass
@@ -50,14 +51,26 @@ def same_batch_forever() -> Iterator[Batch]:
         yield batch
 
 
+def loop_on_cpu(
+    settings: Settings,
+    network: BidirectionalTransformer,
+    loss_fn: Callable[[BidirectionalTransformer, Batch], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch] | None = None,
+    **options: Any,
+) -> LoopOutcome:
+    """`training_loop` over all of `network`'s parameters on the CPU (the same batch by default)."""
+    batch_source = same_batch_forever() if batches is None else batches
+    params = list(network.parameters())
+    return training_loop(settings, network, params, loss_fn, batch_source, optimizer, torch.device("cpu"), **options)
+
+
 def test_the_loop_learns_and_stops_on_its_step_budget() -> None:
     network, settings = tiny_network(), Settings()
     batches = same_batch_forever()
     before = masked_diffusion_loss(network, next(batches)).item()
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate)
-    outcome = training_loop(
-        settings, network, list(network.parameters()), masked_diffusion_loss, batches, optimizer, torch.device("cpu")
-    )
+    outcome = loop_on_cpu(settings, network, masked_diffusion_loss, optimizer, batches)
     assert outcome.steps == 12
     assert [entry["step"] for entry in outcome.log] == [0, 4, 8]
     assert outcome.log[0]["lr"] == pytest.approx(settings.learning_rate / 2)  # warm-up: step 1 of 2
@@ -85,21 +98,10 @@ def test_a_failing_compiled_loss_falls_back_to_the_eager_one() -> None:
         return masked_diffusion_loss(model, batch)
 
     optimizer = torch.optim.AdamW(network.parameters())
-    outcome = training_loop(
-        settings,
-        network,
-        list(network.parameters()),
-        broken,
-        same_batch_forever(),
-        optimizer,
-        torch.device("cpu"),
-        eager_loss_fn=eager,
-    )
+    outcome = loop_on_cpu(settings, network, broken, optimizer, eager_loss_fn=eager)
     assert outcome.steps == 3 and calls == ["compiled", "eager", "eager", "eager"]
     with pytest.raises(RuntimeError, match="graph break"):
-        training_loop(
-            settings, network, list(network.parameters()), broken, same_batch_forever(), optimizer, torch.device("cpu")
-        )
+        loop_on_cpu(settings, network, broken, optimizer)
 
 
 def test_the_time_budget_starts_after_the_compiling_steps() -> None:
@@ -115,15 +117,7 @@ def test_the_time_budget_starts_after_the_compiling_steps() -> None:
         return masked_diffusion_loss(model, batch)
 
     optimizer = torch.optim.AdamW(network.parameters())
-    outcome = training_loop(
-        settings,
-        network,
-        list(network.parameters()),
-        slow_at_first,
-        same_batch_forever(),
-        optimizer,
-        torch.device("cpu"),
-    )
+    outcome = loop_on_cpu(settings, network, slow_at_first, optimizer)
     assert outcome.startup_s >= 0.6 * UNTIMED_STEPS
     assert outcome.steps > UNTIMED_STEPS + 1  # steps ran after the slow ones, within the budget
     assert outcome.elapsed_s >= settings.time_budget_s

@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from editor.benchmarks.options import device_option, json_option, model_option, threads_option
+
 # Three spans per record: free text, a word and an integer; the record supplies name and brand.
 TEMPLATE = (
     '{"sku": "{sku}", "name": "{name}", "brand": "{brand}", "description": "[MASK 8]", '
@@ -36,15 +38,13 @@ def product_records(count: int) -> list[dict[str, Any]]:
 
 
 @click.command("batch")
-@click.option("--model", "model_spec", default="tiny", help="model to measure (tiny = the bundled model)")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:N")
+@model_option
+@device_option
 @click.option("--records", type=click.IntRange(min=1), default=1000, help="synthetic records")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, help="records per sampler call")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="[default: the batch default]")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's]")
-@click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write JSON here"
-)
+@threads_option
+@json_option
 def batch_bench(
     model_spec: str,
     device: str,

@@ -18,24 +18,21 @@ from pathlib import Path
 
 import click
 
-from editor.options import SCHEDULES
+from editor.benchmarks.options import device_option, json_option, model_option, schedule_options, threads_option
 
 
 @click.command("document")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--model", "model_spec", default="tiny", help="model to measure (tiny = the bundled model)")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:N")
+@model_option
+@device_option
 @click.option("--dtype", "dtype_name", default=None, help="float32, bfloat16 [default: the model's default]")
 @click.option("--steps", "steps_list", default="default", help="comma-separated; 'default' = one per masked token")
 @click.option("--refresh", "refresh_list", default="4", help="comma-separated cache_refresh_every for fast; none")
 @click.option("--naive/--no-naive", default=True, help="also time the naive loop")
-@click.option("--schedule", default="confidence", type=click.Choice(SCHEDULES), help="the sampler's schedule")
-@click.option("--block-length", default=32, type=click.IntRange(1), help="masked positions per block (blocks schedule)")
+@schedule_options
 @click.option("--repeats", type=click.IntRange(min=1), default=3, help="timed runs after one warm-up (median)")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's]")
-@click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write JSON here"
-)
+@threads_option
+@json_option
 def document_bench(
     path: Path,
     model_spec: str,

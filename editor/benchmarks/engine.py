@@ -34,7 +34,7 @@ from typing import Any
 
 import click
 
-from editor.options import SCHEDULES
+from editor.benchmarks.options import schedule_options
 
 SHAPES: dict[str, dict[str, Any]] = {
     # SmolLM2-135M (the default model's base), Dream-v0-7B (Qwen2.5-7B), LLaDA-8B: their published configs.
@@ -386,8 +386,7 @@ def _peak(device: str, override_flops: float | None, override_bandwidth: float |
 @click.option("--naive-batches", default="1", help="batch sizes at which the naive loop is also run")
 @click.option("--refresh", default="", help="comma-separated k: also run the cache refreshed every k steps")
 @click.option("--naive-max-steps", default=None, type=int, help="time this many naive steps and extrapolate")
-@click.option("--schedule", default="confidence", type=click.Choice(SCHEDULES), help="the sampler's schedule")
-@click.option("--block-length", default=32, type=click.IntRange(1), help="masked positions per block (blocks schedule)")
+@schedule_options
 @click.option("--repeats", default=1, help="timed runs after one warm-up (median); 0: one cold run")
 @click.option("--peak-flops", default=None, type=float, help="override the assumed FLOP/s")
 @click.option("--peak-bandwidth", default=None, type=float, help="override the assumed bytes/s")

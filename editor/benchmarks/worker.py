@@ -21,6 +21,8 @@ from typing import Any
 
 import click
 
+from editor.benchmarks.options import device_option, json_option, model_option, threads_option
+
 MODES = ("static", "continuous")
 
 
@@ -63,18 +65,16 @@ async def _workload(worker: Any, documents: list[Any], options: Any, interval_s:
 
 
 @click.command("worker")
-@click.option("--model", "model_spec", default="tiny", help="model to measure (tiny = the bundled model)")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:N")
+@model_option
+@device_option
 @click.option("--fills", type=click.IntRange(min=1), default=40, help="fills submitted")
 @click.option("--masks", default="4,32,8,64,16", help="comma-separated masked tokens per fill, cycled")
 @click.option("--interval-ms", type=click.FloatRange(min=0), default=40.0, help="gap between two submissions")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="[default: one per masked token]")
 @click.option("--rows", type=click.IntRange(min=1), default=8, help="max_batch_rows")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(MODES), default=MODES, help="[default: both]")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's]")
-@click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write JSON here"
-)
+@threads_option
+@json_option
 def worker_bench(
     model_spec: str,
     device: str,
