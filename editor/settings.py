@@ -31,7 +31,11 @@ class Settings(BaseSettings):
         None, description="'default', 'tiny', a model directory or a Hugging Face id; None = 'default'"
     )
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    dtype: Dtype = Field("auto", description="weights dtype; 'auto' = bfloat16 on GPU, float32 on CPU")
+    dtype: Dtype = Field(
+        "auto",
+        description="weights dtype; 'auto' = bfloat16 on GPU and on CPUs with bfloat16 dot products "
+        "(AVX512-BF16, AMX), float32 on other CPUs",
+    )
     instruction: str | None = Field(None, description="default instruction for instruct models (the user turn)")
     cuda_graphs: int = Field(
         48,

@@ -136,8 +136,9 @@ def client(settings: Settings, api_model: DiffusionModel) -> Iterator[TestClient
 
 def load_slow_model(model_dir: Path, delay: float) -> Any:
     """A model loader for another process (a Ray replica loads it there): the checkpoint at
-    `model_dir` on the CPU, each forward pass slowed by `delay` seconds."""
-    return SlowModel(load_model(model_dir, device="cpu"), delay)
+    `model_dir` on the CPU in float32 (as in this process, see conftest), each forward pass slowed
+    by `delay` seconds."""
+    return SlowModel(load_model(model_dir, device="cpu", dtype=torch.float32), delay)
 
 
 def wait_for(

@@ -4,10 +4,16 @@ Sampler/canvas fixtures (prefix `tiny_`): a byte-level BPE tokenizer trained her
 (the settings of `editor.training.tokenizer`, nothing read from `.carry`), and tiny random
 `BidirectionalTransformer` checkpoints written with `save_native` and read back with
 `load_native`, plain and shifted. Everything is session-scoped and built in about a second.
+
+Models load in float32 on every CPU here: the suite checks the engine's exact properties (a row
+fills the same alone or batched, a cache refreshed every step equals no cache), which bfloat16
+(the default on CPUs with bfloat16 dot products) keeps only up to rounding. `test_models` checks
+the default itself.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +24,19 @@ from transformers import PreTrainedTokenizerFast
 from editor.models import NativeDiffusionModel, SpecialIds, load_native, save_native
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 from editor.training.tokenizer import BOS_TOKEN, MASK_TOKEN, PAD_TOKEN, train_tokenizer
+
+os.environ["EDITOR_DTYPE"] = "float32"  # the CLI and servers the tests start, in this process or another
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _float32_on_cpu() -> Iterator[None]:
+    """Loads that name no dtype (load_model, load_native) take float32 on the CPU: torch's own
+    probes say this CPU has no bfloat16 dot products."""
+    with pytest.MonkeyPatch.context() as patch:
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            patch.setattr(torch.cpu, probe, lambda: False, raising=False)
+        yield
+
 
 TINY_BOS, TINY_PAD, TINY_MASK = BOS_TOKEN, PAD_TOKEN, MASK_TOKEN  # the bundled tokenizer's specials
 TINY_VOCAB = 400

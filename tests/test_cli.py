@@ -161,3 +161,54 @@ def test_bench_document_times_the_naive_and_cached_fills_of_a_file(tmp_path: Pat
     assert payload["schedule"] == "blocks" and payload["block_length"] == 4
     assert [f["mode"] for f in payload["figures"]] == ["naive", "fast-rnone"]
     assert all(f["steps"] >= 3 and f["median_s"] > 0 for f in payload["figures"])  # 10 masks, blocks of 4
+
+
+def test_bench_engine_quality_adds_documents_cut_from_held_out_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The quality guard on more than its twelve fixed documents: paragraphs of a held-out split,
+    two spans each masked at their own token length; the reference compares with itself."""
+    words = " ".join(f"word{n}" for n in range(30))
+    valid = tmp_path / "valid.txt"
+    valid.write_text(f"too short\n[bracketed] {words}\n{words} one\n{words} two\n", encoding="utf-8")
+    out = tmp_path / "quality.json"
+    arguments = ["bench", "engine-quality", "--model", str(tiny_model_dir), "--valid", str(valid)]
+    arguments += ["--documents", "5", "--setting", "reference", "--setting", "cached/2", "--json", str(out)]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["documents"] == 12 + 2  # the short and the bracketed paragraphs are left out
+    assert list(payload["results"]) == ["reference", "cached/2"] and payload["dtype"] == "float32"
+    assert payload["results"]["reference"]["same_text"] == 1.0
+    assert (
+        0 <= payload["results"]["cached/2"]["same_text"] <= 1 and payload["results"]["cached/2"]["masked_token_nll"] > 0
+    )
+    code, _, err = run("bench", "engine-quality", "--documents", "3")
+    assert code == 2 and "--documents needs --valid" in err
+
+
+def test_held_out_documents_mask_two_spans_at_their_token_length(tiny_tokenizer) -> None:
+    from editor.benchmarks.quality import held_out_documents
+    from editor.document import MaskSpan
+    from editor.parser import parse_document
+
+    # distinct words, so the words behind each mask can be read off the document
+    paragraphs = [" ".join(f"w{n}x{i}" for i in range(40)) for n in range(6)]
+    documents = held_out_documents(paragraphs, 4, tiny_tokenizer, seed=3)
+    assert len(documents) == 4 and documents == held_out_documents(paragraphs, 4, tiny_tokenizer, seed=3)
+    assert len(held_out_documents(paragraphs, 10, tiny_tokenizer)) == 6  # no more than there are
+    for document in documents:
+        segments = parse_document(document).segments
+        words = next(p for p in paragraphs if p.split()[0] == document.split()[0]).split()
+        assert sum(isinstance(segment, MaskSpan) for segment in segments) == 2
+        at = 0
+        for number, segment in enumerate(segments):
+            if isinstance(segment, str):
+                assert segment.split() == words[at : at + len(segment.split())]
+                at += len(segment.split())
+                continue
+            following = segments[number + 1] if number + 1 < len(segments) else None
+            end = words.index(following.split()[0]) if isinstance(following, str) else len(words)
+            hidden = words[at:end]
+            assert 2 <= len(hidden) <= 8
+            expected = len(tiny_tokenizer.encode(" " + " ".join(hidden), add_special_tokens=False))
+            assert segment.min_tokens == segment.max_tokens == expected
+            at = end

@@ -466,7 +466,33 @@ def test_native_saved_in_half_precision(tmp_path: Path) -> None:
 
     with safe_open(str(tmp_path / "native" / "model.safetensors"), framework="pt") as handle:
         assert handle.get_tensor("embed_tokens.weight").dtype == torch.bfloat16
-    assert load_model(tmp_path / "native").dtype == torch.float32  # type: ignore[attr-defined]  # loaded at the CPU default
+    assert load_model(tmp_path / "native").dtype == torch.float32  # type: ignore[attr-defined]  # the suite's CPU default
+
+
+@pytest.mark.parametrize("native_bfloat16", [True, False])
+def test_the_cpu_default_dtype_is_bfloat16_only_where_the_cpu_multiplies_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bfloat16: bool
+) -> None:
+    from editor.models import native
+
+    monkeypatch.setattr(native, "cpu_multiplies_bfloat16", lambda: native_bfloat16)
+    native_checkpoint(tmp_path / "native", dtype=torch.float16)
+    model = load_model(tmp_path / "native")
+    assert model.dtype == (torch.bfloat16 if native_bfloat16 else torch.float32)  # type: ignore[attr-defined]
+    assert load_model(tmp_path / "native", dtype=torch.float32).dtype == torch.float32  # type: ignore[attr-defined]
+    assert native.default_dtype("cuda", None) == torch.bfloat16
+
+
+def test_the_cpu_probe_reads_torch_s_own_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from editor.models import native
+
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value, raising=False)
+        assert native.cpu_multiplies_bfloat16() == (avx512_bf16 or amx)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert native.cpu_multiplies_bfloat16() is False  # a torch without the probes: float32
 
 
 def test_load_model_dispatches_on_model_type(tmp_path: Path) -> None:

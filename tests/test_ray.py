@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import ray
+import torch
 from click.testing import CliRunner
 from litestar import Litestar
 from litestar.testing import TestClient
@@ -256,7 +257,9 @@ def test_ray_data_gives_the_local_outputs_in_order_with_per_record_errors(
     template = Template.parse(json.dumps(BATCH_TEMPLATE))
     records = read_input(batch_lines(23), max_chars=10_000)
     local = BatchFiller(api_model, template, SEEDED, batch_size=3)
-    remote = RayDataFiller(partial(load_model, api_model_dir, device="cpu"), template, SEEDED, batch_size=3, workers=2)
+    remote = RayDataFiller(
+        partial(load_model, api_model_dir, device="cpu", dtype=torch.float32), template, SEEDED, batch_size=3, workers=2
+    )
     with (tmp_path / "local.jsonl").open("wb") as stream:
         run_records(local, records, ResultWriter(stream))
     with (tmp_path / "ray.jsonl").open("wb") as stream:

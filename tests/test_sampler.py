@@ -670,13 +670,13 @@ def test_single_spaces_keeps_a_fill_from_doubling_spaces(tiny_model: DiffusionMo
 
 
 def test_single_spaces_never_leaves_a_span_without_a_token() -> None:
-    from editor.sampler import forbid_double_spaces
+    from editor.sampler import forbid_double_spaces_
 
     starts = torch.tensor([False, True, True, False])  # token 1 " a", token 2 " ", token 3 "b"
     ends = torch.tensor([False, False, True, False])
     ids = torch.tensor([[2, 9, 1]])  # a blank at 1 between " " and " a"
     logits = torch.zeros(1, 1, 4)
-    out = forbid_double_spaces(logits, torch.tensor([[True]]), ids, torch.tensor([[1]]), starts, ends)
+    out = forbid_double_spaces_(logits.clone(), torch.tensor([[True]]), ids, torch.tensor([[1]]), starts, ends)
     assert out[0, 0].tolist() == [0.0, float("-inf"), float("-inf"), 0.0]  # no " a" or " " after " "
-    kept = forbid_double_spaces(logits, torch.tensor([[False]]), ids, torch.tensor([[1]]), starts, ends)
+    kept = forbid_double_spaces_(logits.clone(), torch.tensor([[False]]), ids, torch.tensor([[1]]), starts, ends)
     assert torch.equal(kept, logits)  # a rule that allows only edge-space tokens keeps them

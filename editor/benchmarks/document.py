@@ -18,7 +18,14 @@ from pathlib import Path
 
 import click
 
-from editor.benchmarks.options import device_option, json_option, model_option, schedule_options, threads_option
+from editor.benchmarks.options import (
+    device_option,
+    dtype_label,
+    json_option,
+    model_option,
+    schedule_options,
+    threads_option,
+)
 
 
 @click.command("document")
@@ -62,8 +69,9 @@ def document_bench(
     model = load_model(model_spec, device=device, dtype=dtype)
     document = parse_document(path.read_text(encoding="utf-8"))
     load_before = list(os.getloadavg())
+    dtype_used = dtype_label(model)
     click.echo(
-        f"{model.name} on {device} ({dtype_name or 'default dtype'}), torch {torch.__version__}, "
+        f"{model.name} on {device} ({dtype_used}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average {load_before[0]:.1f}; {path.name}, seed 0, {schedule}"
     )
     figures = []
@@ -100,7 +108,8 @@ def document_bench(
             "document": path.name,
             "model": model.name,
             "device": device,
-            "dtype": dtype_name or "default",
+            "dtype": dtype_used,
+            "dtype_chosen_by": "--dtype" if dtype_name else "the device default",
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "schedule": schedule,

@@ -196,7 +196,7 @@ def _build(name: str, device: str, dtype_name: str, cuda_graphs: int, fuse: bool
             network = BidirectionalTransformer(config).eval()
             for parameter in network.parameters():
                 parameter.data.mul_(0.5)  # keep random activations in range over many layers
-            if fuse and device.startswith("cuda"):
+            if fuse:
                 network.fuse_projections()
     finally:
         torch.set_default_dtype(previous)
@@ -357,8 +357,10 @@ def _measure(
     )
 
 
-def _peak(device: str, override_flops: float | None, override_bandwidth: float | None) -> tuple[float, float] | None:
-    """(FLOP/s, bytes/s) assumed for the ceiling; a measured float32 GEMM rate on the CPU."""
+def _peak(
+    device: str, dtype: Any, override_flops: float | None, override_bandwidth: float | None
+) -> tuple[float, float] | None:
+    """(FLOP/s, bytes/s) assumed for the ceiling; on the CPU a measured GEMM rate in the run's dtype."""
     import torch
 
     if override_flops and override_bandwidth:
@@ -366,7 +368,7 @@ def _peak(device: str, override_flops: float | None, override_bandwidth: float |
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         return next((peaks for key, peaks in PEAKS.items() if key in name), None)
-    a = torch.randn(1024, 1024)
+    a = torch.randn(1024, 1024, dtype=dtype)
     a @ a
     started = time.perf_counter()
     for _ in range(5):
@@ -378,7 +380,7 @@ def _peak(device: str, override_flops: float | None, override_bandwidth: float |
 @click.command("engine")
 @click.option("--model", "models", multiple=True, default=["tiny"], help="tiny, default-shape, dream-7b, llada-8b")
 @click.option("--device", default="cpu", help="cpu or cuda")
-@click.option("--dtype", "dtype_name", default=None, help="float32 or bfloat16 [default: float32 on cpu, else bf16]")
+@click.option("--dtype", "dtype_name", default=None, help="float32 or bfloat16 [default: the device's, as served]")
 @click.option("--batch", "batches", default="1,8,16", help="comma-separated batch sizes")
 @click.option("--tokens", default=256, help="masked tokens per row")
 @click.option("--context", default=512, help="canvas length")
@@ -420,6 +422,7 @@ def engine(
     """Naive loop vs fast engine: tokens/s, ms/step, tokens/step, peak memory, ceiling fraction."""
     import torch
 
+    from editor.models.native import default_dtype
     from editor.settings import Settings
 
     if threads:
@@ -427,9 +430,9 @@ def engine(
     if cuda_graphs is None:
         cuda_graphs = Settings().cuda_graphs
 
-    dtype_name = dtype_name or ("float32" if device == "cpu" else "bfloat16")
+    dtype_name = dtype_name or str(default_dtype(device, None)).removeprefix("torch.")
     dtype_bytes = torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
-    peak = _peak(device, peak_flops, peak_bandwidth)
+    peak = _peak(device, getattr(torch, dtype_name), peak_flops, peak_bandwidth)
     figures: list[Figure] = []
     hardware = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
     click.echo(

@@ -150,8 +150,7 @@ def load_model(
     else:
         model = MaskedLMAdapter.load(path, device=device, dtype=resolved, name=name)
     if isinstance(model, NativeDiffusionModel):
-        if model.device.type == "cuda":
-            model.network.fuse_projections()  # served, never trained: fewer, larger matrix products
+        model.network.fuse_projections()  # served, never trained: fewer, larger matrix products
         model.use_cuda_graphs(cuda_graphs, cuda_graph_slabs)
     model.note = note  # type: ignore[attr-defined]
     return model
