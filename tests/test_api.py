@@ -61,6 +61,7 @@ def test_health_and_ready(client: Client, api_model: DiffusionModel) -> None:
         "ready": True,
         "model": api_model.name,
         "model_note": None,
+        "model_placement": "cpu, float32",
         "model_error": None,
         "database": "ok",
         "queued": 0,

@@ -30,6 +30,10 @@ class FillBackend(Protocol):
     def model_note(self) -> str | None: ...
 
     @property
+    def model_placement(self) -> str | None:
+        """Where the loaded model runs and in which dtype ("cpu, bfloat16")."""
+
+    @property
     def load_error(self) -> BaseException | None: ...
 
     @property

@@ -420,6 +420,7 @@ class HealthController(Controller):
             ready=worker.ready and database == "ok",
             model=worker.model_name,
             model_note=worker.model_note,
+            model_placement=worker.model_placement,
             model_error=error,
             database=database,
             queued=worker.queued,

@@ -86,6 +86,7 @@ class FillReplica:
             "replica": self.replica,
             "model_name": self.worker.model_name,
             "model_note": self.worker.model_note,
+            "model_placement": self.worker.model_placement,
             "tokenizer": self.worker.tokenizer,
         }
 
@@ -227,6 +228,10 @@ class RayBackend:
     @property
     def model_note(self) -> str | None:
         return self._info.get("model_note")
+
+    @property
+    def model_placement(self) -> str | None:
+        return self._info.get("model_placement")
 
     @property
     def tokenizer(self) -> Any:

@@ -304,6 +304,9 @@ class Readiness(BaseModel):
     ready: bool
     model: str | None = Field(description="the loaded model, once loaded")
     model_note: str | None = Field(None, description="why the loaded model is not the one asked for, if it is not")
+    model_placement: str | None = Field(
+        None, description="where the model runs and in which dtype, e.g. 'cpu, bfloat16' (the device's default)"
+    )
     model_error: str | None = None
     database: Literal["ok", "unreachable"]
     queued: int = Field(description="fills waiting for the worker")

@@ -413,6 +413,13 @@ class ModelWorker:
         return self.model.name if self.model is not None else None
 
     @property
+    def model_placement(self) -> str | None:
+        if self.model is None:
+            return None
+        dtype = str(getattr(self.model, "dtype", "")).removeprefix("torch.")
+        return f"{self.model.device}, {dtype}" if dtype else str(self.model.device)
+
+    @property
     def model_note(self) -> str | None:
         """Why the loaded model is not the one asked for (the default model's base is missing)."""
         return getattr(self.model, "note", None) if self.model is not None else None
@@ -501,7 +508,7 @@ class ModelWorker:
             torch.set_num_threads(threads)
         try:
             self.model = self._loader()
-            log.info("model %s loaded on %s", self.model.name, self.model.device)
+            log.info("model %s loaded (%s)", self.model.name, self.model_placement)
         except BaseException as error:
             self.load_error = error
             log.exception("the model failed to load")
