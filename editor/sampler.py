@@ -201,7 +201,7 @@ def penalize_neighbours_(
     logits: torch.Tensor,
     ids: torch.Tensor,
     candidates: torch.Tensor,
-    special: SpecialIds,
+    skip: torch.Tensor,
     penalty: float,
     words: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -211,8 +211,8 @@ def penalize_neighbours_(
     [V] and each class's spellings [C, K], see `VocabularyRules.word_classes`) every spelling of
     that word is penalised ("Book book"), and a punctuation token or a position still masked
     beside the blank is looked past: "Mr, Mr" is often chosen as "Mr [mask] Mr" before the comma.
-    Masks and end tokens are never penalised. Touches 1 + K logits per position, not V. Returns logits."""
-    skip = torch.tensor([special.mask, *special.end_ids], device=ids.device)
+    The ids in `skip` [S] (the mask first, then the end tokens: `never_penalised`) are never penalised.
+    Touches 1 + K logits per position, not V. Returns logits."""
     for offset in (-1, 1):
         tokens, inside = neighbours(ids, candidates, offset)
         hit = inside & ~torch.isin(tokens, skip)  # [B, M] the neighbour's own id is penalised
@@ -222,7 +222,7 @@ def penalize_neighbours_(
             classes, spellings = words
             word = torch.where(hit, classes[tokens], -1)  # [B, M]
             further, further_inside = neighbours(ids, candidates, 2 * offset)
-            between = (hit & (word < 0)) | (inside & (tokens == special.mask))  # punctuation, or not filled yet
+            between = (hit & (word < 0)) | (inside & (tokens == skip[0]))  # punctuation, or not filled yet
             past = between & further_inside & ~torch.isin(further, skip)
             word = torch.where(past, classes[further], word)
             has_word = word >= 0
@@ -235,6 +235,12 @@ def penalize_neighbours_(
         penalised = torch.where(values > 0, values / penalty, values * penalty)
         logits.scatter_(2, targets, torch.where(penalise[..., None], penalised, values))
     return logits
+
+
+def never_penalised(special: SpecialIds, device: torch.device) -> torch.Tensor:
+    """[S] ids the repetition penalty leaves alone: the mask and the end tokens. Built once per run:
+    a tensor made from a list on a GPU waits for the GPU to finish its queued work."""
+    return torch.tensor([special.mask, *special.end_ids], device=device)
 
 
 def forbid_double_spaces_(
@@ -309,8 +315,14 @@ class SamplerRun:
         self.space_edges = vocabulary.space_edges(device) if options.single_spaces else None
         # each token's word class [V] and each class's spellings [C, K]
         self.words = vocabulary.word_classes(device) if options.repetition_penalty != 1.0 else None
+        self.unpenalised = never_penalised(model.special, device)
         self.fast = windowed(model)
         self.windowed = options.cache and self.fast is not None
+        # Every schedule but threshold/factor commits what its plan says: the host follows the
+        # plans instead of reading the device each step.
+        self.follows_plan = options.schedule not in ("threshold", "factor")
+        self._host_plans: list[_HostPlan] = []
+        self._late_windows: _LateRead | None = None  # the window widths the last step computed
         # Host-side, one entry per row in batch order.
         self.rows: list[Row] = []
         self.keys: list[int] = []  # stable names for rows (indices shift when rows leave)
@@ -394,6 +406,10 @@ class SamplerRun:
         ]
         self._window_counts += [len(row.ids) for row in rows]
         self._block_starts += [_block_starts(plan) for plan in plans]
+        self._host_plans += [
+            _HostPlan.of(count, plan, self.options) for count, plan in zip(mask_counts, plans, strict=True)
+        ]
+        self._late_windows = None
         self._layout_changed()
         return keys
 
@@ -414,6 +430,8 @@ class SamplerRun:
         self._counts, self._window_counts = pick(self._counts), pick(self._window_counts)
         self._scored_counts = pick(self._scored_counts)
         self._block_starts = pick(self._block_starts)
+        self._host_plans = pick(self._host_plans)
+        self._late_windows = None
         for name in ("ids", "pinned", "attention", "masked", "fresh", "_window_mask", "confidences", "rule_index"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.plan = self.plan.selected(index)
@@ -521,7 +539,7 @@ class SamplerRun:
             forbid_double_spaces_(logits, keep, self.ids, candidates, starts, ends)
         if self.options.repetition_penalty != 1.0:
             penalty = self.options.repetition_penalty
-            penalize_neighbours_(logits, self.ids, candidates, self.model.special, penalty, self.words)
+            penalize_neighbours_(logits, self.ids, candidates, self.unpenalised, penalty, self.words)
         _revive_dead_(logits, allowed)
         tokens, confidence, scores = self._choose(logits, candidates, valid)
         count = self._commit_counts(confidence, valid, planned)  # [B]
@@ -538,17 +556,10 @@ class SamplerRun:
         event = StepEvent(
             self.step_number, candidates, committed, tokens, confidence, self.masked, list(self.keys), self.row_steps
         )
-        # The one host read of the step: mask counts (and the next step's candidates and window
-        # widths) size the next step and say when to stop.
-        left = self.masked.sum(dim=1)  # [B]
         next_scoring = self._scoring(self.masked, self.plan.at(self._row_step + 1)[1])
-        counts: list[int]
         if self.windowed:
             self._window_mask = self._next_window(next_scoring)
-            reads = torch.stack([left, next_scoring.sum(dim=1), self._window_mask.sum(dim=1)]).tolist()
-            counts, self._scored_counts, self._window_counts = reads
-        else:
-            counts, self._scored_counts = torch.stack([left, next_scoring.sum(dim=1)]).tolist()
+        counts = self._after_step(next_scoring)
         self.last_commit = [
             row_step + 1 if now < before else last
             for now, before, last, row_step in zip(counts, self._counts, self.last_commit, self.row_steps, strict=True)
@@ -559,6 +570,41 @@ class SamplerRun:
         self.step_number += 1
         self.finished = max(counts) == 0
         return event
+
+    def _after_step(self, next_scoring: torch.Tensor) -> list[int]:
+        """Each row's masks left after this step, with the next step's candidate and window widths
+        set. A planned run computes them on the host and reads nothing, except the window widths
+        of a shifted model (see `_next_windows`); threshold/factor read them, the one host read of
+        their step."""
+        if not self.follows_plan:
+            left = self.masked.sum(dim=1)  # [B]
+            if self.windowed:
+                reads = torch.stack([left, next_scoring.sum(dim=1), self._window_mask.sum(dim=1)]).tolist()
+                counts, self._scored_counts, self._window_counts = reads
+            else:
+                counts, self._scored_counts = torch.stack([left, next_scoring.sum(dim=1)]).tolist()
+            return counts
+        committed = [plan.commit(step) for plan, step in zip(self._host_plans, self.row_steps, strict=True)]
+        self._scored_counts = [
+            plan.scored(step + 1) for plan, step in zip(self._host_plans, self.row_steps, strict=True)
+        ]
+        if self.windowed:
+            self._window_counts = self._next_windows(committed)
+        return [plan.left for plan in self._host_plans]
+
+    def _next_windows(self, committed: list[int]) -> list[int]:
+        """Widths for the next step's windows, at least each row's: an unshifted model's window is
+        its candidates plus this step's commits (disjoint: a committed position is no longer
+        masked). A shifted model's also holds the position left of each candidate run, which only
+        the device knows; within a block a window only shrinks (its candidates are the last
+        window's less the commits, their left neighbours were in it too, and the commits came from
+        its candidates), and at a block start the row runs a full pass, so the width the device
+        computed a step earlier bounds it: read behind the step, it costs no wait."""
+        if not self.model.logits_shifted:
+            return [scored + count for scored, count in zip(self._scored_counts, committed, strict=True)]
+        widths = self._window_mask.sum(dim=1)  # [B]
+        late, self._late_windows = self._late_windows, _LateRead(widths)
+        return late.read() if late is not None else [int(width) for width in widths.tolist()]
 
     def output(self) -> SampleOutput:
         return SampleOutput(
@@ -782,6 +828,65 @@ def _filtered(logits: torch.Tensor, options: SamplerOptions) -> torch.Tensor:
 
 
 _PAST_PLAN = 2**31 - 1  # commit count of a row past its plan: every position left
+
+
+@dataclass
+class _HostPlan:
+    """A row's plan as the host follows it. Under every schedule but threshold/factor a step
+    commits exactly what the plan says, so the host knows the row's masks left, what its next step
+    scores and when it is done without reading the device (docs/engine.md, "A step")."""
+
+    plan: list[tuple[int, int]]  # (count, block) per step of the row
+    block_left: list[int]  # masks left in each block (one entry unless the blocks schedule)
+    blocks: bool
+
+    @classmethod
+    def of(cls, masks: int, plan: list[tuple[int, int]], options: SamplerOptions) -> _HostPlan:
+        if options.schedule != "blocks":
+            return cls(plan, [masks], blocks=False)
+        size = options.block_length
+        return cls(plan, [min(size, masks - start) for start in range(0, masks, size)], blocks=True)
+
+    @property
+    def left(self) -> int:
+        return sum(self.block_left)
+
+    def scored(self, step: int) -> int:
+        """Positions the row's step `step` scores: its active block's masks (blocks), else all."""
+        if self.blocks and step < len(self.plan):
+            return self.block_left[self.plan[step][1]]
+        return self.left
+
+    def commit(self, step: int) -> int:
+        """The row's step `step` as the device runs it; returns how many positions it commits."""
+        scored = self.scored(step)
+        count = min(self.plan[step][0], scored) if step < len(self.plan) else scored
+        if self.blocks and step < len(self.plan):
+            self.block_left[self.plan[step][1]] -= count
+        else:  # one block, or past the plan (where every position left goes)
+            self.block_left = [self.left - count] + [0] * (len(self.block_left) - 1)
+        return count
+
+
+class _LateRead:
+    """A [B] device tensor copied to the host behind the step's work: on CUDA into pinned memory
+    with an event, so reading it waits only for the step that made it, not for those queued
+    after it."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.event: torch.cuda.Event | None = None
+        if values.device.type == "cuda":
+            self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values
+
+    def read(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [int(value) for value in self.values.tolist()]
 
 
 @dataclass

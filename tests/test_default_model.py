@@ -299,14 +299,14 @@ def test_models_listing_says_how_to_get_the_missing_base(monkeypatch) -> None:
 
 def test_repetition_penalty_lowers_the_neighbouring_tokens_only() -> None:
     from editor.models.base import SpecialIds
-    from editor.sampler import penalize_neighbours_
+    from editor.sampler import never_penalised, penalize_neighbours_
 
     special = SpecialIds(mask=9, pad=0)
     ids = torch.tensor([[5, 9, 7, 0, 9, 0]])  # blanks at 1 (between 5 and 7) and 4 (between end tokens)
     candidates = torch.tensor([[1, 4]])
     logits = torch.full((1, 2, 10), 2.0)
     logits[0, 0, 7] = -1.0
-    out = penalize_neighbours_(logits.clone(), ids, candidates, special, 2.0)[0]
+    out = penalize_neighbours_(logits.clone(), ids, candidates, never_penalised(special, ids.device), 2.0)[0]
     assert out[0, 5] == 1.0 and out[0, 7] == -2.0  # positive halved, negative doubled
     assert torch.equal(out[1], logits[0, 1])  # end tokens beside a blank are not penalised
     assert torch.equal(out[0, [0, 1, 2, 3, 4, 6, 8, 9]], logits[0, 0, [0, 1, 2, 3, 4, 6, 8, 9]])
@@ -316,7 +316,7 @@ def test_repetition_penalty_covers_every_spelling_of_the_word_and_looks_past_pun
     """ "The Book book team" and "Dear Mr, Mr," were fills of the default model: the word beside a
     blank is penalised in every spelling (case, edge spaces), past one punctuation token."""
     from editor.models.base import SpecialIds
-    from editor.sampler import penalize_neighbours_
+    from editor.sampler import never_penalised, penalize_neighbours_
 
     special = SpecialIds(mask=9, pad=0)
     # ids 5 " Book" and 6 "book" spell one word, 7 and 8 others, 3 is "," (no letters): class -1
@@ -325,7 +325,9 @@ def test_repetition_penalty_covers_every_spelling_of_the_word_and_looks_past_pun
     ids = torch.tensor([[5, 9, 8, 6, 3, 9, 7, 9, 9, 4]])  # blank 1 after " Book"; 5 after "book ,"
     candidates = torch.tensor([[1, 5, 8]])  # blank 8: a blank, then 7 on the left; 4 on the right
     logits = torch.full((1, 3, 10), 2.0)
-    out = penalize_neighbours_(logits.clone(), ids, candidates, special, 2.0, (classes, spellings))[0]
+    out = penalize_neighbours_(
+        logits.clone(), ids, candidates, never_penalised(special, ids.device), 2.0, (classes, spellings)
+    )[0]
     assert out[0, 5] == out[0, 6] == 1.0  # both spellings of the word on the left
     assert out[0, 8] == 1.0  # and the word on the right
     assert out[1, 5] == out[1, 6] == 1.0  # past the comma
@@ -359,7 +361,7 @@ def test_repetition_penalty_matches_its_definition_on_random_canvases(tiny_token
     a blank, of the next word), once per side."""
     from editor.constraints import VocabularyRules
     from editor.models.base import SpecialIds
-    from editor.sampler import neighbours, penalize_neighbours_
+    from editor.sampler import neighbours, never_penalised, penalize_neighbours_
 
     vocab_size = len(tiny_tokenizer)
     rules = VocabularyRules(tiny_tokenizer, vocab_size, set(), (0,))
@@ -374,7 +376,9 @@ def test_repetition_penalty_matches_its_definition_on_random_canvases(tiny_token
     ids = pool[torch.randint(len(pool), (4, 60), generator=generator)]
     candidates = torch.stack([torch.randperm(60, generator=generator)[:20] for _ in range(4)])
     logits = torch.randn((4, 20, vocab_size), generator=generator) * 3
-    got = penalize_neighbours_(logits.clone(), ids, candidates, special, 1.7, (classes, spelled))
+    got = penalize_neighbours_(
+        logits.clone(), ids, candidates, never_penalised(special, ids.device), 1.7, (classes, spelled)
+    )
     expected = logits.clone()
     skip = torch.tensor([special.mask, 0])
     looked_past = 0

@@ -186,6 +186,61 @@ def test_a_row_fills_the_same_alone_batched_or_joining_mid_run(
     assert widths[0] > widths[-2] > 0  # the widest row left mid-run
 
 
+PLANNED_OPTIONS = [
+    SamplerOptions(seed=5),
+    SamplerOptions(schedule="blocks", block_length=4, steps=9, cache_refresh_every=None, seed=5),
+    SamplerOptions(schedule="blocks", block_length=3, cache_refresh_every=2, seed=5),
+    SamplerOptions(schedule="random", temperature=1.0, steps=7, seed=5),
+    SamplerOptions(schedule="left-to-right", steps=5, cache_refresh_every=None, seed=5),
+    SamplerOptions(schedule="margin", cache=False, seed=5),
+]
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("options", PLANNED_OPTIONS, ids=lambda o: f"{o.schedule}-b{o.block_length}-cache{o.cache}")
+def test_a_planned_run_knows_its_counts_without_reading_them(
+    tiny_model: NativeDiffusionModel, tiny_shifted_model: NativeDiffusionModel, shifted: bool, options: SamplerOptions
+) -> None:
+    """Under every schedule but threshold/factor the host follows the plans instead of reading the
+    device each step: after every step of a padded batch that rows join and leave, its masks left and
+    next candidate widths equal the device's, its window widths are at least the device's wherever
+    a window runs (exactly, unshifted), and the fill equals the one that reads them."""
+    model = tiny_shifted_model if shifted else tiny_model
+    vocabulary = vocabulary_rules(model)
+    wide = "A long line of literal text that goes on and on before [MASK 2] and still goes on after it."
+    rows = [Row(r.ids, r.pinned, r.rules, seed=60 + i) for i, r in enumerate(rows_for(model, [*SOURCES, wide]))]
+
+    def run(follow_plan: bool) -> dict[int, tuple[list[int], list[float]]]:
+        done: dict[int, tuple[list[int], list[float]]] = {}
+        with torch.inference_mode():
+            running = SamplerRun(model, rows[1:2], options, vocabulary)
+            assert running.follows_plan  # every schedule here is planned
+            running.follows_plan = follow_plan  # False: read the counts back, as threshold/factor do
+            steps = 0
+            while not running.finished:
+                running.step()
+                steps += 1
+                if steps == 2:
+                    running.add([rows[0], rows[2], rows[3]])
+                scoring = running._scoring(running.masked, running.plan.at(running._row_step)[1])
+                assert running._counts == running.masked.sum(dim=1).tolist()
+                assert running._scored_counts == scoring.sum(dim=1).tolist()
+                if running.windowed:  # a row starting a block (or refreshing) runs a full pass instead
+                    actual = running._window_mask.sum(dim=1).tolist()
+                    used = [i for i in range(len(actual)) if not running._refresh_due(i)]
+                    assert all(running._window_counts[i] >= actual[i] for i in used)
+                    if not shifted:
+                        assert running._window_counts == actual
+                finished = [key for key in running.keys if running.row_done(key)]
+                done |= {key: running.row_output(key)[:2] for key in finished}
+                running.remove(finished)
+        return done
+
+    followed, read_back = run(True), run(False)
+    assert sorted(followed) == sorted(read_back) == list(range(len(rows)))
+    assert_same_fills([followed[key] for key in range(4)], [read_back[key] for key in range(4)])
+
+
 def test_graph_buckets_cover_each_width_with_little_padding() -> None:
     widths = range(1, 2049)
     buckets = [bucket(width) for width in widths]
