@@ -673,7 +673,7 @@ class SamplerRun:
         rest = sorted(set(range(batch)) - set(due))
         parts = []
         for group, refresh in ((due, True), (rest, False)):
-            index = torch.tensor(group, device=self.device)
+            index = _index_on(self.device, group)
             ids = self.ids.index_select(0, index)
             padded = any(len(self.rows[i].ids) != width for i in group)
             attention = self.attention.index_select(0, index) if padded else None
@@ -866,6 +866,15 @@ class _HostPlan:
         else:  # one block, or past the plan (where every position left goes)
             self.block_left = [self.left - count] + [0] * (len(self.block_left) - 1)
         return count
+
+
+def _index_on(device: torch.device, values: list[int]) -> torch.Tensor:
+    """[n] long on `device` without waiting for it: a GPU copy from ordinary host memory first
+    waits for the GPU's queued work, one from pinned memory does not."""
+    index = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 class _LateRead:
