@@ -16,6 +16,23 @@ from editor.options import SCHEDULES, SamplerOptions
 Command = Callable[..., Any]
 
 
+class OptionalInt(click.ParamType):  # type: ignore[type-arg]  # generic only in recent click
+    """An integer, or `none` for an option whose None means something (`--cache-refresh-every none`:
+    refresh at block starts only)."""
+
+    name = "integer|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "none":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither an integer nor 'none'", param, ctx)
+
+
 def sampler_options(command: Command) -> Command:
     """Add one flag per `SamplerOptions` field, with its description and default in --help."""
     for name, field in reversed(list(SamplerOptions.model_fields.items())):
@@ -23,8 +40,10 @@ def sampler_options(command: Command) -> Command:
         kind: Any = field.annotation
         if name == "schedule":
             kind = click.Choice(SCHEDULES)
-        elif get_args(kind):  # Optional[int] -> int
+        elif get_args(kind):  # Optional[int]: an integer, or `none` where None is not the default
             kind = next(a for a in get_args(kind) if a is not type(None))
+            if kind is int and field.default is not None:
+                kind = OptionalInt()
         default = field.default
         help_text = field.description or ""
         if default is None:

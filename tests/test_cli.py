@@ -53,6 +53,19 @@ def test_fill_reads_stdin_and_prints_plain_text(tiny_model_dir: Path) -> None:
     assert out.startswith("Hello ") and out.endswith(", bye.\n")
 
 
+def test_cache_refresh_every_takes_none_on_the_command_line(tiny_model_dir: Path) -> None:
+    """`--cache-refresh-every none` (refresh at block starts only: the dual cache of `blocks`), as
+    the docs tell users to write it; anything else that is not an integer is a usage error."""
+    base = ("fill", "-", "--model", str(tiny_model_dir), "--json", "--seed", "2", "--schedule", "blocks")
+    code, out, err = run(*base, "--cache-refresh-every", "none", stdin="A [MASK 6] b")
+    assert code == 0, err
+    assert json.loads(out)["options"]["cache_refresh_every"] is None
+    code, out, err = run(*base, "--cache-refresh-every", "3", stdin="A [MASK 6] b")
+    assert code == 0 and json.loads(out)["options"]["cache_refresh_every"] == 3
+    code, _, err = run(*base, "--cache-refresh-every", "often", stdin="A [MASK 6] b")
+    assert code == 2 and "'often' is neither an integer nor 'none'" in err
+
+
 def test_same_seed_same_text_from_the_command_line(tiny_model_dir: Path) -> None:
     args = ("fill", "-", "--model", str(tiny_model_dir), "--temperature", "1", "--schedule", "random", "--seed", "9")
     first = run(*args, stdin="A [MASK 6] b")
