@@ -401,14 +401,11 @@ class SamplerRun:
         self.row_steps += [0] * len(rows)
         self.last_commit += [0] * len(rows)
         self._counts += mask_counts
-        self._scored_counts += [
-            _scored_at_start(count, plan, self.options) for count, plan in zip(mask_counts, plans, strict=True)
-        ]
+        host_plans = [_HostPlan.of(plan) for plan in plans]
+        self._scored_counts += [host_plan.scored(0) for host_plan in host_plans]
         self._window_counts += [len(row.ids) for row in rows]
         self._block_starts += [_block_starts(plan) for plan in plans]
-        self._host_plans += [
-            _HostPlan.of(count, plan, self.options) for count, plan in zip(mask_counts, plans, strict=True)
-        ]
+        self._host_plans += host_plans
         self._late_windows = None
         self._layout_changed()
         return keys
@@ -834,37 +831,35 @@ _PAST_PLAN = 2**31 - 1  # commit count of a row past its plan: every position le
 class _HostPlan:
     """A row's plan as the host follows it. Under every schedule but threshold/factor a step
     commits exactly what the plan says, so the host knows the row's masks left, what its next step
-    scores and when it is done without reading the device (docs/engine.md, "A step")."""
+    scores and when it is done without reading the device (docs/engine.md, "A step"). Schedules
+    other than `blocks` are one block: the block of every step is 0."""
 
     plan: list[tuple[int, int]]  # (count, block) per step of the row
-    block_left: list[int]  # masks left in each block (one entry unless the blocks schedule)
-    blocks: bool
+    block_left: list[int]  # masks left in each block: a block's size is what its steps commit
 
     @classmethod
-    def of(cls, masks: int, plan: list[tuple[int, int]], options: SamplerOptions) -> _HostPlan:
-        if options.schedule != "blocks":
-            return cls(plan, [masks], blocks=False)
-        size = options.block_length
-        return cls(plan, [min(size, masks - start) for start in range(0, masks, size)], blocks=True)
+    def of(cls, plan: list[tuple[int, int]]) -> _HostPlan:
+        sizes = [0] * (max((block for _, block in plan), default=-1) + 1)
+        for count, block in plan:
+            sizes[block] += count
+        return cls(plan, sizes)
 
     @property
     def left(self) -> int:
         return sum(self.block_left)
 
     def scored(self, step: int) -> int:
-        """Positions the row's step `step` scores: its active block's masks (blocks), else all."""
-        if self.blocks and step < len(self.plan):
-            return self.block_left[self.plan[step][1]]
-        return self.left
+        """Positions the row's step `step` scores: its active block's masks (past the plan: all)."""
+        return self.block_left[self.plan[step][1]] if step < len(self.plan) else self.left
 
     def commit(self, step: int) -> int:
         """The row's step `step` as the device runs it; returns how many positions it commits."""
-        scored = self.scored(step)
-        count = min(self.plan[step][0], scored) if step < len(self.plan) else scored
-        if self.blocks and step < len(self.plan):
-            self.block_left[self.plan[step][1]] -= count
-        else:  # one block, or past the plan (where every position left goes)
-            self.block_left = [self.left - count] + [0] * (len(self.block_left) - 1)
+        if step >= len(self.plan):  # past the plan every position left goes (none, as plans add up)
+            count, self.block_left = self.left, [0] * len(self.block_left)
+            return count
+        planned, block = self.plan[step]
+        count = min(planned, self.block_left[block])
+        self.block_left[block] -= count
         return count
 
 
@@ -940,14 +935,6 @@ def _row_plan(masks: int, options: SamplerOptions) -> list[tuple[int, int]]:
     if options.schedule == "blocks":
         return block_plan(masks, steps, options.block_length)
     return [(count, 0) for count in step_counts(masks, steps)]
-
-
-def _scored_at_start(masks: int, plan: list[tuple[int, int]], options: SamplerOptions) -> int:
-    """Positions a new row's first step scores: all its masks, or its first block's for `blocks`."""
-    if options.schedule != "blocks" or not plan:
-        return masks
-    first_block = plan[0][1]
-    return min(options.block_length, masks - first_block * options.block_length)
 
 
 def _block_starts(plan: list[tuple[int, int]]) -> frozenset[int]:

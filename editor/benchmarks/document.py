@@ -18,14 +18,7 @@ from pathlib import Path
 
 import click
 
-from editor.benchmarks.options import (
-    device_option,
-    dtype_label,
-    json_option,
-    model_option,
-    schedule_options,
-    threads_option,
-)
+from editor.benchmarks.options import device_option, json_option, model_option, schedule_options, threads_option
 
 
 @click.command("document")
@@ -59,7 +52,7 @@ def document_bench(
 
     from editor.benchmarks.engine import CountingModel, Work
     from editor.filling import fill_documents
-    from editor.models.loading import load_model
+    from editor.models.loading import load_model, model_dtype_text
     from editor.options import SamplerOptions
     from editor.parser import parse_document
 
@@ -69,7 +62,7 @@ def document_bench(
     model = load_model(model_spec, device=device, dtype=dtype)
     document = parse_document(path.read_text(encoding="utf-8"))
     load_before = list(os.getloadavg())
-    dtype_used = dtype_label(model)
+    dtype_used = model_dtype_text(model)
     click.echo(
         f"{model.name} on {device} ({dtype_used}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average {load_before[0]:.1f}; {path.name}, seed 0, {schedule}"

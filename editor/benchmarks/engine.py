@@ -422,6 +422,7 @@ def engine(
     """Naive loop vs fast engine: tokens/s, ms/step, tokens/step, peak memory, ceiling fraction."""
     import torch
 
+    from editor.models.loading import dtype_text
     from editor.models.native import default_dtype
     from editor.settings import Settings
 
@@ -430,7 +431,7 @@ def engine(
     if cuda_graphs is None:
         cuda_graphs = Settings().cuda_graphs
 
-    dtype_name = dtype_name or str(default_dtype(device, None)).removeprefix("torch.")
+    dtype_name = dtype_name or dtype_text(default_dtype(device, None))
     dtype_bytes = torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
     peak = _peak(device, getattr(torch, dtype_name), peak_flops, peak_bandwidth)
     figures: list[Figure] = []

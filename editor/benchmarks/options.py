@@ -33,8 +33,3 @@ def schedule_options(command: F) -> F:
 
 
 __all__ = ["device_option", "json_option", "model_option", "schedule_options", "threads_option"]
-
-
-def dtype_label(model: Any) -> str:
-    """'bfloat16', 'float32', ... for a loaded model (wrappers included), as reports print it."""
-    return str(getattr(model, "dtype", "unknown")).removeprefix("torch.")

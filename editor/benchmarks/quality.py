@@ -117,9 +117,8 @@ def engine_quality(
     """Same-text rate and masked-token NLL of fast settings against one-token-per-step decoding."""
     import torch
 
-    from editor.benchmarks.options import dtype_label
     from editor.filling import prepare_canvas, vocabulary_rules
-    from editor.models.loading import load_model
+    from editor.models.loading import load_model, model_dtype_text
     from editor.options import SamplerOptions
     from editor.parser import parse_document
     from editor.sampler import Row, sample
@@ -133,7 +132,7 @@ def engine_quality(
     if documents and valid is not None:
         texts += held_out_documents(list(read_paragraphs(valid)), documents, model.tokenizer)
     canvases = [prepare_canvas(model, parse_document(text)) for text in texts]
-    click.echo(f"{model.name} ({dtype_label(model)}), {len(canvases)} documents")
+    click.echo(f"{model.name} ({model_dtype_text(model)}), {len(canvases)} documents")
     report: dict[str, dict[str, Any]] = {}
     texts_of: dict[str, list[str]] = {}
     settings = {name: SETTINGS[name] for name in chosen} if chosen else SETTINGS
@@ -170,7 +169,7 @@ def engine_quality(
             "benchmark": "engine-quality",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": model.name,
-            "dtype": dtype_label(model),
+            "dtype": model_dtype_text(model),
             "documents": len(canvases),
             "held_out": None if not documents else {"valid": str(valid), "documents": documents, "seed": 0},
             "settings": settings,

@@ -90,6 +90,18 @@ def dtype_named(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+def dtype_text(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16': how configs, reports and /ready write a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def model_dtype_text(model: object) -> str:
+    """The dtype a loaded model (or a wrapper that forwards attributes) computes in, as text;
+    'unknown' for a model that does not say."""
+    dtype = getattr(model, "dtype", None)
+    return dtype_text(dtype) if isinstance(dtype, torch.dtype) else "unknown"
+
+
 def load_configured(settings: Settings, *, model: str | None = None, device: str | None = None) -> DiffusionModel:
     """The model the settings name (EDITOR_MODEL, EDITOR_DEVICE, EDITOR_DTYPE), with command-line
     overrides on top: the one way every command and the server load their model."""
@@ -196,7 +208,7 @@ def save_native_tensors(
         "eos_token_id": special.eos,
         "extra_end_token_ids": list(special.extra_end),
         "logits_shifted": logits_shifted,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": dtype_text(dtype),
     }
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(str(path))

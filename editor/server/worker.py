@@ -40,7 +40,7 @@ from editor.canvas import Canvas
 from editor.document import Document
 from editor.filling import FillResult, fill_result, locate, prepare_canvas, vocabulary_rules
 from editor.models.base import DiffusionModel
-from editor.models.loading import load_configured
+from editor.models.loading import load_configured, model_dtype_text
 from editor.options import FillCancelled, SamplerOptions
 from editor.sampler import Row, SamplerRun, StepEvent, effective_steps, row_seed
 from editor.server.limits import FillTimedOut, LimitExceeded
@@ -416,8 +416,8 @@ class ModelWorker:
     def model_placement(self) -> str | None:
         if self.model is None:
             return None
-        dtype = str(getattr(self.model, "dtype", "")).removeprefix("torch.")
-        return f"{self.model.device}, {dtype}" if dtype else str(self.model.device)
+        dtype = model_dtype_text(self.model)
+        return str(self.model.device) if dtype == "unknown" else f"{self.model.device}, {dtype}"
 
     @property
     def model_note(self) -> str | None:
