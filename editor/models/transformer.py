@@ -63,11 +63,14 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> KV:
-    """positions [B, L] -> cos, sin [B, 1, L, D] in the "rotate half" layout of Qwen2/LLaMA."""
+    """positions [B, L] -> cos, sin [B, L, 1, D] in the "rotate half" layout of Qwen2/LLaMA, with the
+    first half of sin negated: `apply_rotary` then swaps halves with one roll instead of chunk, neg, cat."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions.float()[..., None] * inv_freq  # [B, L, D/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [B, L, D]
-    return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+    sin = angles.sin()
+    signed_sin = torch.cat([-sin, sin], dim=-1)  # [B, L, D]
+    cos = torch.cat([angles, angles], dim=-1).cos()
+    return cos[:, :, None].to(dtype), signed_sin[:, :, None].to(dtype)
 
 
 class RotaryCache:
@@ -81,7 +84,7 @@ class RotaryCache:
         self._tables: dict[tuple[torch.device, torch.dtype], KV] = {}
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype, limit: int) -> KV:
-        """positions [B, W] long, all < `limit` -> cos, sin [B, 1, W, D]."""
+        """positions [B, W] long, all < `limit` -> cos, signed sin [B, W, 1, D]."""
         key = (positions.device, dtype)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < limit:
@@ -89,17 +92,14 @@ class RotaryCache:
             cos, sin = rotary_tables(
                 torch.arange(length, device=positions.device)[None], self.head_dim, self.theta, dtype
             )
-            table = self._tables[key] = (cos[0, 0], sin[0, 0])  # [n, D] each
-        return table[0][positions][:, None], table[1][positions][:, None]
+            table = self._tables[key] = (cos[0], sin[0])  # [n, 1, D] each
+        return table[0][positions], table[1][positions]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, W, H, D] rotated by its positions' angles (cos, signed sin [B, W, 1, D] from
+    `rotary_tables`): x * cos + rotate_half(x) * sin, in three kernels rather than seven."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -136,15 +136,16 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, KV]:
         """x [B, W, C] -> q [B, H, W, D] and k, v [B, Hkv, W, D], rotary applied to q and k."""
         batch, width, _ = x.shape
+        heads, kv_heads = self.num_heads, self.num_kv_heads
         if self.qkv_proj is not None:
-            sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
-            q, k, v = self.qkv_proj(x).split(sizes, dim=-1)  # [B, W, H*D], [B, W, Hkv*D] x 2
+            qkv = self.qkv_proj(x).view(batch, width, heads + 2 * kv_heads, self.head_dim)
+            qk = apply_rotary(qkv[:, :, : heads + kv_heads], cos, sin)  # q and k rotated together
+            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(batch, width, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, width, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, cos, sin), (apply_rotary(k, cos, sin), v)
+            q = apply_rotary(self.q_proj(x).view(batch, width, heads, self.head_dim), cos, sin)
+            k = apply_rotary(self.k_proj(x).view(batch, width, kv_heads, self.head_dim), cos, sin)
+            v = self.v_proj(x).view(batch, width, kv_heads, self.head_dim)
+        return q.transpose(1, 2), (k.transpose(1, 2), v.transpose(1, 2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """q [B, H, W, D], k/v [B, Hkv, K, D], key_mask [B, 1, 1, K] or None -> [B, W, C]. Non-causal:
@@ -159,8 +160,8 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, W, C]
-        cos: torch.Tensor,  # [B, 1, W, D]
-        sin: torch.Tensor,
+        cos: torch.Tensor,  # [B, W, 1, D]
+        sin: torch.Tensor,  # [B, W, 1, D], first half negated (`rotary_tables`)
         key_mask: torch.Tensor | None,  # [B, 1, 1, K] bool, True = attend; K = cached + W; None = all
         past: KV | None,
     ) -> tuple[torch.Tensor, KV]:
@@ -174,8 +175,8 @@ class Attention(nn.Module):
     def forward_cached(
         self,
         x: torch.Tensor,  # [B, W, C]
-        cos: torch.Tensor,  # [B, 1, W, D]
-        sin: torch.Tensor,
+        cos: torch.Tensor,  # [B, W, 1, D]
+        sin: torch.Tensor,  # [B, W, 1, D], first half negated (`rotary_tables`)
         key_mask: torch.Tensor | None,  # [B, 1, 1, L]
         cache: KV,  # [B, Hkv, L, D] each over the whole canvas; the window's rows are overwritten
         window: torch.Tensor,  # [B, W] canvas positions of x's rows
