@@ -664,40 +664,27 @@ class SamplerRun:
     def _split_logits(
         self, fast: WindowedModel, cache: CanvasCache, due: list[int], candidates: torch.Tensor
     ) -> torch.Tensor:
-        """Logits [B, M, V] from a full pass of the `due` rows (their cache rows replaced) and a
-        window run of the others (their cache rows updated)."""
+        """Logits [B, M, V] from a window run of every row on the run's own cache, the `due` rows'
+        windows cut to one position, then a full pass of the due rows whose keys/values and logits
+        replace theirs. Each row computes what it would alone; the cache is never copied out and
+        back, so it stays bound to its CUDA-graph slab."""
         batch, width = self.ids.shape
-        rest = sorted(set(range(batch)) - set(due))
-        parts = []
-        for group, refresh in ((due, True), (rest, False)):
-            index = _index_on(self.device, group)
-            ids = self.ids.index_select(0, index)
-            padded = any(len(self.rows[i].ids) != width for i in group)
-            attention = self.attention.index_select(0, index) if padded else None
-            at = candidates.index_select(0, index)
-            if refresh:
-                logits, fresh = fast.score(ids, attention, at, keep_cache=True)
-                assert fresh is not None
-                layers = fresh.layers
-            else:
-                part = CanvasCache(
-                    [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache.layers],
-                    cache.positions.index_select(0, index),
-                    attention,
-                )
-                window_mask = self._window_mask.index_select(0, index)
-                most = max(self._window_counts[i] for i in group)
-                logits = self._window_logits(fast, part, ids, window_mask, at, most)
-                layers = part.layers
-            for (keys, values), (new_keys, new_values) in zip(cache.layers, layers, strict=True):
-                keys.index_copy_(0, index, new_keys)
-                values.index_copy_(0, index, new_values)
-            parts.append((index, logits))
-        (due_index, due_logits), (rest_index, rest_logits) = parts
-        logits = due_logits.new_empty((batch, *due_logits.shape[1:]))
-        logits.index_copy_(0, due_index, due_logits)
-        logits.index_copy_(0, rest_index, rest_logits)
-        return logits
+        index = _index_on(self.device, due)
+        is_due = torch.zeros(batch, dtype=torch.bool, device=self.device).index_fill_(0, index, True)
+        first_only = torch.arange(width, device=self.device) == 0  # [L]
+        window_mask = torch.where(is_due[:, None], first_only[None], self._window_mask)  # [B, L]
+        most = max([1] + [count for row, count in enumerate(self._window_counts) if row not in due])
+        logits = self._window_logits(fast, cache, self.ids, window_mask, candidates, most)
+        padded = any(len(self.rows[row].ids) != width for row in due)
+        attention = self.attention.index_select(0, index) if padded else None
+        due_logits, fresh = fast.score(
+            self.ids.index_select(0, index), attention, candidates.index_select(0, index), keep_cache=True
+        )
+        assert fresh is not None
+        for (keys, values), (new_keys, new_values) in zip(cache.layers, fresh.layers, strict=True):
+            keys.index_copy_(0, index, new_keys)
+            values.index_copy_(0, index, new_values)
+        return logits.index_copy_(0, index, due_logits)
 
     def _next_window(self, scoring: torch.Tensor) -> torch.Tensor:
         """[B, L] bool: positions to recompute next step. The positions it scores (their context

@@ -59,12 +59,13 @@ def batch_bench(
 
     from editor.batch.runner import BATCH_DEFAULTS, BatchFiller, ResultWriter, read_input, run_records
     from editor.batch.template import Template
-    from editor.models.loading import load_model
+    from editor.models.loading import load_configured
+    from editor.settings import Settings
 
     if threads is not None:
         torch.set_num_threads(threads)
     options = BATCH_DEFAULTS.model_copy(update={"seed": 0} | ({"steps": steps} if steps else {}))
-    model = load_model(model_spec, device=device)
+    model = load_configured(Settings(), model=model_spec, device=device)  # EDITOR_DTYPE, EDITOR_CUDA_GRAPHS as served
     template = Template.parse(TEMPLATE)
     inputs = read_input((json.dumps(r) for r in product_records(records)), max_chars=100_000)
     filler = BatchFiller(model, template, options, batch_size=batch_size, max_canvas_tokens=4096)

@@ -493,7 +493,7 @@ def engine(
             "schedule": schedule,
             "block_length": block_length if schedule == "blocks" else None,
             "cuda_graphs": cuda_graphs if device.startswith("cuda") else 0,
-            "fused_projections": device.startswith("cuda") and not no_fuse,
+            "fused_projections": not no_fuse,
             "assumed_peak_flops": None if peak is None else peak[0],
             "assumed_peak_bandwidth": None if peak is None else peak[1],
             "figures": [asdict(f) for f in figures],

@@ -90,7 +90,7 @@ def worker_bench(
     """Static vs continuous batching in the model worker: fills/s, tokens/s, mean and p90 latency."""
     import torch
 
-    from editor.models.loading import load_model
+    from editor.models.loading import load_configured
     from editor.options import SamplerOptions
     from editor.parser import parse_document
     from editor.server.worker import ModelWorker
@@ -102,7 +102,7 @@ def worker_bench(
     counts = [sizes[i % len(sizes)] for i in range(fills)]
     documents = [parse_document(fill_source(i, n)) for i, n in enumerate(counts)]
     options = SamplerOptions(steps=steps)
-    model = load_model(model_spec, device=device)
+    model = load_configured(Settings(), model=model_spec, device=device)  # EDITOR_DTYPE, EDITOR_CUDA_GRAPHS as served
     load_before = list(os.getloadavg())
     figures: list[ModeFigures] = []
     texts: dict[str, list[str]] = {}
