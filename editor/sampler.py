@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from editor.constraints import PositionRule, VocabularyRules
-from editor.models.base import CanvasCache, DiffusionModel, SpecialIds, WindowedModel, scored_logits, windowed
+from editor.models.base import (
+    CanvasCache,
+    DiffusionModel,
+    SpecialIds,
+    WindowedModel,
+    refreshes_in_window,
+    scored_logits,
+    windowed,
+)
 from editor.options import FillCancelled, SamplerOptions
 
 
@@ -633,7 +641,13 @@ class SamplerRun:
             return self._window_logits(self.fast, self.cache, self.ids, self._window_mask, candidates, width)
         # Rows at other points of their own schedules (continuous batching): the rows due for a
         # refresh get a full pass of their own and the rest their windows, so a refreshing row
-        # does not widen every row's window to the whole canvas.
+        # does not widen every row's window to the whole canvas; unless the model is small enough
+        # that the wider window costs less than a second pass.
+        widths = [len(self.rows[row].ids) if row in due else count for row, count in enumerate(self._window_counts)]
+        if refreshes_in_window(self.fast, len(widths), max(widths)):
+            index = _index_on(self.device, due)
+            window_mask = self._window_mask.index_copy(0, index, self.attention.index_select(0, index))
+            return self._window_logits(self.fast, self.cache, self.ids, window_mask, candidates, max(widths))
         return self._split_logits(self.fast, self.cache, due, candidates)
 
     def _allowed_at(self, candidates: torch.Tensor) -> torch.Tensor:

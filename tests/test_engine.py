@@ -141,6 +141,10 @@ def assert_same_fills(got: list[tuple[list[int], list[float]]], expected: list[t
         assert confidences == pytest.approx(wanted, abs=1e-5)
 
 
+def _refreshed_apart(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a refresh ran apart from the window run")
+
+
 JOIN_OPTIONS = [
     SamplerOptions(seed=5),  # confidence, cache refreshed every 4 of a row's own steps
     SamplerOptions(schedule="blocks", block_length=4, steps=9, cache_refresh_every=None, seed=5),
@@ -150,15 +154,26 @@ JOIN_OPTIONS = [
 ]
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["refresh-apart", "refresh-in-window"])
 @pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("options", JOIN_OPTIONS, ids=lambda o: f"{o.schedule}-t{o.temperature}-cache{o.cache}")
 def test_a_row_fills_the_same_alone_batched_or_joining_mid_run(
-    tiny_model: NativeDiffusionModel, tiny_shifted_model: NativeDiffusionModel, shifted: bool, options: SamplerOptions
+    tiny_model: NativeDiffusionModel,
+    tiny_shifted_model: NativeDiffusionModel,
+    shifted: bool,
+    options: SamplerOptions,
+    fold: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Continuous batching's invariant: plan, cache refreshes and random draws follow each row's
     own steps, so a row joining a running batch (of other lengths) fills exactly as alone, and the
-    rows already running are not disturbed by it joining or by others leaving."""
+    rows already running are not disturbed by it joining or by others leaving; whether the rows due
+    for a refresh get a full pass apart or ride in the window run widened to their whole canvas
+    (as a small model on CUDA does)."""
     model = tiny_shifted_model if shifted else tiny_model
+    monkeypatch.setattr(model, "fold_refresh_flops", float("inf") if fold else 0.0)
+    if fold:  # (the same runs without folding do refresh some rows apart: see `refresh-apart`)
+        monkeypatch.setattr(SamplerRun, "_split_logits", _refreshed_apart)
     vocabulary = vocabulary_rules(model)
     # The last row is the widest and finishes first: the batch narrows while the others run.
     wide = "A long line of literal text that goes on and on before [MASK 2] and still goes on after it."

@@ -101,6 +101,14 @@ def windowed(model: DiffusionModel) -> WindowedModel | None:
     return None
 
 
+def refreshes_in_window(model: WindowedModel, rows: int, width: int) -> bool:
+    """Whether `model` would rather take a refresh of some rows into a window run of `rows` x
+    `width` positions than run those rows' full pass apart (a model says so through an optional
+    `refresh_in_window(rows, width)`; one that does not never folds)."""
+    decide = getattr(model, "refresh_in_window", None)
+    return bool(decide(rows, width)) if callable(decide) else False
+
+
 def scored_logits(
     model: DiffusionModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: torch.Tensor
 ) -> torch.Tensor:

@@ -247,6 +247,11 @@ def special_ids_from(
 
 # --------------------------------------------------------------------------- the model
 
+# A graphed window run of up to this many FLOPs takes in a refresh (`refresh_in_window`): about 2 ms of
+# an H100's bf16 arithmetic, what an eager full pass of a ~30-layer model costs in launches alone.
+# The bundled and default models (17M, 135M) fold at 8 rows of 512; a 7B model never does.
+FOLD_REFRESH_FLOPS = 2e12
+
 
 class NativeDiffusionModel:
     """`DiffusionModel` over a `BidirectionalTransformer` (Dream, LLaDA and our own checkpoints)."""
@@ -271,6 +276,10 @@ class NativeDiffusionModel:
         self.use_chat_template = bool(tokenizer.chat_template) if use_chat_template is None else use_chat_template
         self._end_of_turn = end_of_turn_ids(tokenizer) if self.use_chat_template else ()
         self.window_graphs: WindowGraphs | None = None  # set by `use_cuda_graphs` (CUDA only)
+        # Arithmetic under which a refresh of some rows rides in the window run (`refresh_in_window`);
+        # 0: never. Set with the CUDA graphs, where a small model's steps are paced by launches.
+        self.fold_refresh_flops = 0.0
+        self._layer_parameters = sum(p.numel() for p in network.layers.parameters())
 
     def use_cuda_graphs(self, max_graphs: int = DEFAULT_MAX_GRAPHS, max_slabs: int = DEFAULT_MAX_SLABS) -> None:
         """Replay window steps as CUDA graphs (at most `max_graphs` kept, over at most `max_slabs`
@@ -280,6 +289,15 @@ class NativeDiffusionModel:
         self.window_graphs = (
             WindowGraphs(self.network, max_graphs=max_graphs, max_slabs=max_slabs) if on_cuda and max_graphs else None
         )
+        self.fold_refresh_flops = FOLD_REFRESH_FLOPS if self.window_graphs is not None else 0.0
+
+    def refresh_in_window(self, rows: int, width: int) -> bool:
+        """Whether a step where some of `rows` rows refresh their cache should be one window run of
+        `rows` x `width` positions, the refreshing rows' windows widened to their whole canvas (which
+        recomputes every key/value a full pass would), rather than the others' window run plus an
+        eager full pass of those rows. Yes when the wider run's arithmetic is under
+        `fold_refresh_flops`: a small model's graphed step is paced by launches, not arithmetic."""
+        return 2 * self._layer_parameters * rows * width <= self.fold_refresh_flops
 
     @property
     def device(self) -> torch.device:

@@ -98,7 +98,7 @@ class RotaryCache:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [B, W, H, D] rotated by its positions' angles (cos, signed sin [B, W, 1, D] from
-    `rotary_tables`): x * cos + rotate_half(x) * sin, in three kernels rather than seven."""
+    `rotary_tables`): x * cos + rotate_half(x) * sin, in three kernels rather than five."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
