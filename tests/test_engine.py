@@ -10,6 +10,7 @@ import torch
 from editor.filling import fill_documents, prepare_canvas, vocabulary_rules
 from editor.models import NativeDiffusionModel, aligned_logits
 from editor.models.graphs import WindowGraphs, bucket, pad_columns
+from editor.models.native import FOLD_REFRESH_FLOPS
 from editor.options import SamplerOptions
 from editor.parser import parse_document
 from editor.sampler import Row, SampleOutput, SamplerRun, StepEvent, pad_rows, sample
@@ -139,6 +140,19 @@ def assert_same_fills(got: list[tuple[list[int], list[float]]], expected: list[t
     assert [ids for ids, _ in got] == [ids for ids, _ in expected]
     for (_, confidences), (_, wanted) in zip(got, expected, strict=True):
         assert confidences == pytest.approx(wanted, abs=1e-5)
+
+
+def test_only_a_small_graphed_model_folds_a_refresh_into_the_window_run(
+    tiny_model: NativeDiffusionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU (no CUDA graphs) a refresh always runs apart; with graphs the bundled model folds
+    it at 8 rows of 512 positions, and a model with 7B parameters in its layers does not at 256 positions."""
+    assert tiny_model.window_graphs is None
+    assert not tiny_model.refresh_in_window(1, 8)
+    monkeypatch.setattr(tiny_model, "fold_refresh_flops", FOLD_REFRESH_FLOPS)
+    assert tiny_model.refresh_in_window(8, 512)
+    monkeypatch.setattr(tiny_model, "_layer_parameters", 6_500_000_000)
+    assert not tiny_model.refresh_in_window(1, 256)
 
 
 def _refreshed_apart(*args: object, **kwargs: object) -> None:

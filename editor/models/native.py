@@ -249,7 +249,8 @@ def special_ids_from(
 
 # A graphed window run of up to this many FLOPs takes in a refresh (`refresh_in_window`): about 2 ms of
 # an H100's bf16 arithmetic, what an eager full pass of a ~30-layer model costs in launches alone.
-# The bundled and default models (17M, 135M) fold at 8 rows of 512; a 7B model never does.
+# The bundled and default models (17M, 135M) fold up to 8 rows of 512; a 7B model only when its rows
+# hold under ~150 positions in all.
 FOLD_REFRESH_FLOPS = 2e12
 
 
