@@ -639,16 +639,8 @@ class SamplerRun:
         if not due:
             width = max(self._window_counts)
             return self._window_logits(self.fast, self.cache, self.ids, self._window_mask, candidates, width)
-        # Rows at other points of their own schedules (continuous batching): the rows due for a
-        # refresh get a full pass of their own and the rest their windows, so a refreshing row
-        # does not widen every row's window to the whole canvas; unless the model is small enough
-        # that the wider window costs less than a second pass.
-        widths = [len(self.rows[row].ids) if row in due else count for row, count in enumerate(self._window_counts)]
-        if refreshes_in_window(self.fast, len(widths), max(widths)):
-            index = _index_on(self.device, due)
-            window_mask = self._window_mask.index_copy(0, index, self.attention.index_select(0, index))
-            return self._window_logits(self.fast, self.cache, self.ids, window_mask, candidates, max(widths))
-        return self._split_logits(self.fast, self.cache, due, candidates)
+        # Rows at other points of their own schedules (continuous batching).
+        return self._partly_refreshed_logits(self.fast, self.cache, due, candidates)
 
     def _allowed_at(self, candidates: torch.Tensor) -> torch.Tensor:
         """[B, M, V] bool: the tokens each candidate's rule allows; [1, 1, V] when the run has only
@@ -675,21 +667,41 @@ class SamplerRun:
         window = torch.where(in_window, window, window[:, :1])  # [b, W]
         return fast.score_window(cache, ids, window, candidates)
 
-    def _split_logits(
+    def _partly_refreshed_logits(
         self, fast: WindowedModel, cache: CanvasCache, due: list[int], candidates: torch.Tensor
     ) -> torch.Tensor:
-        """Logits [B, M, V] from a window run of every row on the run's own cache, the `due` rows'
-        windows cut to one position, then a full pass of the due rows whose keys/values and logits
-        replace theirs. Each row computes what it would alone; the cache is never copied out and
-        back, so it stays bound to its CUDA-graph slab."""
-        batch, width = self.ids.shape
+        """Logits [B, M, V] of a step where only the `due` rows refresh: one window run of every row
+        on the run's own cache, so the cache is never copied out and back and stays bound to its
+        CUDA-graph slab. A small model (`refreshes_in_window`) widens the due rows' windows to their
+        whole canvas, which recomputes every key/value a full pass would; otherwise their windows
+        are cut to one position and `_refresh_apart` runs their full pass, so a refreshing row does
+        not widen every row's window to the whole canvas."""
+        width = self.ids.shape[1]
+        lengths = {row: len(self.rows[row].ids) for row in due}
+        widths = [lengths.get(row, count) for row, count in enumerate(self._window_counts)]
+        fold = refreshes_in_window(fast, len(widths), max(widths))
         index = _index_on(self.device, due)
-        is_due = torch.zeros(batch, dtype=torch.bool, device=self.device).index_fill_(0, index, True)
-        first_only = torch.arange(width, device=self.device) == 0  # [L]
-        window_mask = torch.where(is_due[:, None], first_only[None], self._window_mask)  # [B, L]
-        most = max([1] + [count for row, count in enumerate(self._window_counts) if row not in due])
-        logits = self._window_logits(fast, cache, self.ids, window_mask, candidates, most)
-        padded = any(len(self.rows[row].ids) != width for row in due)
+        if fold:
+            due_windows = self.attention.index_select(0, index)  # [d, L] every real position
+        else:
+            widths = [1 if row in lengths else count for row, count in enumerate(self._window_counts)]
+            due_windows = (torch.arange(width, device=self.device) == 0).expand(len(due), width)
+        window_mask = self._window_mask.index_copy(0, index, due_windows)  # [B, L]
+        logits = self._window_logits(fast, cache, self.ids, window_mask, candidates, max(widths))
+        return logits if fold else self._refresh_apart(fast, cache, due, index, candidates, logits)
+
+    def _refresh_apart(
+        self,
+        fast: WindowedModel,
+        cache: CanvasCache,
+        due: list[int],
+        index: torch.Tensor,  # [d] the `due` rows on the device
+        candidates: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """A full pass of the `due` rows: their keys/values replace theirs in `cache` and their
+        logits theirs in `logits` [B, M, V] (returned)."""
+        padded = any(len(self.rows[row].ids) != self.ids.shape[1] for row in due)
         attention = self.attention.index_select(0, index) if padded else None
         due_logits, fresh = fast.score(
             self.ids.index_select(0, index), attention, candidates.index_select(0, index), keep_cache=True

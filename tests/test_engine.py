@@ -187,7 +187,7 @@ def test_a_row_fills_the_same_alone_batched_or_joining_mid_run(
     model = tiny_shifted_model if shifted else tiny_model
     monkeypatch.setattr(model, "fold_refresh_flops", float("inf") if fold else 0.0)
     if fold:  # (the same runs without folding do refresh some rows apart: see `refresh-apart`)
-        monkeypatch.setattr(SamplerRun, "_split_logits", _refreshed_apart)
+        monkeypatch.setattr(SamplerRun, "_refresh_apart", _refreshed_apart)
     vocabulary = vocabulary_rules(model)
     # The last row is the widest and finishes first: the batch narrows while the others run.
     wide = "A long line of literal text that goes on and on before [MASK 2] and still goes on after it."
