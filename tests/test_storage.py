@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from editor.canvas import SpanFill
+from editor.canvas import SpanAlternative, SpanFill
 from editor.db import migrate
 from editor.db.engine import make_engine, make_session_factory, write_session
 from editor.db.models import Base, BatchJob, BatchRecord, Revision, RevisionSpan
@@ -68,11 +68,11 @@ def revision(text_: str = "Hi there.", *, spans: list[SpanFill] | None = None, *
 def test_upgrade_creates_every_table_and_downgrade_removes_them(url: str) -> None:
     assert migrate.current_revision(url) is None
     applied = migrate.upgrade(url)
-    assert [step.revision for step in applied] == ["0001", "0002"] and "initial schema" in applied[0].message
+    assert [step.revision for step in applied] == ["0001", "0002", "0003"] and "initial schema" in applied[0].message
     assert tables(url) == TABLES
     assert migrate.is_current(url) and migrate.upgrade(url) == []  # idempotent
     undone = migrate.downgrade(url, "base")
-    assert [step.revision for step in undone] == ["0002", "0001"]
+    assert [step.revision for step in undone] == ["0003", "0002", "0001"]
     assert tables(url) == set() and migrate.current_revision(url) is None
     assert migrate.upgrade(url) and tables(url) == TABLES  # and back up again
 
@@ -112,13 +112,52 @@ def test_db_commands_upgrade_show_and_downgrade(url: str, tmp_path: Path, monkey
     assert "up to date" in runner.invoke(db, ["--database-url", url, "current"]).output
     assert "Nothing to do" in runner.invoke(db, ["--database-url", url, "upgrade"]).output
     result = runner.invoke(db, ["--database-url", url, "downgrade"])  # one step
-    assert result.exit_code == 0 and "Undid 0002" in result.output and tables(url) == TABLES
+    assert result.exit_code == 0 and "Undid 0003" in result.output and tables(url) == TABLES
     result = runner.invoke(db, ["--database-url", url, "downgrade", "--revision", "base"])
-    assert result.exit_code == 0 and "Undid 0001" in result.output and tables(url) == set()
+    assert result.exit_code == 0 and "Undid 0002 (" in result.output and "0001 (initial" in result.output
+    assert tables(url) == set()
     monkeypatch.setenv("EDITOR_DATABASE_URL", url)  # the URL also comes from the settings
     assert "Applied 0001" in runner.invoke(db, ["upgrade", "--revision", "0001"]).output
     bad = runner.invoke(db, ["upgrade", "--revision", "nope"])
     assert bad.exit_code != 0 and "nope" in bad.output
+
+
+def test_an_existing_database_upgrades_to_span_alternatives(url: str) -> None:
+    """`editor db upgrade` on a database of the previous version: old spans get no alternatives."""
+    migrate.upgrade(url, "0002")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO documents (id, title, source, created_at, updated_at) "
+                "VALUES (1, 'Old', 'Hi [MASK 1].', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO revisions (id, document_id, number, kind, source, text, model, seed, options, steps, "
+                "queued_s, fill_s, total_s, created_at) VALUES (1, 1, 1, 'fill', 'Hi [MASK 1].', 'Hi there.', "
+                "'tiny', 1, '{}', 1, 0, 0, 0, '2026-01-01 00:00:00')"
+            )
+        )
+        connection.execute(
+            text(
+                'INSERT INTO revision_spans (revision_id, "index", start, "end", text, token_ids, confidence) '
+                "VALUES (1, 0, 3, 8, 'there', '[5]', 0.5)"
+            )
+        )
+    engine.dispose()
+    result = CliRunner().invoke(db, ["--database-url", url, "upgrade"])
+    assert result.exit_code == 0 and "Applied 0003" in result.output, result.output
+    store = Store(make_session_factory(make_engine(url)))
+    (span,) = store.get_revision(1, 1).spans
+    assert span.to_fill().alternatives == [] and span.score is None and span.text == "there"
+    assert migrate.downgrade(url, "0002")[0].revision == "0003"  # and back: the span stays
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT text FROM revision_spans")).scalars().all() == ["there"]
+        assert "alternatives" not in {c["name"] for c in inspect(connection).get_columns("revision_spans")}
+    engine.dispose()
 
 
 # --------------------------------------------------------------------------- services
@@ -164,6 +203,20 @@ def test_revisions_are_numbered_per_document_with_parents(store: Store) -> None:
     assert [r.number for r in page.items] == [3, 2, 1] and page.total == 3
     with pytest.raises(NotFound, match="revision 9 of document"):
         store.get_revision(a, 9)
+
+
+def test_span_alternatives_and_known_scores_are_stored(store: Store) -> None:
+    doc_id = store.create_document("a", "x").document.id
+    alternatives = [
+        SpanAlternative(text="you", token_ids=[7], score=-1.23456789),
+        SpanAlternative(text="all", token_ids=[8, 9], score=-2.5),
+    ]
+    span = SpanFill(index=0, name="who", start=3, end=8, text="there", token_ids=[5], confidence=0.5)
+    store.add_revision(doc_id, revision(spans=[span.model_copy(update={"alternatives": alternatives})]))
+    store.add_revision(doc_id, revision(spans=[span], scores={0: -0.75}))
+    first, second = (store.get_revision(doc_id, n).spans[0] for n in (1, 2))
+    assert first.to_fill().alternatives == alternatives and first.score is None  # scores kept unrounded
+    assert second.to_fill().alternatives == [] and second.score == -0.75
 
 
 def test_a_failed_write_stores_nothing(store: Store) -> None:

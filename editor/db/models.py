@@ -117,8 +117,9 @@ class Revision(Base):
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("revisions.id", ondelete="SET NULL"), index=True)
-    kind: Mapped[str] = mapped_column(PortableText(16))  # "fill" or "regenerate"
-    regenerated_span: Mapped[int | None] = mapped_column(Integer)  # span index, for kind == "regenerate"
+    kind: Mapped[str] = mapped_column(PortableText(16))  # "fill", "regenerate" or "choose"
+    # The span a "regenerate" refilled or a "choose" took another candidate's text for (its index).
+    regenerated_span: Mapped[int | None] = mapped_column(Integer)
     source: Mapped[str] = mapped_column(PortableText())  # the document source that was filled
     instruction: Mapped[str | None] = mapped_column(PortableText())
     text: Mapped[str] = mapped_column(PortableText())
@@ -166,12 +167,19 @@ class RevisionSpan(Base):
     text: Mapped[str] = mapped_column(PortableText())
     token_ids: Mapped[list[Any]] = mapped_column(JSON)
     confidence: Mapped[float] = mapped_column(Float)
+    # Other judged candidates' texts for the span, best first: SpanAlternative fields as JSON.
+    alternatives: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
+    # The judge's score of this span's own text when known: a fill reports scores only for the
+    # candidates it did not keep, so this is set when a text is chosen from the alternatives.
+    score: Mapped[float | None] = mapped_column(Float)
 
     revision: Mapped[Revision] = relationship(back_populates="spans")
 
     @classmethod
-    def from_fill(cls, span: SpanFill) -> RevisionSpan:
-        return cls(**dict(span))  # field by field, unrounded (model_dump would round the confidence)
+    def from_fill(cls, span: SpanFill, score: float | None = None) -> RevisionSpan:
+        # Field by field, unrounded (model_dump would round the confidence and the scores).
+        fields = dict(span) | {"alternatives": [dict(alternative) for alternative in span.alternatives]}
+        return cls(**fields, score=score)
 
     def to_fill(self) -> SpanFill:
         return SpanFill.model_validate(self, from_attributes=True)

@@ -6,8 +6,8 @@ request stores nothing). Methods are synchronous; the API calls them from worker
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select, text, true
@@ -54,6 +54,8 @@ class NewRevision:
     kind: str = "fill"
     regenerated_span: int | None = None
     parent_number: int | None = None  # None: the document's latest revision (if any)
+    # Span index -> the judge's score of that span's own text, where known (see RevisionSpan.score).
+    scores: Mapping[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class Store:
                 fill_s=new.fill_s,
                 total_s=new.total_s,
                 trace=new.trace,
-                spans=[RevisionSpan.from_fill(span) for span in new.spans],
+                spans=[RevisionSpan.from_fill(span, new.scores.get(span.index)) for span in new.spans],
             )
             session.add(revision)
             document = session.get(Document, document_id)
