@@ -1,15 +1,21 @@
 """The server side of the web editor, through Litestar's test client: the pages and their
 headers, the editing-help endpoints (parse, tokenize), fills with locked spans, title search,
-and the refusal of cross-site writes."""
+the refusal of cross-site writes, choosing a span's alternative, and the word diff."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from editor.canvas import SpanAlternative, SpanFill
+from editor.db.services import NewRevision, Store
 from editor.models.base import DiffusionModel
 from editor.server import create_app
+from editor.server.revisions import word_diff
+from editor.server.streaming import FillService
 from editor.server.worker import ModelWorker
 
 pytest_plugins = ("tests.api_fixtures",)
@@ -170,3 +176,184 @@ def test_cross_site_writes_are_refused(client: Client) -> None:
     reads = client.get("/api/v1/documents", headers={"Origin": "https://evil.example"})
     assert reads.status_code == 200  # reads are not writes (and CORS keeps their answers from other sites)
     assert client.post("/api/v1/documents", json=body).status_code == 201  # programs send no Origin
+
+
+# --------------------------------------------------------------------------- alternatives
+
+
+LITERALS = ["Dear ", ",\nthank you for ", ". Kind regards, ", ""]
+NAMES = ["greeting", None, "sign"]
+
+
+def store_fill(client: Client, document_id: int, fills: list[tuple[str, list[SpanAlternative]]]) -> int:
+    """Store a fill of LETTER with these span texts and alternatives, as judged candidates leave
+    it (through the services layer: the tiny model runs one candidate); returns its number."""
+    text, spans = "", []
+    for index, (fill, alternatives) in enumerate(fills):
+        text += LITERALS[index]
+        spans.append(
+            SpanFill(
+                index=index,
+                name=NAMES[index],
+                start=len(text),
+                end=len(text) + len(fill),
+                text=fill,
+                token_ids=[100 + index, len(fill)],
+                confidence=0.25 * (index + 1),
+                alternatives=alternatives,
+            )
+        )
+        text += fill
+    text += LITERALS[-1]
+    new = NewRevision(
+        source=LETTER,
+        text=text,
+        spans=spans,
+        model="judged",
+        seed=42,
+        options={"seed": 42, "temperature": 0.8},
+        steps=12,
+        queued_s=0.0,
+        fill_s=1.0,
+        total_s=1.0,
+        instruction="be kind",
+    )
+    store: Store = client.app.state.store
+    return store.add_revision(document_id, new).number
+
+
+QUICK = [
+    SpanAlternative(text="your letter", token_ids=[1, 2], score=-1.5),
+    SpanAlternative(text="it", token_ids=[3], score=-2.0),
+]
+
+
+def choose(client: Client, document_id: int, number: int, key: str, alternative: object) -> Any:
+    path = f"/api/v1/documents/{document_id}/revisions/{number}/spans/{key}/choose"
+    return client.post(path, json={"alternative": alternative})
+
+
+def test_choosing_an_alternative_stores_a_revision_without_running_the_model(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fill(*args: object, **kwargs: object) -> None:
+        raise AssertionError("choosing an alternative ran the model")
+
+    monkeypatch.setattr(FillService, "submit", no_fill)
+    document_id = new_document(client)
+    first = store_fill(client, document_id, [("Ms Novak", []), ("the quick reply", QUICK), ("Jan", [])])
+    response = choose(client, document_id, first, "1", 0)
+    assert response.status_code == 201, response.text
+    new = response.json()
+    assert response.headers["location"] == f"/api/v1/documents/{document_id}/revisions/{new['number']}"
+    assert new["text"] == "Dear Ms Novak,\nthank you for your letter. Kind regards, Jan"
+    assert (new["kind"], new["parent"], new["regenerated_span"], new["steps"]) == ("choose", first, 1, 0)
+    assert (new["model"], new["seed"], new["options"], new["instruction"]) == (
+        "judged",
+        42,
+        {"seed": 42, "temperature": 0.8},
+        "be kind",
+    )
+    for span in new["spans"]:  # the sign moved with the longer text
+        assert new["text"][span["start"] : span["end"]] == span["text"]
+    greeting, chosen, sign = new["spans"]
+    assert (greeting["text"], sign["text"], sign["confidence"]) == ("Ms Novak", "Jan", 0.75)
+    assert (chosen["text"], chosen["token_ids"]) == ("your letter", [1, 2])
+    # The replaced winner takes the chosen one's place; its own score was not reported by the
+    # fill, so it is listed with the best score it beat.
+    assert chosen["alternatives"] == [
+        {"text": "the quick reply", "token_ids": [101, 15], "score": -1.5},
+        {"text": "it", "token_ids": [3], "score": -2.0},
+    ]
+    back = choose(client, document_id, new["number"], "1", 0).json()  # and back again
+    assert back["text"] == "Dear Ms Novak,\nthank you for the quick reply. Kind regards, Jan"
+    assert back["parent"] == new["number"]
+    assert back["spans"][1]["alternatives"][0] == {"text": "your letter", "token_ids": [1, 2], "score": -1.5}
+    listed = client.get(f"/api/v1/documents/{document_id}/revisions").json()["items"]
+    assert [(r["kind"], r["regenerated_span"]) for r in listed] == [("choose", 1), ("choose", 1), ("fill", None)]
+
+
+def test_a_chosen_text_keeps_its_score_when_it_is_replaced(client: Client) -> None:
+    document_id = new_document(client)
+    first = store_fill(client, document_id, [("Ms Novak", []), ("the quick reply", QUICK), ("Jan", [])])
+    second = choose(client, document_id, first, "1", 1).json()  # "it", scored -2.0
+    third = choose(client, document_id, second["number"], "1", 0).json()  # "your letter" replaces "it"
+    assert third["spans"][1]["text"] == "your letter"
+    assert third["spans"][1]["alternatives"] == [
+        {"text": "it", "token_ids": [3], "score": -2.0},
+        {"text": "the quick reply", "token_ids": [101, 15], "score": -1.5},
+    ]
+
+
+def test_revisions_name_the_span_that_changed(client: Client) -> None:
+    document_id = new_document(client)
+    signs = [SpanAlternative(text="Jan Kowalski", token_ids=[9, 9], score=-3.0)]
+    first = store_fill(client, document_id, [("Ms Novak", []), ("the quick reply", QUICK), ("Jan", signs)])
+    choose(client, document_id, first, "sign", 0)
+    choose(client, document_id, first, "1", 1)
+    listed = client.get(f"/api/v1/documents/{document_id}/revisions").json()["items"]
+    assert [(r["regenerated_span"], r["span_name"]) for r in listed] == [(1, None), (2, "sign"), (None, None)]
+    one = client.get(f"/api/v1/documents/{document_id}/revisions/2").json()
+    assert one["span_name"] == "sign" and one["text"].endswith("Kind regards, Jan Kowalski")
+
+
+def test_choose_errors_are_clear_and_store_nothing(client: Client) -> None:
+    document_id = new_document(client)
+    first = store_fill(client, document_id, [("Ms Novak", []), ("the quick reply", QUICK), ("Jan", [])])
+    for alternative in (2, -1, 10**30):
+        bad = choose(client, document_id, first, "1", alternative)
+        assert bad.status_code == 422, bad.text
+        assert bad.json()["detail"] == (
+            f"span 1 of revision 1 of document {document_id} has 2 alternatives: "
+            f"give an alternative from 0 to 1, not {alternative}"
+        )
+    none = choose(client, document_id, first, "greeting", 0)
+    assert none.status_code == 422 and "has no alternatives: one candidate filled it" in none.json()["detail"]
+    for key in ("nope", "3", "0042"):
+        missing = choose(client, document_id, first, key, 0)
+        assert missing.status_code == 404 and f"span '{key}' of revision 1" in missing.json()["detail"]
+    assert choose(client, document_id, 9, "1", 0).status_code == 404
+    assert choose(client, 999, 1, "1", 0).status_code == 404
+    for body in ({}, {"alternative": 0.5}, {"alternative": None}, {"alternative": [0]}, {"alternative": 0, "extra": 1}):
+        path = f"/api/v1/documents/{document_id}/revisions/{first}/spans/1/choose"
+        assert client.post(path, json=body).status_code == 400, body
+    assert client.post(path, content=b"[", headers={"content-type": "application/json"}).status_code == 400
+    evil = client.post(path, json={"alternative": 0}, headers={"Origin": "https://evil.example"})
+    assert evil.status_code == 403
+    assert client.get(f"/api/v1/documents/{document_id}/revisions").json()["total"] == 1
+
+
+def test_a_refill_keeps_the_other_spans_alternatives(client: Client) -> None:
+    document_id = new_document(client)
+    first = store_fill(client, document_id, [("Ms Novak", []), ("the quick reply", QUICK), ("Jan", [])])
+    second = choose(client, document_id, first, "1", 1).json()
+    path = f"/api/v1/documents/{document_id}/revisions/{second['number']}/spans/sign/regenerate"
+    regenerated = client.post(path, json={"options": {"seed": 3}})
+    assert regenerated.status_code == 201, regenerated.text
+    body = regenerated.json()
+    assert body["span_name"] == "sign" and body["spans"][1]["text"] == "it"
+    assert body["spans"][1]["alternatives"] == second["spans"][1]["alternatives"]
+    third = choose(client, document_id, body["number"], "1", 1).json()  # the score of "it" survived the refill
+    assert third["spans"][1]["alternatives"][1] == {"text": "it", "token_ids": [3], "score": -2.0}
+
+
+# --------------------------------------------------------------------------- word diff
+
+
+def test_the_word_diff_keeps_a_replacement_of_several_words_together() -> None:
+    chunks = word_diff("The quick brown fox jumps.", "The slow red fox jumps.")
+    assert [(c.op, c.before, c.after) for c in chunks] == [
+        ("equal", "The ", "The "),
+        ("replace", "quick brown", "slow red"),
+        ("equal", " fox jumps.", " fox jumps."),
+    ]
+    deleted = word_diff("keep one two three keep", "keep keep")
+    assert "".join(c.before for c in deleted) == "keep one two three keep"
+    assert "".join(c.after for c in deleted) == "keep keep" and "replace" not in {c.op for c in deleted}
+
+
+def test_the_choose_route_is_in_the_schema(client: Client) -> None:
+    schema = client.get("/schema/openapi.json").json()
+    route = schema["paths"]["/api/v1/documents/{document_id}/revisions/{number}/spans/{key}/choose"]["post"]
+    assert {"201", "401", "403", "404", "415", "422"} <= set(route["responses"])
+    assert "choose" in str(schema["components"]["schemas"]["RevisionOut"]["properties"]["kind"])

@@ -21,6 +21,7 @@ from editor.document import DocumentError
 from editor.server.backend import FillBackend
 from editor.server.errors import LimitExceeded, error_body
 from editor.server.revisions import (
+    chosen,
     diff_revisions,
     find_span,
     new_revision,
@@ -29,8 +30,10 @@ from editor.server.revisions import (
     refilled,
     regenerated,
     revision_options,
+    stored_span,
 )
 from editor.server.schemas import (
+    ChooseRequest,
     DiffOut,
     DocumentCreate,
     DocumentFillRequest,
@@ -356,6 +359,31 @@ class RevisionController(Controller):
             return await store_revision(store, document_id, new, trace=data.trace)
 
         return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
+
+    @post(
+        "/revisions/{number:int}/spans/{key:str}/choose",
+        status_code=HTTP_201_CREATED,
+        responses={
+            201: ResponseSpec(RevisionOut, description="the new revision", generate_examples=False),
+            **_errors(*CHANGE_ERRORS, 404, 422),
+        },
+    )
+    async def choose(
+        self, document_id: DocumentId, number: Number, key: SpanKey, data: JSONBody[ChooseRequest], store: Storage
+    ) -> Response[RevisionOut]:
+        """Give one span (by name or 0-based index) the text of one of its `alternatives` (other
+        judged candidates' fills) without running the model; stored as a new revision whose parent
+        is this one, with this revision's model, options and seed and 0 steps. The replaced text
+        takes the chosen one's place among the span's alternatives; later spans move with the text."""
+        revision = await in_thread(store.get_revision, document_id, number)
+        where = f"revision {number} of document {document_id}"
+        new = chosen(revision, stored_span(revision, key, where), data.alternative, where)
+        stored = await in_thread(store.add_revision, document_id, new)
+        return Response(
+            RevisionOut.from_revision(stored),
+            status_code=HTTP_201_CREATED,
+            headers=_location(document_id, stored.number),
+        )
 
 
 class EditingController(Controller):

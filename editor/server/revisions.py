@@ -1,6 +1,7 @@
 """What a fill means for the stored history: the revision a fill becomes, the "everything else
-pinned" document that regenerates one span, the spans of the merged result, and the diff between
-two revisions. Pure functions of documents, fill results and stored revisions: no HTTP here."""
+pinned" document that regenerates one span, the spans of the merged result, the revision that
+takes another candidate's text for a span, and the diff between two revisions. Pure functions of
+documents, fill results and stored revisions: no HTTP here."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import difflib
 import re
 from typing import Any
 
-from editor.canvas import SpanFill, split_literals
-from editor.db.models import Revision
+from editor.canvas import SpanAlternative, SpanFill, split_literals
+from editor.db.models import Revision, RevisionSpan
 from editor.db.services import NewRevision, NotFound
 from editor.document import Document, MaskSpan
 from editor.filling import FillResult
 from editor.options import SamplerOptions
+from editor.server.limits import LimitExceeded
 from editor.server.schemas import DiffOut, SpanChange, TextChunk
 from editor.server.worker import JobOutcome
 
@@ -119,21 +121,16 @@ def merged_spans(revision: Revision, targets: set[int], result: FillResult) -> l
             records.append(new.model_copy(update={"index": span.index, "name": span.name}))
             shift = new.end - span.end
             continue
-        records.append(
-            SpanFill(
-                index=span.index,
-                name=span.name,
-                start=span.start + shift,
-                end=span.end + shift,
-                text=span.text,
-                token_ids=list(span.token_ids),
-                confidence=span.confidence,
-            )
-        )
+        records.append(span.to_fill().model_copy(update={"start": span.start + shift, "end": span.end + shift}))
     for record in records:  # the offsets must point at the fills, or the revision would lie
         if result.text[record.start : record.end] != record.text:
             raise RuntimeError(f"span {record.index} does not line up with the refilled text")
     return records
+
+
+def kept_scores(revision: Revision, targets: set[int]) -> dict[int, float]:
+    """The known judge's scores of the spans a refill keeps (a refilled span's old score is void)."""
+    return {s.index: s.score for s in revision.spans if s.index not in targets and s.score is not None}
 
 
 def regenerated(revision: Revision, target: int, outcome: JobOutcome, instruction: str | None) -> NewRevision:
@@ -160,7 +157,73 @@ def refilled(
         kind=kind,
         regenerated_span=min(targets) if kind == "regenerate" else None,
         parent_number=parent_number,
+        scores=kept_scores(revision, targets),
     )
+
+
+# --------------------------------------------------------------------------- choose an alternative
+
+
+def stored_span(revision: Revision, key: str, where: str) -> RevisionSpan:
+    """A revision's span by name or 0-based index (as `Document.span` finds them); NotFound otherwise."""
+    spans = sorted(revision.spans, key=lambda s: s.index)
+    named = next((s for s in spans if s.name is not None and s.name == key), None)
+    if named is not None:
+        return named
+    if key.isascii() and key.isdigit() and int(key) < len(spans):
+        return spans[int(key)]
+    raise NotFound(f"span {key!r} of {where}")
+
+
+def chosen(revision: Revision, span: RevisionSpan, alternative: int, where: str) -> NewRevision:
+    """The revision that takes alternative number `alternative` of `span` as its text, without a fill.
+
+    Later spans move by the change in length. The chosen text leaves the span's alternatives and
+    the replaced text takes its place there, with its score: the recorded one, or for a fill's own
+    winner (whose score the fill does not report) the best alternative's, which the winner at
+    least reached. Alternatives carry no confidence, so the span keeps the replaced text's."""
+    options = [SpanAlternative.model_validate(a) for a in span.alternatives]
+    if not options:
+        raise LimitExceeded(f"span {_label(span)} of {where} has no alternatives: one candidate filled it")
+    if not 0 <= alternative < len(options):
+        raise LimitExceeded(
+            f"span {_label(span)} of {where} has {len(options)} alternative{'s' if len(options) != 1 else ''}: "
+            f"give an alternative from 0 to {len(options) - 1}, not {alternative}"
+        )
+    pick = options[alternative]
+    own_score = span.score if span.score is not None else max(o.score for o in options)
+    options[alternative] = SpanAlternative(text=span.text, token_ids=list(span.token_ids), score=own_score)
+    shift = len(pick.text) - len(span.text)
+    spans: list[SpanFill] = []
+    for other in sorted(revision.spans, key=lambda s: s.index):
+        fill = other.to_fill()
+        if other.index == span.index:
+            replaced = {"text": pick.text, "token_ids": list(pick.token_ids), "alternatives": options}
+            fill = fill.model_copy(update=replaced | {"end": span.start + len(pick.text)})
+        elif other.index > span.index:  # spans lie in index order (even empty ones at one offset)
+            fill = fill.model_copy(update={"start": other.start + shift, "end": other.end + shift})
+        spans.append(fill)
+    return NewRevision(
+        source=revision.source,
+        text=revision.text[: span.start] + pick.text + revision.text[span.end :],
+        spans=spans,
+        model=revision.model,
+        seed=revision.seed,
+        options=dict(revision.options),
+        steps=0,
+        queued_s=0.0,
+        fill_s=0.0,
+        total_s=0.0,
+        instruction=revision.instruction,
+        kind="choose",
+        regenerated_span=span.index,
+        parent_number=revision.number,
+        scores=kept_scores(revision, {span.index}) | {span.index: pick.score},
+    )
+
+
+def _label(span: RevisionSpan) -> str:
+    return repr(span.name) if span.name is not None else str(span.index)
 
 
 # --------------------------------------------------------------------------- diff
@@ -195,12 +258,21 @@ def _key(name: str | None, index: int) -> str:
 
 
 def word_diff(before: str, after: str) -> list[TextChunk]:
+    """Word-level chunks whose `before`s join to `before` and `after`s to `after`. Changes kept
+    apart only by spaces are one change: "quick brown" -> "slow red", not quick/slow, brown/red."""
     a, b = _WORDS.findall(before), _WORDS.findall(after)
     matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
-    return [
-        TextChunk(op=op, before="".join(a[i1:i2]), after="".join(b[j1:j2]))
-        for op, i1, i2, j1, j2 in matcher.get_opcodes()
-    ]
+    chunks: list[TextChunk] = []
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        chunk = TextChunk(op=op, before="".join(a[i1:i2]), after="".join(b[j1:j2]))
+        if op != "equal" and len(chunks) >= 2 and chunks[-2].op != "equal" and chunks[-1].before.isspace():
+            change, space = chunks[-2], chunks[-1]
+            before, after = change.before + space.before + chunk.before, change.after + space.after + chunk.after
+            if before.strip() and after.strip():  # words on both sides: one replacement reads best
+                del chunks[-2:]
+                chunk = TextChunk(op="replace", before=before, after=after)
+        chunks.append(chunk)
+    return chunks
 
 
 def line_diff(before: str, after: str, from_name: str, to_name: str) -> str:
@@ -211,6 +283,7 @@ def line_diff(before: str, after: str, from_name: str, to_name: str) -> str:
 
 
 __all__ = [
+    "chosen",
     "diff_revisions",
     "find_span",
     "merged_spans",
@@ -220,4 +293,6 @@ __all__ = [
     "refilled",
     "regenerated",
     "revision_options",
+    "stored_span",
+    "word_diff",
 ]

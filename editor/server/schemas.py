@@ -68,6 +68,13 @@ class RegenerateRequest(_Request):
     trace: bool = Field(False, strict=True)
 
 
+class ChooseRequest(_Request):
+    """Which of a span's alternatives (other judged candidates' texts) to take."""
+
+    # Any integer: one outside the span's list is a 422 that says which are there.
+    alternative: int = Field(strict=True, description="0-based index into the span's `alternatives`")
+
+
 class Timings(BaseModel):
     queued_s: float = Field(description="waiting for the model worker")
     fill_s: float = Field(description="laying out the canvas and sampling")
@@ -178,8 +185,13 @@ class RevisionSummary(BaseModel):
     document_id: int
     number: int = Field(description="1, 2, 3... per document")
     parent: int | None = Field(description="the parent revision's number")
-    kind: Literal["fill", "regenerate"]
-    regenerated_span: int | None = Field(description="for kind=regenerate: the index of the refilled span")
+    kind: Literal["fill", "regenerate", "choose"] = Field(
+        description="fill; regenerate: one span refilled; choose: one span given another candidate's text, no fill"
+    )
+    regenerated_span: int | None = Field(
+        description="for kind=regenerate or choose: the index of the span that changed"
+    )
+    span_name: str | None = Field(None, description="that span's name, if it has one")
     model: str
     seed: int
     steps: int
@@ -193,6 +205,7 @@ class RevisionSummary(BaseModel):
             "parent": revision.parent_number,
             "kind": revision.kind,
             "regenerated_span": revision.regenerated_span,
+            "span_name": _span_name(revision, revision.regenerated_span),
             "model": revision.model,
             "seed": revision.seed,
             "steps": revision.steps,
@@ -202,6 +215,10 @@ class RevisionSummary(BaseModel):
     @classmethod
     def from_revision(cls, revision: Revision) -> RevisionSummary:
         return cls(**cls.fields_of(revision))
+
+
+def _span_name(revision: Revision, index: int | None) -> str | None:
+    return next((s.name for s in revision.spans if s.index == index), None) if index is not None else None
 
 
 class RevisionOut(RevisionSummary):
