@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-from editor.constraints import Place, PositionRule, token_allowed
+from editor.constraints import Place, PositionRule, number_slot, token_allowed
 from editor.document import Document, DocumentError, MaskSpan, Must
 
 if TYPE_CHECKING:
@@ -263,6 +263,8 @@ def _position_rule(span: MaskSpan, layout: SpanLayout, offset: int) -> PositionR
         place = "first_spaced" if layout.joins_space else "first"
         if layout.min_tokens <= 1 and span.value_class in ("int", "number", "word"):
             place = "whole_spaced" if layout.joins_space else "whole"  # may be the whole fill
+    elif span.value_class == "number" and number_slot(offset, layout.min_tokens):
+        place = "slot"  # a lone separator may stand here: its neighbours always hold digits
     # In an int/number/word span the must is part of one value, so the next token may continue it.
     after_word = (
         span.choices is None

@@ -17,15 +17,38 @@ from transformers import PreTrainedTokenizerBase
 
 from editor.document import ValueClass
 
-Place = Literal["body", "first", "first_spaced", "whole", "whole_spaced"]
+Place = Literal[
+    "body",
+    "first",
+    "first_spaced",
+    "whole",
+    "whole_spaced",
+    "slot",  # an `as=number` position where a lone separator may stand (see `number_slot`)
+    # A number that becomes a JSON value (`json_number_place`): "." only, no leading zero.
+    "json_space",
+    "json_lead",
+    "json_lead_spaced",
+    "json_digits",
+    "json_point",
+]
 
 _PATTERNS: dict[tuple[str, Place], re.Pattern[str]] = {
     ("int", "body"): re.compile(r"\d+"),
     ("int", "first"): re.compile(r"-?\d+|-"),
-    # A number token holds at most one separator and a number starts with a digit or a minus, so no
-    # fill reads "1,,2", "..." or ",5" (a separator could still meet another across two tokens).
-    ("number", "body"): re.compile(r"(?=.)\d*[.,]?\d*"),
-    ("number", "first"): re.compile(r"-?\d+(?:[.,]\d*)?|-"),
+    # A number token starts and ends with a digit and holds one separator at most, except at a
+    # slot, where a separator may also stand alone or at a token's edge: a slot's neighbours always
+    # hold digits, so no fill reads "1,,2", ",5", "5," or "-", whatever order the positions are
+    # committed in and whichever optional positions are dropped.
+    ("number", "body"): re.compile(r"\d+(?:[.,]\d+)?"),
+    ("number", "slot"): re.compile(r"(?=.)\d*[.,]?\d*"),
+    ("number", "first"): re.compile(r"-?\d+(?:[.,]\d+)?|-"),
+    # JSON values: no leading zero, so no lone minus (a "-" then "0" would read "-0..."), and one
+    # "." at most, which only the one "json_point" position may hold.
+    ("int", "json_lead"): re.compile(r"-?[1-9]\d*"),
+    ("int", "json_digits"): re.compile(r"\d+"),
+    ("number", "json_lead"): re.compile(r"-?[1-9]\d*"),
+    ("number", "json_digits"): re.compile(r"\d+"),
+    ("number", "json_point"): re.compile(r"(?=.)\d*\.?\d*"),
     ("word", "body"): re.compile(r"[^\W\d_]+"),
     ("word", "first"): re.compile(r"[^\W\d_]+"),
     # A token that may be the span's only kept token must be a whole value on its own.
@@ -57,6 +80,10 @@ def token_allowed(text: str, value_class: ValueClass | None, place: Place) -> bo
     keeps it)."""
     if place == "whole_spaced":
         text, place = text.removeprefix(" "), "whole"
+    if place == "json_lead_spaced":
+        text, place = text.removeprefix(" "), "json_lead"
+    if place == "json_space":
+        return text == " "  # the literal's space, alone: the next position starts the digits
     if place == "first_spaced":
         if not text.startswith(" "):
             return False
@@ -72,6 +99,31 @@ def token_allowed(text: str, value_class: ValueClass | None, place: Place) -> bo
     if _PARTIAL_CHARACTER in text:
         return False
     return _PATTERNS[(value_class, place)].fullmatch(text) is not None
+
+
+def number_slot(offset: int, min_tokens: int) -> bool:
+    """Whether a lone separator may stand at this `as=number` offset: both neighbours must always
+    hold digits (the one before is past the first position, which may be a lone minus or space;
+    the one after is required, so never dropped), and slots are never adjacent. Every second
+    offset counted back from the third-last required one, from offset 2 on: [MASK 5 as=number]
+    can write "12.50" and, after a space, [MASK 9 as=number] " 1,250.00" (one token a character)."""
+    return 2 <= offset <= min_tokens - 3 and (min_tokens - 3 - offset) % 2 == 0
+
+
+def json_number_place(offset: int, min_tokens: int, joins_space: bool, value_class: ValueClass) -> Place:
+    """The place of a span position whose fill becomes a JSON number (`int` or `number`, at least
+    one required token): an optional lone space, then a lead digit 1-9 (or a token such as "-5"),
+    then digits; a `number` may hold one "." at the third-last required offset, so that it is
+    always followed by a kept digit. Any tokens allowed here, committed in any order with any
+    optional positions dropped, read as a JSON number."""
+    lead = 1 if joins_space and min_tokens >= 2 else 0  # a required first token must bring the space
+    if offset < lead:
+        return "json_space"
+    if offset == lead:
+        return "json_lead_spaced" if joins_space and lead == 0 else "json_lead"
+    if value_class == "number" and offset == min_tokens - 3:
+        return "json_point"
+    return "json_digits"
 
 
 MAX_SPELLINGS = 16  # tokens per word class a repetition penalty touches ("the", " the", "The", ...)
