@@ -86,7 +86,9 @@ def fill(
 
     Sampler options come as a `SamplerOptions` or as keywords (``steps=8, schedule="blocks"``).
     `model` is a name for `load_model` or a loaded model. Raises `DocumentError` (with line and
-    column) for a document with a mistake."""
+    column) for a document with a mistake. A document with no span comes back unchanged, and no
+    model is loaded for it."""
+    from editor.filling import FillResult
     from editor.filling import fill_documents as run
     from editor.options import SamplerOptions
     from editor.parser import parse_document as parse
@@ -95,6 +97,10 @@ def fill(
         raise TypeError("pass either options= or option keywords, not both")
     chosen = options if options is not None else SamplerOptions(**option_values)
     parsed = parse(document) if isinstance(document, str) else document
+    if not parsed.spans:
+        text = "".join(segment for segment in parsed.segments if isinstance(segment, str))
+        name = model if isinstance(model, str) else "default" if model is None else model.name
+        return FillResult(text, [], name, chosen.seed or 0, 0, 0.0, chosen)  # any seed gives this text
     loaded = model if model is not None and not isinstance(model, str) else load_model(model)
     [result] = run(loaded, [parsed], chosen, instruction=instruction)
     return result

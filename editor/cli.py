@@ -4,64 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from editor import __version__
+from editor.batch.commands import batch
+from editor.benchmarks import bench
+from editor.cli_options import apply_threads, options_from, sampler_options, threads_option
 from editor.document import DocumentError
-from editor.options import SCHEDULES, SamplerOptions
+from editor.server.commands import db, serve
+from editor.training.commands import evaluate, prepare_data, train, train_tokenizer
 
-Command = Callable[..., Any]
-
-
-class OptionalInt(click.ParamType):  # type: ignore[type-arg]  # generic only in recent click
-    """An integer, or `none` for an option whose None means something (`--cache-refresh-every none`:
-    refresh at block starts only)."""
-
-    name = "integer|none"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
-        if value is None or isinstance(value, int):
-            return value
-        if str(value).strip().lower() == "none":
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither an integer nor 'none'", param, ctx)
-
-
-def sampler_options(command: Command) -> Command:
-    """Add one flag per `SamplerOptions` field, with its description and default in --help."""
-    for name, field in reversed(list(SamplerOptions.model_fields.items())):
-        flag = "--" + name.replace("_", "-")
-        kind: Any = field.annotation
-        if name == "schedule":
-            kind = click.Choice(SCHEDULES)
-        elif get_args(kind):  # Optional[int]: an integer, or `none` where None is not the default
-            kind = next(a for a in get_args(kind) if a is not type(None))
-            if kind is int and field.default is not None:
-                kind = OptionalInt()
-        default = field.default
-        help_text = field.description or ""
-        if default is None:
-            help_text += {
-                "steps": " [default: one per masked token]",
-                "seed": " [default: random, printed with --json]",
-            }.get(name, "")
-        command = click.option(
-            flag, name, type=kind, default=default, show_default=default is not None, help=help_text
-        )(command)
-    return command
-
-
-def options_from(values: dict[str, Any]) -> SamplerOptions:
-    try:
-        return SamplerOptions(**{name: values[name] for name in SamplerOptions.model_fields})
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from error
+if TYPE_CHECKING:
+    from editor.document import Document
+    from editor.options import SamplerOptions
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -81,24 +38,40 @@ def main() -> None:
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N [default: EDITOR_DEVICE, else auto]")
 @click.option("--instruction", default=None, help="user turn for instruct models' chat template")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON with span offsets")
+@threads_option
 @sampler_options
 def fill(
-    document: Any, model_spec: str | None, device: str | None, instruction: str | None, as_json: bool, **sampler: Any
+    document: Any,
+    model_spec: str | None,
+    device: str | None,
+    instruction: str | None,
+    as_json: bool,
+    threads: int | None,
+    **sampler: Any,
 ) -> None:
     """Fill the masks of DOCUMENT (a file, or - for stdin) and print the text.
 
     Limits (document size, spans, canvas length) come from the same EDITOR_* settings as the server."""
-    from editor.filling import fill_documents
-    from editor.models.loading import load_configured
-    from editor.parser import parse_document
+    from editor.parser import parse_document, suspicious_tags
     from editor.settings import Settings
 
     settings = Settings()
     options = options_from(sampler)
+    source = document.read()
     try:
-        parsed = parse_document(document.read(), settings.document_limits())
+        parsed = parse_document(source, settings.document_limits())
     except DocumentError as error:
         raise click.ClickException(f"{document.name}: {error}") from error
+    for warning in suspicious_tags(source):
+        click.echo(f"warning: {document.name}: {warning}", err=True)
+    if not parsed.spans:  # nothing to fill: no model to load (seconds) to print the text back
+        click.echo(f"note: {document.name}: no [MASK ...] tag, so nothing is filled", err=True)
+        _print_result(_unfilled(parsed, options, model_spec or settings.model or "default"), as_json=as_json)
+        return
+    from editor.filling import fill_documents  # torch: imported only when there is something to fill
+    from editor.models.loading import load_configured
+
+    apply_threads(threads, settings.torch_threads)
     model = load_configured(settings, model=model_spec, device=device)
     try:
         with StepProgress(enabled=sys.stderr.isatty() and not as_json) as progress:
@@ -112,17 +85,24 @@ def fill(
             )
     except DocumentError as error:
         raise click.ClickException(f"{document.name}: {error}") from error
-    if as_json:
-        payload = result.to_dict()
-        click.echo(
-            json.dumps(
-                {k: payload[k] for k in ("text", "spans", "model", "seed", "steps", "elapsed_s", "options")},
-                ensure_ascii=False,
-                indent=2,
-            )
-        )
-    else:
-        click.echo(result.text)
+    _print_result(result.to_dict(), as_json=as_json)
+
+
+def _unfilled(document: Document, options: SamplerOptions, model: str) -> dict[str, Any]:
+    """The result of a document with no span, as `FillResult.to_dict` writes one: its text (escapes
+    resolved), no spans, no steps; `model` is the one that would have been loaded."""
+    text = "".join(segment for segment in document.segments if isinstance(segment, str))
+    seed = options.seed or 0  # nothing is drawn: any seed gives this result
+    fields = {"text": text, "spans": [], "model": model, "seed": seed, "steps": 0, "elapsed_s": 0.0}
+    return fields | {"options": options.model_dump()}
+
+
+def _print_result(payload: dict[str, Any], *, as_json: bool) -> None:
+    if not as_json:
+        click.echo(payload["text"])
+        return
+    keys = ("text", "spans", "model", "seed", "steps", "elapsed_s", "options")
+    click.echo(json.dumps({k: payload[k] for k in keys}, ensure_ascii=False, indent=2))
 
 
 class StepProgress:
@@ -164,12 +144,6 @@ def models_command() -> None:
     Console().print(table)
 
 
-from editor.batch.commands import batch  # noqa: E402 - registered after the group exists
-from editor.benchmarks import bench  # noqa: E402
-from editor.server.commands import db, serve  # noqa: E402
-from editor.training.commands import evaluate, prepare_data, train, train_tokenizer  # noqa: E402
-
-sampler_options(batch)  # the same sampler flags as `fill` (added here: they live in this module)
 for command in (serve, db, batch, bench, train_tokenizer, prepare_data, train, evaluate):
     main.add_command(command)
 

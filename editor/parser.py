@@ -4,16 +4,18 @@ Everything outside a `[MASK ...]` tag is literal text. A tag opens at `[MASK` wh
 character is not a word character (so `[MASKED]` stays literal); it then must read
 `[MASK <length or choice=...> <options...>]`. A run of backslashes right before a tag opener is
 halved, and an odd run makes the `[MASK` literal (`\\[MASK` -> `[MASK`); every other backslash is
-literal. `render_document` writes the inverse. Pure Python: no torch import.
+literal. `render_document` writes the inverse. `suspicious_tags` finds text that is literal but
+was likely meant as a tag (`[mask 3]`, `[MASK3]`). Pure Python: no torch import.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from editor.document import VALUE_CLASSES, Document, DocumentError, DocumentLimits, MaskSpan, Must, ValueClass
 
-__all__ = ["parse_document", "render_document"]
+__all__ = ["TagWarning", "parse_document", "render_document", "suspicious_tags"]
 
 _OPENER = re.compile(r"\[MASK(?!\w)")
 _KEYWORD_END = len("[MASK")
@@ -26,6 +28,9 @@ _OPTIONS = ("name", "must", "as", "choice")
 _SINGLE_OPTIONS = ("name", "as", "choice")  # must= may repeat; these may not
 _KNOWN_OPTIONS = "one of name=, must=, as=, choice="
 _LENGTH_EXPECTED = "a length like 5 or 2-8, or choice=..."
+# `[mask`, `[Mask` or `[MASK3`: any spelling of the keyword, then digits or a non-word character.
+# The exact `[MASK` followed by a non-word character is a real tag and is left out by the caller.
+_NEAR_OPENER = re.compile(r"\[((?i:mask))([0-9]*)(?!\w)")
 _MAX_DIGITS = 9  # any longer number is out of range; also keeps int() off huge digit strings
 _SHOW_CHARS = 24
 
@@ -48,6 +53,63 @@ def render_document(document: Document) -> str:
         literal = []
     out.append(_escape_literal("".join(literal), before_span=False))
     return "".join(out)
+
+
+@dataclass(frozen=True)
+class TagWarning:
+    """Literal `text` that looks like a mistyped tag: where it is (1-based line and column of its
+    `[`) and the tag it was probably meant to be."""
+
+    message: str
+    line: int
+    column: int
+    text: str
+    suggestion: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}, column {self.column}: {self.message} (did you mean {self.suggestion}?)"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "message": self.message,
+            "line": self.line,
+            "column": self.column,
+            "text": self.text,
+            "suggestion": self.suggestion,
+        }
+
+
+def suspicious_tags(source: str) -> list[TagWarning]:
+    """Text the parser takes as literal that was likely meant as a tag: the keyword not in capitals
+    (`[mask 3]`: the language is case-sensitive) or with no space before the length (`[MASK3]`).
+    Escaped openers (`\\[mask`) are meant literally and not reported."""
+    warnings: list[TagWarning] = []
+    for match in _NEAR_OPENER.finditer(source):
+        keyword, digits = match.group(1), match.group(2)
+        if keyword == "MASK" and not digits:
+            continue  # a real tag opener
+        if _backslashes_before(source, match.start(), 0) % 2:
+            continue
+        rest = _rest_of_tag(source, match.end())
+        meant = "[MASK" + (" " + digits if digits else "")
+        text, suggestion = (
+            (match.group() + rest, meant + rest) if rest is not None else (match.group(), meant + " ...]")
+        )
+        if keyword != "MASK":
+            message = f"{_show(text)} is literal text: tags open with [MASK in capitals"
+        else:
+            message = f"{_show(text)} is literal text: [MASK needs a space before the length"
+        line, column = _line_column(source, match.start())
+        warnings.append(TagWarning(message, line, column, text, suggestion))
+    return warnings
+
+
+def _rest_of_tag(source: str, at: int) -> str | None:
+    """The would-be tag's text from `at` to its `]` on the same line; None when there is none
+    close by (then only the opener is shown)."""
+    line_end = source.find("\n", at)
+    close = source.find("]", at, line_end if line_end >= 0 else len(source))
+    return source[at : close + 1] if 0 <= close - at < _SHOW_CHARS else None
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -260,9 +322,22 @@ class _TagParser:
     def check_open(self) -> None:
         """A tag may not run past the end of its line."""
         if self.peek() in ("", "\n"):
-            raise self.error(
-                f"unclosed tag: found {_describe(self.peek())} before ']'", self.start, "']' to close the tag"
-            )
+            raise self.unclosed(_describe(self.peek()))
+
+    def unclosed(self, found: str) -> DocumentError:
+        return self.error(f"unclosed tag: found {found} before ']'", self.start, "']' to close the tag")
+
+    def what_ends_unclosed(self) -> str | None:
+        """None when a `]` comes on this line before any other tag opens; else what comes first
+        (the tag was never closed: `Hello [MASK 3 world` is text after an unclosed tag)."""
+        newline = self.source.find("\n", self.pos)
+        end = len(self.source) if newline < 0 else newline
+        opener = _OPENER.search(self.source, self.pos, end)
+        if self.source.find("]", self.pos, end if opener is None else opener.start()) >= 0:
+            return None
+        if opener is not None:
+            return "another '[MASK'"
+        return _describe(self.source[end : end + 1])
 
     def unexpected(self, expected: str) -> None:
         self.check_open()
@@ -293,6 +368,8 @@ class _TagParser:
         key = self.read(_WORD)
         if not key:
             raise self.error(f"unexpected {_describe(self.peek())}", at, f"an option: {_KNOWN_OPTIONS}")
+        if self.peek() != "=" and (found := self.what_ends_unclosed()) is not None:
+            raise self.unclosed(found)  # a word, not an option: the tag should have closed before it
         if key in _OPTIONS and self.peek() != "=":
             raise self.error(f"expected '=' after {key}, found {_describe(self.peek())}", self.pos, f"{key}=")
         self.option(key, at)

@@ -89,8 +89,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="CPU threads of the model worker's torch; 0: one core fewer than the machine has (the event "
-        "loop needs one: two busy threads on two cores made fills under load 13x slower), or whatever "
+        description="CPU threads of torch in the model worker, `editor fill` and `editor batch` (--threads "
+        "overrides it there); 0: one core fewer than the machine has (the event loop or any other process "
+        "needs one: two busy threads on two cores made fills under load 6-13x slower), or whatever "
         "OMP_NUM_THREADS says when it is set (Ray sets it per replica)",
     )
 

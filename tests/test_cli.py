@@ -225,3 +225,109 @@ def test_held_out_documents_mask_two_spans_at_their_token_length(tiny_tokenizer)
             expected = len(tiny_tokenizer.encode(" " + " ".join(hidden), add_special_tokens=False))
             assert segment.min_tokens == segment.max_tokens == expected
             at = end
+
+
+# --- threads ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """What the command asks of torch.set_num_threads (recorded, not applied: the module keeps one
+    thread), on an 8-core machine with no OMP_NUM_THREADS or EDITOR_TORCH_THREADS set."""
+    import torch
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("EDITOR_TORCH_THREADS", raising=False)
+    return calls
+
+
+def test_fill_threads_come_from_the_flag_else_the_setting_else_one_core_fewer_than_the_machine(
+    tiny_model_dir: Path, thread_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the server: a thread on every core stalls each step when anything else takes a core."""
+    fill = ("fill", "-", "--model", str(tiny_model_dir), "--seed", "0")
+    assert run(*fill, stdin="A [MASK 2] b")[0] == 0
+    monkeypatch.setenv("EDITOR_TORCH_THREADS", "3")
+    assert run(*fill, stdin="A [MASK 2] b")[0] == 0
+    assert run(*fill, "--threads", "2", stdin="A [MASK 2] b")[0] == 0
+    assert thread_calls == [7, 3, 2]
+    code, _, err = run(*fill, "--threads", "0", stdin="A [MASK 2] b")
+    assert code == 2 and "--threads" in err
+
+
+def test_fill_leaves_torch_its_own_threads_under_omp_num_threads(
+    tiny_model_dir: Path, thread_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert run("fill", "-", "--model", str(tiny_model_dir), stdin="A [MASK 2] b")[0] == 0
+    assert thread_calls == []
+
+
+def test_batch_threads_come_from_the_flag_else_the_setting_else_one_core_fewer_than_the_machine(
+    tiny_model_dir: Path, thread_calls: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps({"id": "{id}", "text": "[MASK 2]"}), encoding="utf-8")
+    batch = ("batch", str(template), "-", "-o", "-", "--model", str(tiny_model_dir), "--no-progress")
+    records = '{"id": "a"}\n'
+    assert run(*batch, stdin=records)[0] == 0
+    monkeypatch.setenv("EDITOR_TORCH_THREADS", "5")
+    assert run(*batch, stdin=records)[0] == 0
+    code, out, err = run(*batch, "--threads", "1", stdin=records)
+    assert code == 0, err
+    assert json.loads(out)["custom_id"] == "a"
+    assert thread_calls == [7, 5, 1]
+
+
+# --- mistakes and documents with nothing to fill -------------------------------------------------
+
+
+def test_a_lower_case_tag_is_filled_as_text_with_a_warning_naming_where(tiny_model_dir: Path) -> None:
+    source = "Hi [MASK 2],\nsee [mask 3] and [MASK3]."
+    code, out, err = run("fill", "-", "--model", str(tiny_model_dir), "--seed", "0", stdin=source)
+    assert code == 0, err
+    assert out.endswith(",\nsee [mask 3] and [MASK3].\n")  # literal, as the language says
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "line 2, column 5" in warnings[0] and "did you mean [MASK 3]?" in warnings[0]
+    assert "line 2, column 18" in warnings[1] and "did you mean [MASK 3]?" in warnings[1]
+
+
+def test_a_document_with_no_mask_comes_back_unchanged_without_loading_a_model(tmp_path: Path) -> None:
+    """No model exists at --model: loading one would fail."""
+    absent = str(tmp_path / "no-such-model")
+    source = "Nothing to fill in \\[MASK 2] here.\n"
+    code, out, err = run("fill", "-", "--model", absent, stdin=source)
+    assert code == 0, err
+    assert out == "Nothing to fill in [MASK 2] here.\n\n"  # escapes resolved; echo adds the newline
+    assert "nothing is filled" in err
+    code, out, err = run("fill", "-", "--model", absent, "--json", stdin=source)
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["text"] == "Nothing to fill in [MASK 2] here.\n"
+    assert payload["spans"] == [] and payload["steps"] == 0 and payload["model"] == absent
+
+
+def test_a_mistyped_tag_alone_is_warned_about_and_nothing_is_filled(tmp_path: Path) -> None:
+    code, out, err = run("fill", "-", "--model", str(tmp_path / "absent"), stdin="Hi [Mask 3 name=who]")
+    assert code == 0
+    assert out == "Hi [Mask 3 name=who]\n"
+    assert "warning: <stdin>: line 1, column 4:" in err and "did you mean [MASK 3 name=who]?" in err
+
+
+def test_an_unclosed_tag_is_reported_at_its_start_not_as_an_unknown_option(tiny_model_dir: Path) -> None:
+    code, out, err = run("fill", "-", "--model", str(tiny_model_dir), stdin="Hello [MASK 3 world")
+    assert code == 1 and out == ""
+    assert "line 1, column 7: unclosed tag" in err and "']' to close the tag" in err
+    assert "unknown option" not in err
+
+
+def test_the_python_api_returns_a_document_with_no_mask_unchanged_without_a_model(tmp_path: Path) -> None:
+    import editor
+
+    result = editor.fill("No tags, only \\[MASK 1] text.", model=str(tmp_path / "absent"), seed=4)
+    assert result.text == "No tags, only [MASK 1] text."
+    assert result.spans == [] and result.steps == 0 and result.seed == 4

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from editor.document import VALUE_CLASSES, Document, DocumentError, DocumentLimits, MaskSpan, Must
-from editor.parser import parse_document, render_document
+from editor.parser import TagWarning, parse_document, render_document, suspicious_tags
 
 DESIGN_EXAMPLE = (
     "Dear [MASK 3 name=greeting],\n"
@@ -209,6 +209,13 @@ ERRORS = [
     ("[MASK", 1, 1, "unclosed tag", "']'"),
     ("[MASK\n3]", 1, 1, "unclosed tag", "']'"),
     ("[MASK,3]", 1, 6, "unexpected ','", "a space after [MASK"),
+    # A word with no '=' in a tag never closed: the missing ']' is the mistake, not the word.
+    ("Hello [MASK 3 world", 1, 7, "unclosed tag: found end of document before ']'", "']' to close the tag"),
+    ("[MASK 3 world\nmore]", 1, 1, "unclosed tag: found end of line before ']'", "']' to close the tag"),
+    ("[MASK 3 world [MASK 2]", 1, 1, "unclosed tag: found another '[MASK' before ']'", "']' to close the tag"),
+    ("a [MASK 2 name of the day", 1, 3, "unclosed tag", "']' to close the tag"),
+    ("[MASK 3 loud] [x]", 1, 9, "unknown option 'loud'", "name=, must=, as=, choice="),
+    ("[MASK 3 colour=red", 1, 9, "unknown option 'colour'", "name=, must=, as=, choice="),
     ('[MASK 3 must="a"b]', 1, 17, "unexpected 'b'", "a space or ']'"),
     ('x [MASK 3 must="Monday]', 1, 16, "unterminated quoted string", '"'),
     ('[MASK 3 must="Mon\nday"]', 1, 14, "unterminated quoted string", '"'),
@@ -265,6 +272,51 @@ def test_unknown_option_lists_known_ones() -> None:
 
 def test_default_span_token_limit_is_enforced() -> None:
     assert parse_error("[MASK 513]").expected == "a length from 1 to 512"
+
+
+# --- warnings: literal text that looks like a mistyped tag -----------------------------------------
+
+SUSPICIOUS = [
+    # (source, [(line, column, suggestion)])
+    ("Hi [mask 3] there", [(1, 4, "[MASK 3]")]),
+    ("x\n [Mask 2-5 name=who]", [(2, 2, "[MASK 2-5 name=who]")]),
+    ("[MASK3]", [(1, 1, "[MASK 3]")]),
+    ("[mask12 as=int] and [MASK 1]", [(1, 1, "[MASK 12 as=int]")]),
+    ("two: [mask 1] [mAsK 2]", [(1, 6, "[MASK 1]"), (1, 15, "[MASK 2]")]),
+    ("[mask " + "x" * 40 + "]", [(1, 1, "[MASK ...]")]),  # no ']' close by: the opener alone
+]
+
+
+@pytest.mark.parametrize(("source", "found"), SUSPICIOUS)
+def test_suspicious_tags_name_where_and_the_tag_meant(source: str, found: list[tuple[int, int, str]]) -> None:
+    warnings = suspicious_tags(source)
+    assert [(w.line, w.column, w.suggestion) for w in warnings] == found
+    for warning in warnings:
+        assert f"did you mean {warning.suggestion}?" in str(warning)
+        if warning.suggestion.endswith("...]"):
+            continue
+        # What was found is literal text; written as suggested, it is one more span.
+        assert warning.text in "".join(s for s in parse_document(source).segments if isinstance(s, str))
+        corrected = source.replace(warning.text, warning.suggestion, 1)
+        assert len(parse_document(corrected).spans) == len(parse_document(source).spans) + 1
+
+
+@pytest.mark.parametrize(
+    "source", ["[MASK 3]", "[MASKED] [masked] [mask_1]", "\\[mask 3]", "a mask 3 b", '[MASK 2 must="x"]', ""]
+)
+def test_real_tags_and_other_text_are_not_suspicious(source: str) -> None:
+    assert suspicious_tags(source) == []
+
+
+def test_a_warning_says_why_the_text_is_literal() -> None:
+    [lower] = suspicious_tags("Hi [mask 3]")
+    message = "'[mask 3]' is literal text: tags open with [MASK in capitals"
+    assert lower == TagWarning(message, 1, 4, "[mask 3]", "[MASK 3]")
+    assert str(lower) == (
+        "line 1, column 4: '[mask 3]' is literal text: tags open with [MASK in capitals (did you mean [MASK 3]?)"
+    )
+    [glued] = suspicious_tags("[MASK3]")
+    assert "[MASK needs a space before the length" in glued.message
 
 
 # --- properties --------------------------------------------------------------------------------

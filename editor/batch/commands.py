@@ -1,6 +1,5 @@
 """`editor batch`: fill a JSON template (or one derived from a JSON Schema) for every record of a
-JSONL file (docs/batch.md). torch and the model stack are imported inside the command; the
-sampler option flags are added where the command is registered (`editor.cli`)."""
+JSONL file (docs/batch.md). torch and the model stack are imported inside the command."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import click
 
+from editor.cli_options import apply_threads, options_from, sampler_options, threads_option
 from editor.options import SamplerOptions
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
     threshold schedule with at most 2 steps, unless --steps says otherwise); with --schedule,
     the same defaults as `editor fill`."""
     from editor.batch.runner import BATCH_DEFAULTS
-    from editor.cli import options_from
 
     context = click.get_current_context()
     values = dict(sampler)
@@ -61,7 +60,7 @@ def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N [default: EDITOR_DEVICE, else auto]")
 @click.option("--instruction", default=None, help="user turn for instruct models; may use {field} placeholders")
 @click.option("--print-template", is_flag=True, help="print the (derived) template and exit")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's]")
+@threads_option
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
 @click.option(
     "--ray", "use_ray", is_flag=True, help="fill on Ray Data workers, one model each (README: Running on a Ray cluster)"
@@ -75,6 +74,7 @@ def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
     default=None,
     help="with --ray: workers, one model each [default: EDITOR_RAY_BATCH_WORKERS, else 1]",
 )
+@sampler_options
 def batch(
     inputs: tuple[str, ...],
     output_name: str | None,
@@ -101,6 +101,7 @@ def batch(
     can be given. Each output line is {"custom_id", "output", "spans", "error"}."""
     from editor.batch.schema import template_from_schema
     from editor.batch.template import Template, TemplateError
+    from editor.parser import suspicious_tags
     from editor.settings import Settings
 
     settings = Settings()
@@ -121,6 +122,9 @@ def batch(
             template = Template.parse(template_text, limits=settings.document_limits(), instruction=instruction)
     except TemplateError as error:
         raise click.ClickException(f"{schema_name or inputs[0]}: {error}") from error
+    if schema_name is None:
+        for warning in suspicious_tags(template_text):
+            click.echo(f"warning: {inputs[0]}: {warning}", err=True)
     if print_template:
         click.echo(template_text)
         return
@@ -164,7 +168,6 @@ def _run(
     ray_workers: int | None,
     ray_address: str | None,
 ) -> None:
-    import torch
     from tqdm import tqdm
 
     from editor.batch.runner import BatchFiller, ResultWriter, read_done_ids, read_input, run_records
@@ -177,8 +180,7 @@ def _run(
     if max_records is not None:
         records = records[:max_records]
     done = read_done_ids(Path(output_name)) if resume else set()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    apply_threads(threads, settings.torch_threads)  # this process's; Ray workers keep their own
     filler: RecordFiller
     if ray_workers is not None:
         filler = _ray_filler(template, options, settings, model_spec, device, batch_size, ray_workers, ray_address)

@@ -24,7 +24,6 @@ import asyncio
 import concurrent.futures
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -45,6 +44,8 @@ from editor.options import FillCancelled, SamplerOptions
 from editor.sampler import Row, SamplerRun, StepEvent, effective_steps, row_seed
 from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.settings import Settings
+from editor.threads import torch_threads as worker_threads  # the one rule, shared with the CLI
+from editor.threads import use_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -336,15 +337,6 @@ class _JobQueue:
             return jobs
 
 
-def worker_threads(configured: int) -> int | None:
-    """How many CPU threads the worker's torch gets, or None to leave torch's own choice."""
-    if configured > 0:
-        return configured
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    return max(1, (os.cpu_count() or 1) - 1)
-
-
 def settings_loader(settings: Settings) -> ModelLoader:
     """Loads the configured model (None = the bundled default) on the configured device."""
 
@@ -503,9 +495,7 @@ class ModelWorker:
     # -- the thread --
 
     def _run(self) -> None:
-        threads = worker_threads(self.settings.torch_threads)
-        if threads is not None:
-            torch.set_num_threads(threads)
+        use_torch_threads(self.settings.torch_threads)
         try:
             self.model = self._loader()
             log.info("model %s loaded (%s)", self.model.name, self.model_placement)
@@ -829,4 +819,5 @@ __all__ = [
     "WorkerUnavailable",
     "compatible",
     "settings_loader",
+    "worker_threads",
 ]
