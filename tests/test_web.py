@@ -10,6 +10,7 @@ import time
 import pytest
 from playwright.sync_api import Page, expect
 
+from editor.canvas import SpanAlternative
 from editor.models.base import DiffusionModel
 from tests.web_fixtures import LiveServer, screenshot
 
@@ -129,7 +130,12 @@ def test_lock_a_span_and_refill(page: Page, live_server: LiveServer) -> None:
     page.locator('[data-testid="span"][data-span-name="greeting"]').click()
     page.get_by_test_id("lock").click()
     expect(page.get_by_test_id("lock")).to_have_attribute("aria-pressed", "true")
-    expect(page.locator('[data-testid="span"][data-span-name="greeting"]')).to_have_class(re.compile("locked"))
+    greeting = page.locator('[data-testid="span"][data-span-name="greeting"]')
+    expect(greeting).to_have_class(re.compile("locked"))
+    # The padlock is drawn (an emoji shows as an empty box without an emoji font) and labelled.
+    expect(greeting.get_by_role("img", name="locked")).to_be_visible()
+    assert greeting.evaluate("(span) => getComputedStyle(span, '::after').content") in ("none", "normal")
+    expect(greeting).to_have_attribute("aria-label", re.compile(", locked"))
     page.get_by_test_id("fill").click()
     wait_for_revision(page, 2)
     newest, oldest = live_server.revisions(document_id)
@@ -173,6 +179,11 @@ def test_mask_a_selection_in_the_source_and_refill(
     wait_for_revision(page, 1)
     (revision,) = live_server.revisions(document_id)
     assert revision["source"] == f"The [MASK {tokens}] fox jumps over the lazy dog. [MASK 2]"
+    source.evaluate("(box) => { box.focus(); box.setSelectionRange(4, 4); }")
+    source.press("Control+z")  # a mask can be taken back like typing
+    expect(source).to_have_value("The quick brown fox jumps over the lazy dog. [MASK 2]")
+    expect(page.locator("#save-status")).to_have_text("Saved")
+    assert live_server.api.get(f"/api/v1/documents/{document_id}").json()["source"] == source.input_value()
     assert len(revision["spans"][0]["token_ids"]) == tokens
     assert revision["text"].startswith("The") and " fox jumps over the lazy dog." in revision["text"]
 
@@ -345,3 +356,80 @@ def test_narrow_screen(browser_narrow_page: Page, live_server: LiveServer) -> No
     page.goto("/")
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     screenshot(page, "document-list-narrow")
+
+
+def alternatives(*texts: str) -> list[SpanAlternative]:
+    return [SpanAlternative(text=text, token_ids=[i + 1], score=-1.0 - i) for i, text in enumerate(texts)]
+
+
+def test_choose_another_candidate_from_a_span_menu(page: Page, live_server: LiveServer) -> None:
+    document_id = live_server.new_document(LETTER)
+    offers = alternatives("the lovely scarf", "it")
+    live_server.store_fill(document_id, [("Ms Novak", []), ("your kind letter", offers), ("Jan", [])])
+    open_editor(page, document_id)
+    span = page.locator('[data-testid="span"][data-span-index="1"]')
+    expect(span).to_have_attribute("aria-haspopup", "menu")
+    expect(page.locator('[data-testid="span"][data-span-index="0"]')).not_to_have_attribute("aria-haspopup", "menu")
+    span.click()
+    menu = page.get_by_role("menu", name="Other candidates for span 2")
+    expect(menu).to_be_visible()
+    assert menu.get_by_role("menuitem").all_inner_texts() == ["the lovely scarf", "it"]
+    expect(menu.get_by_role("menuitem").first).to_be_focused()
+    screenshot(page, "editor-alternatives")
+    page.keyboard.press("ArrowDown")
+    expect(menu.get_by_role("menuitem").nth(1)).to_be_focused()
+    page.keyboard.press("Escape")  # closes the menu, back on the span
+    expect(menu).to_be_hidden()
+    expect(span).to_be_focused()
+    page.keyboard.press("Enter")  # the keyboard opens it too
+    expect(menu).to_be_visible()
+    page.keyboard.press("End")
+    page.keyboard.press("Enter")
+    wait_for_revision(page, 2)
+    assert span_texts(page) == ["Ms Novak", "it", "Jan"]
+    expect(page.get_by_test_id("canvas")).to_have_text("Dear Ms Novak,\nthank you for it. Kind regards, Jan")
+    newest = live_server.revisions(document_id)[0]
+    assert (newest["kind"], newest["parent"], newest["steps"], newest["regenerated_span"]) == ("choose", 1, 0, 1)
+    assert [a["text"] for a in newest["spans"][1]["alternatives"]] == ["the lovely scarf", "your kind letter"]
+    expect(page.locator(".revision-kind").first).to_have_text("alternative for span 2")
+    page.locator('[data-testid="span"][data-span-index="1"]').click()  # the replaced text is offered back
+    expect(menu.get_by_role("menuitem").nth(1)).to_have_text("your kind letter")
+    page.mouse.click(5, 890)  # a click elsewhere closes it
+    expect(menu).to_be_hidden()
+
+
+def test_the_revision_list_names_a_regenerated_span(page: Page, live_server: LiveServer) -> None:
+    document_id = live_server.new_document(LETTER)
+    live_server.fill(document_id, options={"seed": 1})
+    for key in ("sign", "1"):
+        response = live_server.api.post(f"/api/v1/documents/{document_id}/revisions/1/spans/{key}/regenerate")
+        assert response.status_code == 201, response.text
+    open_editor(page, document_id)
+    kinds = page.locator(".revision-kind")
+    expect(kinds).to_have_text(["regenerated span 2", "regenerated sign", "fill"])
+    expect(kinds.nth(1).locator("code")).to_have_text("sign")
+
+
+def test_the_diff_summary_counts_the_spans_of_each_revision(page: Page, live_server: LiveServer) -> None:
+    document_id = live_server.new_document(LETTER)
+    live_server.store_fill(document_id, [("Ms Novak", []), ("the scarf", alternatives("it")), ("Jan", [])])
+    choose = f"/api/v1/documents/{document_id}/revisions/1/spans/1/choose"
+    assert live_server.api.post(choose, json={"alternative": 0}).status_code == 201
+    live_server.api.patch(f"/api/v1/documents/{document_id}", json={"source": "Yours, [MASK 2 name=closing]"})
+    live_server.store_fill(document_id, [("Jan K", [])])
+    open_editor(page, document_id)
+    summary = page.locator(".diff-summary")
+    expect(summary).to_have_text("#2 → #3: 1 span added · 3 removed · different source")  # not "4 of 4 changed"
+    page.get_by_test_id("revision").filter(has_text="#2").click()
+    expect(summary).to_have_text("#1 → #2: 1 of 3 spans changed")
+
+
+def test_the_word_diff_keeps_a_space_between_removed_and_added_words(page: Page, live_server: LiveServer) -> None:
+    document_id = live_server.new_document("The [MASK 4] fox jumps.")
+    live_server.store_fill(document_id, [("quick brown", alternatives("slow red"))])
+    live_server.api.post(f"/api/v1/documents/{document_id}/revisions/1/spans/0/choose", json={"alternative": 0})
+    open_editor(page, document_id)
+    diff = page.get_by_test_id("diff")
+    expect(diff.locator("del")).to_have_text(["quick brown"])
+    expect(diff.locator("ins")).to_have_text(["slow red"])
+    assert diff.locator(".diff-text").inner_text() == "The quick brown slow red fox jumps."

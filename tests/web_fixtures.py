@@ -20,8 +20,11 @@ import pytest
 import uvicorn
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from editor.canvas import SpanAlternative, SpanFill, split_literals
+from editor.db.services import NewRevision, Store
 from editor.models.base import DiffusionModel
 from editor.models.loading import load_model
+from editor.parser import parse_document
 from editor.server import create_app
 from editor.server.worker import ModelWorker
 from tests.api_fixtures import SlowModel, make_settings
@@ -46,6 +49,7 @@ class LiveServer:
     url: str
     model: SlowModel
     api: httpx.Client
+    store: Store
 
     def new_document(self, source: str, title: str = "Letter") -> int:
         response = self.api.post("/api/v1/documents", json={"title": title, "source": source})
@@ -56,6 +60,42 @@ class LiveServer:
         response = self.api.post(f"/api/v1/documents/{document_id}/fill", json=body)
         assert response.status_code == 201, response.text
         return dict(response.json())
+
+    def store_fill(self, document_id: int, fills: list[tuple[str, list[SpanAlternative]]]) -> int:
+        """Store a fill of the document's source with these span texts and alternatives, as a run
+        of judged candidates leaves it (the tiny model runs one candidate); returns its number."""
+        source = self.api.get(f"/api/v1/documents/{document_id}").json()["source"]
+        literals, spans = split_literals(parse_document(source))
+        text, records = literals[0], []
+        for span, (fill, alternatives) in zip(spans, fills, strict=True):
+            start = len(text)
+            text += fill + literals[span.index + 1]
+            ids = list(range(1, len(fill.split()) + 2))
+            records.append(
+                SpanFill(
+                    index=span.index,
+                    name=span.name,
+                    start=start,
+                    end=start + len(fill),
+                    text=fill,
+                    token_ids=ids,
+                    confidence=0.9,
+                    alternatives=alternatives,
+                )
+            )
+        new = NewRevision(
+            source=source,
+            text=text,
+            spans=records,
+            model="judged",
+            seed=1,
+            options={"seed": 1},
+            steps=8,
+            queued_s=0.0,
+            fill_s=0.5,
+            total_s=0.5,
+        )
+        return self.store.add_revision(document_id, new).number
 
     def revisions(self, document_id: int) -> list[dict[str, Any]]:
         items = self.api.get(f"/api/v1/documents/{document_id}/revisions?limit=100").json()["items"]
@@ -82,7 +122,7 @@ def live_server(
         assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
         time.sleep(0.05)
     with httpx.Client(base_url=url, timeout=30) as client:
-        yield LiveServer(url=url, model=model, api=client)
+        yield LiveServer(url=url, model=model, api=client, store=app.state.store)
     server.should_exit = True
     thread.join(15)
 

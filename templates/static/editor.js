@@ -1,7 +1,7 @@
 // The editor page: source with live tag highlighting and parse checks, Fill with the canvas
-// animated from server-sent events, revisions with diff/restore/replay, span regenerate and
-// lock, weak-word refill, masking a selection, copy and export. Every user text is inserted as
-// text (textContent / text nodes), never as HTML.
+// animated from server-sent events, revisions with diff/restore/replay, span regenerate, lock
+// and alternatives (other judged candidates' texts), weak-word refill, masking a selection, copy
+// and export. Every user text is inserted as text (textContent / text nodes), never as HTML.
 import {
   ApiError,
   confidenceColour,
@@ -38,6 +38,7 @@ const ui = {
   spanLabel: $("span-label"),
   regenerate: $("regenerate"),
   lock: $("lock"),
+  alternatives: $("alternatives"),
   revisionList: $("revision-list"),
   revisionCount: $("revision-count"),
   revisionTools: $("revision-tools"),
@@ -61,6 +62,7 @@ const state = {
   locks: new Set(), // span indices locked on `lockBase`
   lockBase: null,
   selected: null, // selected span index
+  menuFor: null, // the span element whose alternatives menu is open
   busy: null, // {controller, kind} while a fill or replay runs
   lastSelection: null, // {where: "source" | "canvas", start, end, at}
 };
@@ -278,20 +280,41 @@ function tokensBySpan(revision) {
   return result;
 }
 
+function spanTitle(span) {
+  return span.name || `span ${span.index + 1}`;
+}
+
 function spanElement(span, extraClass = "") {
   const label = span.name ? `span ${span.name}` : `span ${span.index + 1}`;
+  const others = (span.alternatives || []).length;
   return el("span", {
-    class: `fill ${extraClass}`.trim(),
+    class: `fill ${others ? "has-alternatives" : ""} ${extraClass}`.replace(/\s+/g, " ").trim(),
     "data-testid": "span",
     "data-span-index": span.index,
     "data-span-name": span.name || "",
     tabindex: 0,
     role: "button",
     "aria-label": label,
+    "aria-haspopup": others ? "menu" : null,
   });
 }
 
+// A padlock drawn in SVG (an emoji needs an emoji font, which many systems lack).
+function lockMark() {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  for (const [key, value] of Object.entries({ class: "lock-mark", viewBox: "0 0 10 12", role: "img", "aria-label": "locked", "data-testid": "lock-mark" })) svg.setAttribute(key, value);
+  const shackle = document.createElementNS(ns, "path");
+  shackle.setAttribute("d", "M2.5 5.5V3.6a2.5 2.5 0 0 1 5 0v1.9");
+  shackle.setAttribute("class", "lock-shackle");
+  const body = document.createElementNS(ns, "rect");
+  for (const [key, value] of Object.entries({ x: 1, y: 5, width: 8, height: 6.5, rx: 1.2, class: "lock-body" })) body.setAttribute(key, value);
+  svg.append(shackle, body);
+  return svg;
+}
+
 function renderResult(revision) {
+  closeAlternatives(false);
   const tokens = tokensBySpan(revision);
   const threshold = Number(ui.weakThreshold.value);
   const underline = ui.showWeak.checked;
@@ -301,7 +324,9 @@ function renderResult(revision) {
     fragment.append(revision.text.slice(at, span.start));
     const locked = state.lockBase === revision.number && state.locks.has(span.index);
     const node = spanElement(span, `${locked ? "locked" : ""} ${state.selected === span.index ? "selected" : ""}`);
-    node.setAttribute("aria-label", `${node.getAttribute("aria-label")}: ${span.text}, ${Math.round(span.confidence * 100)}% sure${locked ? ", locked" : ""}`);
+    const others = (span.alternatives || []).length;
+    const offer = others ? `, ${others} alternative${others === 1 ? "" : "s"}` : "";
+    node.setAttribute("aria-label", `${node.getAttribute("aria-label")}: ${span.text}, ${Math.round(span.confidence * 100)}% sure${locked ? ", locked" : ""}${offer}`);
     const pieces = tokens.get(span.index);
     if (pieces) {
       for (const piece of pieces) {
@@ -315,6 +340,7 @@ function renderResult(revision) {
       node.style.backgroundColor = confidenceColour(span.confidence);
       if (underline && span.confidence < threshold) node.classList.add("weak");
     }
+    if (locked) node.append(lockMark());
     fragment.append(node);
     at = span.end;
   }
@@ -383,6 +409,7 @@ function startBusy(kind) {
     ui.elapsed.textContent = `${((performance.now() - started) / 1000).toFixed(1)} s`;
   }, 100);
   state.busy = { controller, kind, timer, started };
+  closeAlternatives(false);
   ui.fill.disabled = true;
   ui.regenerate.disabled = true;
   ui.stop.disabled = false;
@@ -530,20 +557,100 @@ function toggleLock() {
   toast(state.locks.has(state.selected) ? "Locked: the next Fill keeps this span" : "Unlocked");
 }
 
+// ----------------------------------------------------------------------------- alternatives
+
+// The menu of a span's alternatives (other judged candidates' texts), under the span.
+function openAlternatives(node, span) {
+  const items = span.alternatives.map((alternative, i) =>
+    el(
+      "button",
+      { type: "button", role: "menuitem", class: "alternative", "data-testid": "alternative", "data-alternative": i, tabindex: -1, onclick: () => chooseAlternative(span, i) },
+      alternative.text.trim() ? alternative.text : el("em", { class: "muted" }, "(empty)"),
+    ),
+  );
+  const heading = el("p", { class: "alternatives-head", id: "alternatives-head" }, `Other candidates for ${spanTitle(span)}`);
+  ui.alternatives.replaceChildren(heading, ...items);
+  ui.alternatives.setAttribute("aria-labelledby", "alternatives-head");
+  ui.alternatives.hidden = false;
+  state.menuFor = node;
+  node.setAttribute("aria-expanded", "true");
+  placeAlternatives(node);
+  items[0].focus();
+}
+
+function placeAlternatives(node) {
+  const panel = ui.alternatives.offsetParent || document.body;
+  const box = panel.getBoundingClientRect();
+  const at = node.getClientRects()[0] || node.getBoundingClientRect(); // a wrapped span: its first line
+  const width = ui.alternatives.offsetWidth;
+  ui.alternatives.style.top = `${Math.round(at.bottom - box.top + 6)}px`;
+  ui.alternatives.style.left = `${Math.round(Math.max(8, Math.min(at.left - box.left, box.width - width - 8)))}px`;
+}
+
+function closeAlternatives(refocus = true) {
+  if (ui.alternatives.hidden) return;
+  ui.alternatives.hidden = true;
+  ui.alternatives.replaceChildren();
+  const node = state.menuFor;
+  state.menuFor = null;
+  if (!node) return;
+  node.removeAttribute("aria-expanded");
+  if (refocus && node.isConnected) node.focus();
+}
+
+function onAlternativesKey(event) {
+  const items = [...ui.alternatives.querySelectorAll('[role="menuitem"]')];
+  const at = items.indexOf(document.activeElement);
+  const moves = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: items.length - 1 };
+  if (event.key in moves) {
+    event.preventDefault();
+    items[(moves[event.key] + items.length) % items.length].focus();
+  } else if (event.key === "Escape" || event.key === "Tab") {
+    if (event.key === "Escape") event.preventDefault();
+    event.stopPropagation(); // Escape here closes the menu; it does not stop a fill
+    closeAlternatives(event.key === "Escape");
+  }
+}
+
+async function chooseAlternative(span, alternative) {
+  const revision = state.current;
+  if (!revision || state.busy) return;
+  closeAlternatives();
+  let chosen;
+  try {
+    chosen = await json(`${api}/revisions/${revision.number}/spans/${span.index}/choose`, { method: "POST", body: { alternative } });
+  } catch (error) {
+    toast(`Could not choose the alternative: ${error.message}`, "error");
+    return;
+  }
+  await loadRevisions();
+  await openRevision(chosen.number);
+  selectSpan(span.index);
+  const node = ui.canvas.querySelector(`[data-testid="span"][data-span-index="${span.index}"]`);
+  if (node) node.focus(); // keyboard users stay where they were
+  toast(`Saved as revision ${chosen.number}: ${spanTitle(span)} took another candidate's text`);
+}
+
 // ----------------------------------------------------------------------------- revisions
+
+function revisionKind(revision) {
+  if (revision.kind === "fill") return ["fill"];
+  const span = revision.span_name ? el("code", {}, revision.span_name) : `span ${revision.regenerated_span + 1}`;
+  return revision.kind === "choose" ? ["alternative for ", span] : ["regenerated ", span];
+}
 
 async function loadRevisions() {
   const page = await json(`${api}/revisions?limit=100`);
   state.revisions = page.items;
   ui.revisionCount.textContent = page.total ? String(page.total) : "";
   const items = page.items.map((revision) => {
-    const what = revision.kind === "regenerate" ? `regenerated span ${revision.regenerated_span + 1}` : "fill";
+    const what = revisionKind(revision);
     const current = state.current && state.current.number === revision.number;
     const button = el(
       "button",
       { type: "button", class: "revision-entry", "data-testid": "revision", "data-number": revision.number, "aria-current": current ? "true" : null },
       el("span", { class: "revision-number" }, `#${revision.number}`),
-      el("span", { class: "revision-kind" }, what),
+      el("span", { class: "revision-kind", "data-testid": "revision-kind" }, ...what),
       el("time", { datetime: revision.created_at, class: "muted" }, relativeTime(revision.created_at)),
     );
     button.addEventListener("click", () => openRevision(revision.number));
@@ -598,18 +705,38 @@ async function showDiff() {
   const [from, to] = other < revision.number ? [other, revision.number] : [revision.number, other];
   try {
     const diff = await json(`${api}/diff?from=${from}&to=${to}`);
-    const changed = diff.spans.filter((s) => s.changed).length;
-    const text = el("p", { class: "diff-text" });
-    for (const chunk of diff.chunks) {
-      if (chunk.op === "equal") text.append(chunk.after);
-      if (chunk.op === "delete" || chunk.op === "replace") text.append(el("del", { "aria-label": "removed" }, chunk.before));
-      if (chunk.op === "insert" || chunk.op === "replace") text.append(el("ins", { "aria-label": "added" }, chunk.after));
-    }
-    const summary = `#${from} → #${to}: ${changed} of ${diff.spans.length} span${diff.spans.length === 1 ? "" : "s"} changed${diff.source_changed ? " · different source" : ""}`;
-    ui.diff.replaceChildren(el("p", { class: "diff-summary" }, summary), text);
+    const summary = `#${from} → #${to}: ${spanSummary(diff.spans)}${diff.source_changed ? " · different source" : ""}`;
+    ui.diff.replaceChildren(el("p", { class: "diff-summary", "data-testid": "diff-summary" }, summary), diffText(diff.chunks));
   } catch (error) {
     ui.diff.replaceChildren(el("p", { class: "muted" }, `No diff: ${error.message}`));
   }
+}
+
+const plural = (count, word) => `${count} ${word}${count === 1 ? "" : "s"}`;
+
+// "1 of 3 spans changed · 1 added · 2 removed": a span in only one of the two revisions is added
+// or removed, not one more changed span of the newer one.
+function spanSummary(changes) {
+  const both = changes.filter((c) => c.before !== null && c.after !== null);
+  const added = changes.filter((c) => c.before === null).length;
+  const removed = changes.filter((c) => c.after === null).length;
+  const parts = both.length ? [`${both.filter((c) => c.changed).length} of ${plural(both.length, "span")} changed`] : [];
+  if (added) parts.push(both.length ? `${added} added` : `${plural(added, "span")} added`);
+  if (removed) parts.push(both.length || added ? `${removed} removed` : `${plural(removed, "span")} removed`);
+  return parts.join(" · ") || "no spans";
+}
+
+// The word diff as text with <del> and <ins>; a replacement's old and new words get a space
+// between them where neither brings one, so they do not read as one word.
+function diffText(chunks) {
+  const text = el("p", { class: "diff-text" });
+  for (const chunk of chunks) {
+    if (chunk.op === "equal") text.append(chunk.after);
+    if (chunk.op === "delete" || chunk.op === "replace") text.append(el("del", { "aria-label": "removed" }, chunk.before));
+    if (chunk.op === "replace" && !/\s$/.test(chunk.before) && !/^\s/.test(chunk.after)) text.append(" ");
+    if (chunk.op === "insert" || chunk.op === "replace") text.append(el("ins", { "aria-label": "added" }, chunk.after));
+  }
+  return text;
 }
 
 async function restore() {
@@ -770,12 +897,22 @@ async function maskSelection() {
       ? base.slice(0, start) + tag + base.slice(end)
       : escapeLiteral(base.slice(0, start), true) + tag + escapeLiteral(base.slice(end), false);
   const tagStart = chosen.where === "source" ? start : escapeLiteral(base.slice(0, start), true).length;
-  ui.source.value = source;
   state.lastSelection = null;
-  onSourceInput();
+  if (chosen.where === "source") replaceUndoably(start, end, tag);
+  else replaceUndoably(0, ui.source.value.length, source);
   ui.source.focus();
   ui.source.setSelectionRange(tagStart, tagStart + tag.length);
   toast(`“${selected.length > 40 ? `${selected.slice(0, 40)}…` : selected}” is now ${tag}: press Fill`);
+}
+
+// Replace source[start, end) as typing would, so that Ctrl+Z in the source takes it back
+// (assigning .value clears the browser's undo history). Its input event runs onSourceInput.
+function replaceUndoably(start, end, text) {
+  ui.source.focus();
+  ui.source.setSelectionRange(start, end);
+  if (document.execCommand("insertText", false, text)) return;
+  ui.source.value = ui.source.value.slice(0, start) + text + ui.source.value.slice(end);
+  onSourceInput();
 }
 
 // ----------------------------------------------------------------------------- copy, export
@@ -823,7 +960,10 @@ function onCanvasActivate(event) {
   if (event.type === "keydown" && event.key !== "Enter" && event.key !== " ") return;
   if (event.type === "click" && !window.getSelection().isCollapsed) return; // selecting text, not clicking
   event.preventDefault();
-  selectSpan(Number(span.dataset.spanIndex));
+  const index = Number(span.dataset.spanIndex);
+  selectSpan(index);
+  const fill = state.current && state.current.spans.find((s) => s.index === index);
+  if (fill && (fill.alternatives || []).length && !state.busy) openAlternatives(span, fill);
 }
 
 function onKey(event) {
@@ -855,6 +995,11 @@ async function init() {
   ui.canvas.addEventListener("keydown", onCanvasActivate);
   ui.regenerate.addEventListener("click", regenerateSelected);
   ui.lock.addEventListener("click", toggleLock);
+  ui.alternatives.addEventListener("keydown", onAlternativesKey);
+  document.addEventListener("click", (event) => {
+    const inside = ui.alternatives.contains(event.target) || (state.menuFor && state.menuFor.contains(event.target));
+    if (!inside) closeAlternatives(false);
+  });
   $("span-close").addEventListener("click", () => selectSpan(null));
   ui.compareWith.addEventListener("change", showDiff);
   $("restore").addEventListener("click", restore);
