@@ -106,7 +106,7 @@ class LiveServer:
 def live_server(
     tmp_path_factory: pytest.TempPathFactory, api_model_dir: Path, api_model: DiffusionModel
 ) -> Iterator[LiveServer]:
-    # EDITOR_E2E_MODEL=editor/bundled runs the pages on a real model (for README screenshots).
+    # EDITOR_E2E_MODEL=editor/bundled/tiny runs the pages on a real model (for the docs' screenshots).
     chosen = os.environ.get("EDITOR_E2E_MODEL")
     model_dir = Path(chosen) if chosen else api_model_dir
     settings = make_settings(tmp_path_factory.mktemp("web"), model_dir)
