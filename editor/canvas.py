@@ -9,7 +9,7 @@ a space. Literal text in the output is the document's own text, byte for byte.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
@@ -34,6 +34,8 @@ class SpanLayout:
     pinned: Mapping[int, int]  # offset inside the span -> token id (must words, a chosen option)
     joins_space: bool  # the literal before ended in a space that now belongs to the span
     choice: str | None = None  # the option chosen for a `choice=` span
+    line_start: bool = False  # the span starts a line: its fill carries no leading whitespace
+    single_line: bool = False  # text shares its line or paragraph: the fill holds no newline
 
 
 @dataclass
@@ -52,6 +54,20 @@ class Canvas:
         return [i for i, fixed in enumerate(self.pinned) if not fixed]
 
 
+class SpanAlternative(BaseModel):
+    """Another candidate's fill of a span (judged candidates, `SamplerOptions.candidates`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str
+    token_ids: list[int]
+    score: float = Field(description="the judge's score of the whole document with this fill (higher is better)")
+
+    @field_serializer("score")
+    def _rounded(self, score: float) -> float:
+        return round(score, 6)
+
+
 class SpanFill(BaseModel):
     """One span's result: the one type used from the sampler's rendering through storage to the API."""
 
@@ -64,6 +80,10 @@ class SpanFill(BaseModel):
     text: str
     token_ids: list[int]
     confidence: float = Field(description="mean probability of the sampled tokens")
+    alternatives: list[SpanAlternative] = Field(
+        default_factory=list,
+        description="what the other judged candidates wrote here (distinct texts, best first); empty for one candidate",
+    )
 
     @field_serializer("confidence")
     def _rounded(self, confidence: float) -> float:
@@ -176,13 +196,14 @@ def build_canvas(
     rules: list[PositionRule] = [PositionRule()] * len(ids)
     layouts: list[SpanLayout] = []
     carry_spaces = tokens_carry_spaces(tokenizer)
-    for literal, span in zip(literals, spans, strict=False):
+    for number, (literal, span) in enumerate(zip(literals, spans, strict=False)):
         joins_space = carry_spaces and literal.endswith(" ") and not literal.endswith("  ")
         literal_ids = encode(tokenizer, literal[:-1] if joins_space else literal)
         ids += literal_ids
         pinned += [True] * len(literal_ids)
         rules += [PositionRule()] * len(literal_ids)
         layout = _lay_out_span(span, tokenizer, len(ids), joins_space, choices, must_offsets)
+        layout = replace(layout, **_line_context(literals, number))
         layouts.append(layout)
         for offset in range(layout.length):
             token_id = layout.pinned.get(offset)
@@ -239,6 +260,27 @@ def _lay_out_span(
     return SpanLayout(span, start, length, span.min_tokens, pinned, joins_space)
 
 
+def _line_context(literals: Sequence[str], number: int) -> dict[str, bool]:
+    """Where span `number` sits among the lines (docs/language.md, Seams). At the start of a line
+    (or of the document) its fill carries no leading whitespace. Only a span that stands as a
+    paragraph of its own, with a blank line or the document's edge on both sides, may run over
+    several lines; a span that shares its line with text, or sits on a line of its own inside a
+    paragraph ("Agenda\n[MASK 4-8]\n[MASK 4-8]"), stays on that line. A span right beside another
+    span counts as sharing its line."""
+    before, after = literals[number], literals[number + 1]
+    first, last = number == 0, number == len(literals) - 2
+    line_start = before.endswith("\n") or (first and not before)
+    opens = _paragraph_edge(before.replace("\r\n", "\n"), at_end=True) or (first and not before.strip())
+    closes = _paragraph_edge(after.replace("\r\n", "\n"), at_end=False) or (last and not after.strip())
+    return {"line_start": line_start, "single_line": not (opens and closes)}
+
+
+def _paragraph_edge(literal: str, *, at_end: bool) -> bool:
+    """Whether `literal` meets the span with a blank line (at its end, or at its start)."""
+    stripped = literal.rstrip(" \t") if at_end else literal.lstrip(" \t")
+    return stripped.endswith("\n\n") if at_end else stripped.startswith("\n\n")
+
+
 def _check_musts_fit_class(span: MaskSpan) -> None:
     """A must word is pinned as written, so it must itself be a value of the span's `as=` class."""
     if span.value_class is None:
@@ -273,7 +315,12 @@ def _position_rule(span: MaskSpan, layout: SpanLayout, offset: int) -> PositionR
         and offset not in layout.pinned
     )
     return PositionRule(
-        value_class=span.value_class, place=place, droppable=offset >= layout.min_tokens, after_word=after_word
+        value_class=span.value_class,
+        place=place,
+        droppable=offset >= layout.min_tokens,
+        after_word=after_word,
+        single_line=layout.single_line,
+        line_start=layout.line_start and offset == 0,
     )
 
 

@@ -67,6 +67,8 @@ class PositionRule:
     place: Place = "body"
     droppable: bool = False  # in the optional tail of `[MASK a-b]`: the pad/end token is allowed
     after_word: bool = False  # right after a pinned must word: no token that would extend the word
+    single_line: bool = False  # the span shares its line (or paragraph) with text: no newline in it
+    line_start: bool = False  # the span's first position at the start of a line: no blank or line break first
 
 
 def token_allowed(text: str, value_class: ValueClass | None, place: Place) -> bool:
@@ -126,6 +128,12 @@ def json_number_place(offset: int, min_tokens: int, joins_space: bool, value_cla
     return "json_digits"
 
 
+def _opens_blank(text: str) -> bool:
+    """Whether a token would start a line with nothing or a line break (a space alone is dropped
+    there by the renderer, so a line-start fill would lose a token)."""
+    return not text.strip() or text.lstrip(" \t")[:1] in ("\n", "\r")
+
+
 MAX_SPELLINGS = 16  # tokens per word class a repetition penalty touches ("the", " the", "The", ...)
 
 
@@ -142,6 +150,7 @@ class VocabularyRules:
         self._rows: dict[PositionRule, torch.Tensor] = {}
         self._space_edges: tuple[torch.Tensor, torch.Tensor] | None = None
         self._word_classes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lettered: torch.Tensor | None = None
 
     def mask(self, rule: PositionRule) -> torch.Tensor:
         """[V] bool, True where the token may be generated."""
@@ -150,6 +159,8 @@ class VocabularyRules:
             for token_id, text in enumerate(self.texts):
                 if token_id in self.banned or (rule.after_word and text[:1].isalnum()):
                     continue  # e.g. "ant" after must="refund" would make "refundant"
+                if (rule.single_line and ("\n" in text or "\r" in text)) or (rule.line_start and _opens_blank(text)):
+                    continue
                 if token_allowed(text, rule.value_class, rule.place):
                     allowed[token_id] = True
             if rule.droppable:
@@ -169,6 +180,13 @@ class VocabularyRules:
             self._space_edges = (starts, ends)
         starts, ends = self._space_edges
         return starts.to(device), ends.to(device)
+
+    def lettered(self, device: torch.device) -> torch.Tensor:
+        """[V] bool: tokens with a letter in them (the n-grams a no-repeat rule counts)."""
+        if self._lettered is None:
+            self._lettered = torch.zeros(self.vocab_size, dtype=torch.bool)
+            self._lettered[: len(self.texts)] = torch.tensor([any(ch.isalpha() for ch in text) for text in self.texts])
+        return self._lettered.to(device)
 
     def word_classes(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens spelling the same word, case and edge spaces aside (" Book", "book", "BOOK"):

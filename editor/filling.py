@@ -5,6 +5,7 @@ The CLI, the API worker and the batch runner all call `fill_documents`.
 
 from __future__ import annotations
 
+import random
 import time
 import weakref
 from collections.abc import Sequence
@@ -12,12 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-from editor.canvas import Canvas, FilledText, SpanFill, SpanLayout, build_canvas, choice_tokens, must_tokens, render
+from editor.canvas import (
+    Canvas,
+    FilledText,
+    SpanAlternative,
+    SpanFill,
+    SpanLayout,
+    build_canvas,
+    choice_tokens,
+    must_tokens,
+    render,
+)
 from editor.constraints import VocabularyRules
 from editor.document import Document, DocumentError
 from editor.models.base import DiffusionModel, aligned_logits
 from editor.options import FillCancelled, SamplerOptions
-from editor.sampler import CancelCheck, Row, StepCallback, StepEvent, pad_rows, sample
+from editor.sampler import CancelCheck, Row, StepCallback, StepEvent, pad_rows, row_seed, sample
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,8 @@ class FillResult:
     steps: int
     elapsed_s: float
     options: SamplerOptions
+    score: float | None = None  # the judge's score of the kept candidate (None: one candidate)
+    judge: str | None = None  # which judge chose it
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -39,10 +52,15 @@ class FillResult:
             "steps": self.steps,
             "elapsed_s": round(self.elapsed_s, 4),
             "options": self.options.model_dump(),
+            "score": None if self.score is None else round(self.score, 4),
+            "judge": self.judge,
         }
 
 
 DEFAULT_BATCH_TOKENS = 16384  # canvas positions per forward pass when scoring choices
+CANDIDATE_TEMPERATURE = 0.7  # the sampled candidates beside a greedy first one
+# Candidates per fill when the options leave it open, by model name (measured: docs/sampler.md).
+DEFAULT_CANDIDATES = {"default": 4}
 
 _vocabularies: weakref.WeakKeyDictionary[object, VocabularyRules] = weakref.WeakKeyDictionary()
 
@@ -246,19 +264,108 @@ def fill_canvases(
     started: float | None = None,
     row_seeds: Sequence[int] | None = None,
 ) -> list[FillResult]:
-    """`row_seeds` fixes each row's random draws (see `editor.sampler.row_seed`); without it the rows
-    derive theirs from `options.seed`."""
+    """`row_seeds` fixes each canvas's random draws (see `editor.sampler.row_seed`); without it the
+    canvases derive theirs from `options.seed`. With several candidates (`options.candidates`) each
+    canvas runs that many rows of the one batch and the judge keeps the best (`judged_results`)."""
     started = time.perf_counter() if started is None else started
-    seeds: Sequence[int | None] = row_seeds if row_seeds is not None else [None] * len(canvases)
-    rows = [Row(c.ids, c.pinned, c.rules, seed=s) for c, s in zip(canvases, seeds, strict=True)]
-    output = sample(model, rows, options, vocabulary_rules(model), on_step=on_step, should_cancel=should_cancel)
+    options = with_candidates(model, options)
+    seed = options.seed if options.seed is not None else random_seed()
+    seeds = row_seeds if row_seeds is not None else [row_seed(seed, index) for index in range(len(canvases))]
+    rows = [row for canvas, s in zip(canvases, seeds, strict=True) for row in candidate_rows(canvas, s, options)]
+    output = sample(
+        model,
+        rows,
+        options.model_copy(update={"seed": seed}),
+        vocabulary_rules(model),
+        on_step=on_step,
+        should_cancel=should_cancel,
+    )
     elapsed = time.perf_counter() - started
+    outputs = list(zip(output.ids, output.confidences, strict=True))
+    return judged_results(model, canvases, outputs, options, seed=output.seed, steps=output.steps, elapsed=elapsed)
+
+
+def random_seed() -> int:
+    return random.SystemRandom().randrange(2**63)
+
+
+def with_candidates(model: DiffusionModel, options: SamplerOptions) -> SamplerOptions:
+    """`options` with the candidate count settled: the model's default when left open."""
+    if options.candidates is not None:
+        return options
+    return options.model_copy(update={"candidates": DEFAULT_CANDIDATES.get(model.name, 1)})
+
+
+def candidate_seed(seed: int, candidate: int) -> int:
+    """The seed of a canvas's candidate `candidate` (0: the canvas's own seed)."""
+    return seed if candidate == 0 else (seed * 1_000_003 + candidate) % 2**63
+
+
+def candidate_rows(canvas: Canvas, seed: int, options: SamplerOptions) -> list[Row]:
+    """The sampler rows of one canvas: its first candidate at the asked temperature (usually
+    greedy), the others sampled at `CANDIDATE_TEMPERATURE` unless a temperature was asked for."""
+    count = options.candidates or 1
+    temperature = options.temperature if options.temperature > 0 else CANDIDATE_TEMPERATURE
     return [
-        fill_result(
-            model, canvas, ids, confidences, seed=output.seed, steps=output.steps, elapsed=elapsed, options=options
+        Row(
+            canvas.ids,
+            canvas.pinned,
+            canvas.rules,
+            seed=candidate_seed(seed, candidate),
+            temperature=None if candidate == 0 else temperature,
         )
-        for canvas, ids, confidences in zip(canvases, output.ids, output.confidences, strict=True)
+        for candidate in range(count)
     ]
+
+
+def judged_results(
+    model: DiffusionModel,
+    canvases: Sequence[Canvas],
+    outputs: Sequence[tuple[list[int], list[float]]],
+    options: SamplerOptions,
+    *,
+    seed: int,
+    steps: int,
+    elapsed: float,
+) -> list[FillResult]:
+    """One result per canvas from its `options.candidates` consecutive outputs (ids, confidences):
+    the candidate the model's judge scores highest, its spans carrying the others' fills."""
+    count = options.candidates or 1
+    results: list[FillResult] = []
+    for number, canvas in enumerate(canvases):
+        mine = outputs[number * count : (number + 1) * count]
+        filled = [render(canvas, ids, confidences, model.tokenizer, model.special.end_ids) for ids, confidences in mine]
+        if count == 1:
+            results.append(FillResult(filled[0].text, filled[0].spans, model.name, seed, steps, elapsed, options))
+            continue
+        from editor.judging import judge_for  # the judge loads its weights on first use
+
+        judge = judge_for(model)
+        scores = judge.score([canvas] * count, [ids for ids, _ in mine], [text.text for text in filled])
+        best = max(range(count), key=scores.__getitem__)
+        spans = with_alternatives(filled, scores, best)
+        results.append(
+            FillResult(filled[best].text, spans, model.name, seed, steps, elapsed, options, scores[best], judge.name)
+        )
+    return results
+
+
+def with_alternatives(filled: Sequence[FilledText], scores: Sequence[float], best: int) -> list[SpanFill]:
+    """The kept candidate's spans, each with the other candidates' distinct fills, best first."""
+    ranked = sorted(range(len(filled)), key=lambda i: -scores[i])
+    spans: list[SpanFill] = []
+    for number, span in enumerate(filled[best].spans):
+        seen = {span.text}
+        alternatives: list[SpanAlternative] = []
+        for candidate in ranked:
+            other = filled[candidate].spans[number]
+            if other.text not in seen:
+                seen.add(other.text)
+                alternatives.append(
+                    SpanAlternative(text=other.text, token_ids=other.token_ids, score=scores[candidate])
+                )
+        spans.append(span.model_copy(update={"alternatives": alternatives}))
+    return spans
 
 
 def fill_result(

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MIN_TEMPERATURE = 0.01  # temperature and alg_temp: 0 (off) or at least this
 MIN_PROBABILITY = 0.001  # top_p and threshold: at least this
 MAX_BLOCK_LENGTH = 65536
+MAX_CANDIDATES = 16
 
 Schedule: TypeAlias = Literal[
     "random", "left-to-right", "confidence", "margin", "entropy", "blocks", "threshold", "factor"
@@ -64,6 +65,13 @@ class SamplerOptions(BaseModel):
         description="the word right beside a blank (any spelling, past one punctuation token) is this much less "
         "likely there (no 'team team'); 1 = off",
     )
+    no_repeat_ngram: int = Field(
+        3,
+        ge=0,
+        le=8,
+        description="a fill never writes an n-gram (with a letter in it) that already stands within 64 tokens, "
+        "in the span, its neighbours or the literal text around it (no loops); 0 = off",
+    )
     factor: float = Field(
         1.0,
         gt=0.0,
@@ -73,6 +81,14 @@ class SamplerOptions(BaseModel):
     cache: bool = Field(True, description="reuse keys/values of positions whose input did not change (docs/engine.md)")
     cache_refresh_every: int | None = Field(
         4, ge=1, description="with cache: a full pass every k steps (and at block starts); none: block starts only"
+    )
+    candidates: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CANDIDATES,
+        description="fills run side by side (the first at this temperature, the others sampled at 0.7) of which "
+        "the model's judge keeps the best; the others are offered as each span's alternatives. Default: the "
+        "model's own (4 for the default model, 1 otherwise)",
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
 
@@ -85,6 +101,8 @@ class SamplerOptions(BaseModel):
         "block_length",
         "threshold",
         "factor",
+        "no_repeat_ngram",
+        "candidates",
         "seed",
         mode="before",
     )
@@ -109,6 +127,7 @@ class FillCancelled(RuntimeError):
 
 __all__ = [
     "MAX_BLOCK_LENGTH",
+    "MAX_CANDIDATES",
     "MIN_PROBABILITY",
     "MIN_TEMPERATURE",
     "SCHEDULES",

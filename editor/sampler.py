@@ -99,12 +99,14 @@ class StepEvent:
 @dataclass
 class Row:
     """One canvas row as the sampler sees it; `seed` fixes its random draws (None: derived from the
-    run's seed and the row's index)."""
+    run's seed and the row's index); `temperature` overrides the run's for this row (the sampled
+    candidates beside a greedy one, editor.filling)."""
 
     ids: list[int]
     pinned: list[bool]
     rules: list[PositionRule]
     seed: int | None = None
+    temperature: float | None = None
 
 
 @dataclass
@@ -180,6 +182,9 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+NGRAM_WINDOW = 64  # how far apart two copies of an n-gram count as a repeat (no_repeat_ngram)
 
 
 def pad_rows(
@@ -271,6 +276,45 @@ def forbid_double_spaces_(
     return logits.masked_fill_(out, float("-inf"))
 
 
+def forbid_repeated_ngrams_(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    candidates: torch.Tensor,
+    known: torch.Tensor,
+    lettered: torch.Tensor,
+    n: int,
+    window: int,
+) -> torch.Tensor:
+    """logits [B, M, V] at `candidates` [B, M], in place: no token that would complete an n-gram
+    already on the canvas (ids [B, L]) within `window` positions, whichever of the n-gram's places
+    the candidate takes, with the other n - 1 already committed (`known` [B, L]: filled, pinned or
+    literal; not masked, not padding). Only n-grams with a letter in them count (`lettered` [V]):
+    "1", "9", "9" twice is two years, not a loop. Works on [B, M, L] comparisons and a scatter of
+    -inf, never on [B, M, V] masks. Returns logits."""
+    batch, width = ids.shape
+    positions = torch.arange(width, device=ids.device)  # [L]
+    near = (positions[None, None, :] - candidates[..., None]).abs()  # [B, M, L]
+    near = (near <= window) & (near > 0)
+    found = torch.zeros(near.shape, dtype=torch.bool, device=ids.device)  # [B, M, L]: ids[q] is banned
+    for slot in range(n):
+        offsets = [k - slot for k in range(n) if k != slot]
+        match = near & known[:, None, :]  # the occurrence's own token at q is committed
+        has_letter = lettered[ids][:, None, :].expand_as(match)  # [B, M, L]
+        for offset in offsets:
+            mine, inside = neighbours(ids, candidates, offset)  # [B, M]
+            mine_known = inside & known.gather(1, (candidates + offset).clamp(0, width - 1))
+            theirs = torch.roll(ids, -offset, dims=1)  # [B, L]: theirs[q] = ids[q + offset]
+            theirs_known = torch.roll(known, -offset, dims=1)
+            edge = (positions + offset >= 0) & (positions + offset < width)  # [L] no wrap-around
+            match = match & mine_known[..., None] & (theirs[:, None, :] == mine[..., None])
+            match = match & (theirs_known & edge[None])[:, None, :]
+            has_letter = has_letter | lettered[mine][..., None]
+        found |= match & has_letter
+    banned = ids[:, None, :].expand(batch, candidates.shape[1], width)  # [B, M, L] token ids
+    block = torch.where(found, float("-inf"), float("inf")).to(logits.dtype)
+    return logits.scatter_reduce_(2, banned, block, reduce="amin")
+
+
 def sample(
     model: DiffusionModel,
     rows: Sequence[Row],
@@ -315,11 +359,6 @@ class SamplerRun:
         self.vocabulary = vocabulary
         device = self.device = model.device
         self.seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**63)
-        self.random = (
-            options.temperature > 0
-            or options.schedule == "random"
-            or (options.alg_temp > 0 and options.schedule in ("confidence", "margin", "entropy", "blocks"))
-        )
         self.space_edges = vocabulary.space_edges(device) if options.single_spaces else None
         # each token's word class [V] and each class's spellings [C, K]
         self.words = vocabulary.word_classes(device) if options.repetition_penalty != 1.0 else None
@@ -330,12 +369,14 @@ class SamplerRun:
         # plans instead of reading the device each step.
         self.follows_plan = options.schedule not in ("threshold", "factor")
         self._host_plans: list[_HostPlan] = []
+        self._temperature_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._late_windows: _LateRead | None = None  # the window widths the last step computed
         # Host-side, one entry per row in batch order.
         self.rows: list[Row] = []
         self.keys: list[int] = []  # stable names for rows (indices shift when rows leave)
         self.row_seeds: list[int] = []
-        self.generators: list[torch.Generator] = []
+        self.generators: list[torch.Generator] = []  # one per row: its draws depend on its seed alone
+        self.temperatures: list[float] = []
         self.row_steps: list[int] = []  # steps each row has taken
         self.last_commit: list[int] = []  # the row's own step of its last commit, plus one
         self._counts: list[int] = []  # masks left per row, as last read from the device
@@ -404,8 +445,11 @@ class SamplerRun:
         self.rows += rows
         self.keys += keys
         self.row_seeds += seeds
-        if self.random:
-            self.generators += [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.generators += [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperatures += [
+            row.temperature if row.temperature is not None else self.options.temperature for row in rows
+        ]
+        self._temperature_table = None
         self.row_steps += [0] * len(rows)
         self.last_commit += [0] * len(rows)
         self._counts += mask_counts
@@ -430,7 +474,8 @@ class SamplerRun:
             return [values[i] for i in kept]
 
         self.rows, self.keys, self.row_seeds = pick(self.rows), pick(self.keys), pick(self.row_seeds)
-        self.generators = pick(self.generators) if self.random else []
+        self.generators, self.temperatures = pick(self.generators), pick(self.temperatures)
+        self._temperature_table = None
         self.row_steps, self.last_commit = pick(self.row_steps), pick(self.last_commit)
         self._counts, self._window_counts = pick(self._counts), pick(self._window_counts)
         self._scored_counts = pick(self._scored_counts)
@@ -545,6 +590,12 @@ class SamplerRun:
         if self.options.repetition_penalty != 1.0:
             penalty = self.options.repetition_penalty
             penalize_neighbours_(logits, self.ids, candidates, self.unpenalised, penalty, self.words)
+        if self.options.no_repeat_ngram:
+            known = self.attention & ~self.masked & ~torch.isin(self.ids, self.unpenalised)  # [B, L]
+            lettered = self.vocabulary.lettered(self.device)
+            forbid_repeated_ngrams_(
+                logits, self.ids, candidates, known, lettered, self.options.no_repeat_ngram, NGRAM_WINDOW
+            )
         _revive_dead_(logits, allowed)
         tokens, confidence, scores = self._choose(logits, candidates, valid)
         count = self._commit_counts(confidence, valid, planned)  # [B]
@@ -737,7 +788,7 @@ class SamplerRun:
         the schedule's score [B, M] (higher = commit sooner)."""
         options = self.options
         schedule = options.schedule
-        if options.temperature == 0:
+        if not any(self.temperatures):
             # Confidence as exp(max - logsumexp) in float32: no softmax over the vocabulary.
             top, tokens = logits.max(dim=-1)
             log_norm = torch.logsumexp(logits, dim=-1)
@@ -746,7 +797,10 @@ class SamplerRun:
         else:
             # a division by a small temperature may overflow: keep every row finite
             allowed = ~torch.isneginf(logits)
-            filtered = _revive_dead_(_finite_(_filtered(logits, options), allowed), allowed)
+            temperature, sampled = self._temperature_rows()  # [B, 1, 1] each
+            # A greedy row beside sampled ones scores exactly as in a greedy run (no top-p/top-k).
+            tempered = torch.where(sampled, _filtered(logits / temperature, options), logits)
+            filtered = _revive_dead_(_finite_(tempered, allowed), allowed)
             probs = torch.softmax(filtered, dim=-1)
             tokens = self._sample_tokens(probs, filtered)
             confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
@@ -777,7 +831,7 @@ class SamplerRun:
         tokens); each row draws from its own generator, for its own masked positions only."""
         tokens = probs.argmax(dim=-1)
         for row, count in enumerate(self._scored_counts):
-            if count == 0:
+            if count == 0 or self.temperatures[row] == 0:
                 continue
             uniform = torch.rand(
                 (count, logits.shape[-1]), generator=self.generators[row], device=self.device, dtype=torch.float64
@@ -785,6 +839,15 @@ class SamplerRun:
             gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
             tokens[row, :count] = (logits[row, :count].double() + gumbel).argmax(dim=-1)
         return tokens
+
+    def _temperature_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's temperature [B, 1, 1] (1 for a greedy row, which takes the argmax anyway) and
+        whether the row samples [B, 1, 1]; made once per change of the rows (a tensor from a host
+        list waits for the GPU)."""
+        if self._temperature_table is None:
+            values = torch.tensor(self.temperatures, dtype=torch.float32, device=self.device)[:, None, None]
+            self._temperature_table = (torch.where(values > 0, values, 1.0), values > 0)
+        return self._temperature_table
 
     def _row_uniform(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, M] uniform noise, row b drawn from its own generator for its masked positions."""
@@ -827,8 +890,7 @@ class SamplerRun:
 
 
 def _filtered(logits: torch.Tensor, options: SamplerOptions) -> torch.Tensor:
-    """logits / temperature, then top-p, then top-k (on the last axis)."""
-    logits = logits / options.temperature
+    """Tempered logits, then top-p, then top-k (on the last axis)."""
     if options.top_p < 1.0:
         logits = _top_p(logits, options.top_p)
     if options.top_k > 0:

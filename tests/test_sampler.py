@@ -256,7 +256,10 @@ def test_shift_aligns_predictions_to_positions(tiny_model: DiffusionModel, shift
     probe = Probe(tiny_model, bias, logits_shifted=shifted)
     canvas = canvases_for(probe, ["Hello [MASK 7] and [MASK 5]"])[0]
     output = sample(
-        probe, [Row(canvas.ids, canvas.pinned, canvas.rules)], SamplerOptions(seed=0), vocabulary_rules(probe)
+        probe,
+        [Row(canvas.ids, canvas.pinned, canvas.rules)],
+        SamplerOptions(seed=0, no_repeat_ngram=0),  # the pattern repeats its 3-gram on purpose
+        vocabulary_rules(probe),
     )
     for position in canvas.masked_positions:
         assert output.ids[0][position] == targets[position % 3]
@@ -299,7 +302,9 @@ def test_blocks_finish_before_the_next_starts(tiny_model: DiffusionModel, steps:
 def test_confidence_schedules_commit_the_best_scored_positions(tiny_model: DiffusionModel, schedule: str) -> None:
     """Temperature 0: each step's committed positions score at least as high as every position left
     (the logit rules that look at neighbours are off: the scores below are recomputed without them)."""
-    options = SamplerOptions(schedule=schedule, steps=4, seed=0, repetition_penalty=1.0, single_spaces=False)
+    options = SamplerOptions(
+        schedule=schedule, steps=4, seed=0, repetition_penalty=1.0, single_spaces=False, no_repeat_ngram=0
+    )
     run = run_sampler(tiny_model, BATCH, options)
     check_run(run)
     vocabulary = vocabulary_rules(run.probe)

@@ -185,31 +185,47 @@ def cache_root() -> Path:
 def merged_model_dir(adapter_path: Path, gguf_path: Path, base_sha256: str) -> Path:
     """A native model directory with the base and adapter merged: from the cache when present,
     otherwise built (dequantize + merge, a few tens of seconds on a small CPU) and cached."""
+    return _cached_model_dir(adapter_path, gguf_path, base_sha256, with_adapter=True)
+
+
+def base_model_dir(adapter_path: Path, gguf_path: Path, base_sha256: str) -> Path:
+    """A native model directory holding the adapter's base alone (dequantized, no adapter): the
+    autoregressive twin that judges the diffusion model's candidates (editor.judging). Cached as
+    `merged_model_dir` is; the adapter's special ids name the tokens as the diffusion model does."""
+    return _cached_model_dir(adapter_path, gguf_path, base_sha256, with_adapter=False)
+
+
+def _cached_model_dir(adapter_path: Path, gguf_path: Path, base_sha256: str, *, with_adapter: bool) -> Path:
     from editor.models.gguf import check_sha256, read_gguf
-    from editor.models.loading import save_native_tensors
+    from editor.models.native import save_native_tensors
 
     config = read_adapter_config(adapter_path)  # the tensors are only needed to build the cache entry
     expected = str(config.get("base_sha256") or base_sha256)
-    key = f"v{CACHE_FORMAT}-{expected[:16]}-{adapter_digest(adapter_path)[:16]}"
-    target = cache_root() / "merged" / key
+    if with_adapter:
+        key, folder = f"v{CACHE_FORMAT}-{expected[:16]}-{adapter_digest(adapter_path)[:16]}", "merged"
+    else:
+        key, folder = f"v{CACHE_FORMAT}-{expected[:16]}", "base"
+    target = cache_root() / folder / key
     if (target / "model.safetensors").is_file():
         return target
     check_sha256(gguf_path, expected)
-    _log.info("merging %s into %s (first load; cached at %s)", adapter_path, gguf_path.name, target)
-    _, adapter = read_adapter(adapter_path)
+    _log.info("building %s from %s (first load; cached at %s)", folder, gguf_path.name, target)
     base = read_gguf(gguf_path)
-    merged = merge_adapter(base.tensors, adapter, config, adapter_path)
+    tensors = base.tensors
+    if with_adapter:
+        _, adapter = read_adapter(adapter_path)
+        tensors = merge_adapter(base.tensors, adapter, config, adapter_path)
     special = adapter_special_ids(config, adapter_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         save_native_tensors(
-            merged,
+            tensors,
             base.config,
             with_special_tokens(base.tokenizer, special),
             special,
             building,
-            logits_shifted=bool(config.get("logits_shifted", True)),
+            logits_shifted=bool(config.get("logits_shifted", True)) if with_adapter else False,
         )
         try:
             building.replace(target)  # atomic: readers see no entry or a whole one
@@ -270,6 +286,7 @@ __all__ = [
     "ADAPTER_TYPE",
     "LORA_TARGETS",
     "MASK_DELTA",
+    "base_model_dir",
     "cache_root",
     "lowered_rank",
     "merge_adapter",

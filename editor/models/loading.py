@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from editor.models.adapter import ADAPTER_TYPE, merged_model_dir
@@ -18,16 +16,23 @@ from editor.models.checkpoints import FAMILIES, load_checkpoint
 from editor.models.gguf import BASE_SHA256, INSTALL_HINT, find_base_gguf
 from editor.models.graphs import DEFAULT_MAX_GRAPHS, DEFAULT_MAX_SLABS
 from editor.models.hf_masked import MaskedLMAdapter
-from editor.models.native import ModelLoadError, NativeDiffusionModel, default_dtype, read_config, resolve_checkpoint
-from editor.models.transformer import BidirectionalTransformer, TransformerConfig
+from editor.models.native import (
+    NATIVE_TYPE,
+    ModelLoadError,
+    NativeDiffusionModel,
+    default_dtype,
+    dtype_text,
+    read_config,
+    resolve_checkpoint,
+    save_native_tensors,
+)
+from editor.models.transformer import BidirectionalTransformer
 from editor.settings import Settings
 
-NATIVE_TYPE = "editor-dlm"
 DEFAULT_SPECS = ("default",)  # SmolLM2-135M + our LoRA adapter (falls back to tiny without the base)
 TINY_SPECS = ("tiny", "bundled")  # the 17M model trained from scratch, shipped whole
 # What a hub snapshot needs: configs, tokenizers, safetensors weights (not duplicate .bin/.pth).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-_SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 _log = logging.getLogger("editor.models")
@@ -88,11 +93,6 @@ def dtype_named(name: str | None) -> torch.dtype | None:
     if name not in _DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, not {name!r}")
     return _DTYPES[name]
-
-
-def dtype_text(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bfloat16': how configs, reports and /ready write a dtype."""
-    return str(dtype).removeprefix("torch.")
 
 
 def model_dtype_text(model: object) -> str:
@@ -182,41 +182,3 @@ def save_native(
     return save_native_tensors(
         tensors, model.config, tokenizer, special, path, dtype=dtype, logits_shifted=logits_shifted
     )
-
-
-def save_native_tensors(
-    tensors: dict[str, torch.Tensor],
-    model_config: TransformerConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    special: SpecialIds,
-    path: str | Path,
-    *,
-    dtype: torch.dtype = torch.float16,
-    logits_shifted: bool = False,
-) -> Path:
-    """`save_native` for a state dict (our names) and its config."""
-    if dtype not in _SAVE_DTYPES:
-        raise ValueError(f"save dtype must be one of {_SAVE_DTYPES}, not {dtype}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model_type": NATIVE_TYPE,
-        **model_config.to_dict(),
-        "mask_token_id": special.mask,
-        "pad_token_id": special.pad,
-        "bos_token_id": special.bos,
-        "eos_token_id": special.eos,
-        "extra_end_token_ids": list(special.extra_end),
-        "logits_shifted": logits_shifted,
-        "torch_dtype": dtype_text(dtype),
-    }
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tokenizer.save_pretrained(str(path))
-    state = {
-        key: tensor.detach().to("cpu", dtype).contiguous()
-        for key, tensor in tensors.items()
-        # A tied head is the embedding; safetensors refuses to store the shared tensor twice.
-        if not (model_config.tie_embeddings and key == "lm_head.weight")
-    }
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path

@@ -12,12 +12,15 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from editor.models.base import CanvasCache, SpecialIds
 from editor.models.graphs import DEFAULT_MAX_GRAPHS, DEFAULT_MAX_SLABS, WindowGraphs
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 
+NATIVE_TYPE = "editor-dlm"
+_SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEFAULT_INSTRUCTION = "Fill in the blanks of the document."
 # Only used when a chat template cannot be rendered to find its end-of-turn marker.
 _END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
@@ -381,3 +384,46 @@ class NativeDiffusionModel:
         return (
             f"NativeDiffusionModel(name={self.name!r}, params={self.network.num_parameters():,}, device={self.device})"
         )
+
+
+def dtype_text(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16': how configs, reports and /ready write a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def save_native_tensors(
+    tensors: dict[str, torch.Tensor],
+    model_config: TransformerConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    special: SpecialIds,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+    logits_shifted: bool = False,
+) -> Path:
+    """`save_native` for a state dict (our names) and its config."""
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"save dtype must be one of {_SAVE_DTYPES}, not {dtype}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": NATIVE_TYPE,
+        **model_config.to_dict(),
+        "mask_token_id": special.mask,
+        "pad_token_id": special.pad,
+        "bos_token_id": special.bos,
+        "eos_token_id": special.eos,
+        "extra_end_token_ids": list(special.extra_end),
+        "logits_shifted": logits_shifted,
+        "torch_dtype": dtype_text(dtype),
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tokenizer.save_pretrained(str(path))
+    state = {
+        key: tensor.detach().to("cpu", dtype).contiguous()
+        for key, tensor in tensors.items()
+        # A tied head is the embedding; safetensors refuses to store the shared tensor twice.
+        if not (model_config.tie_embeddings and key == "lm_head.weight")
+    }
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

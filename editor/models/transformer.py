@@ -147,13 +147,17 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(batch, width, kv_heads, self.head_dim)
         return q.transpose(1, 2), (k.transpose(1, 2), v.transpose(1, 2))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, causal: bool = False
+    ) -> torch.Tensor:
         """q [B, H, W, D], k/v [B, Hkv, K, D], key_mask [B, 1, 1, K] or None -> [B, W, C]. Non-causal:
         every position sees the whole canvas except padding; with no padding there is no mask, so
-        SDPA may pick its fused kernels, and grouped-query heads are shared inside it, not copied."""
+        SDPA may pick its fused kernels, and grouped-query heads are shared inside it, not copied.
+        `causal` (no key_mask: right padding is never seen from the left) is the left-to-right
+        attention of the base model an adapter started from (editor.judging)."""
         batch, _, width, _ = q.shape
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, enable_gqa=self.num_kv_heads != self.num_heads
+            q, k, v, attn_mask=key_mask, is_causal=causal, enable_gqa=self.num_kv_heads != self.num_heads
         )  # [B, H, W, D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, width, self.num_heads * self.head_dim))
 
@@ -164,13 +168,14 @@ class Attention(nn.Module):
         sin: torch.Tensor,  # [B, W, 1, D], first half negated (`rotary_tables`)
         key_mask: torch.Tensor | None,  # [B, 1, 1, K] bool, True = attend; K = cached + W; None = all
         past: KV | None,
+        causal: bool = False,
     ) -> tuple[torch.Tensor, KV]:
         q, (k, v) = self.project(x, cos, sin)
         new_kv = (k, v)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # [B, Hkv, K, D]
             v = torch.cat([past[1], v], dim=2)
-        return self.attend(q, k, v, key_mask), new_kv
+        return self.attend(q, k, v, key_mask, causal), new_kv
 
     def forward_cached(
         self,
@@ -227,9 +232,15 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None, past: KV | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        past: KV | None,
+        causal: bool = False,
     ) -> tuple[torch.Tensor, KV]:
-        attended, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, past)
+        attended, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, past, causal)
         x = x + attended
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
@@ -267,10 +278,13 @@ class BidirectionalTransformer(nn.Module):
         past: list[KV] | None = None,  # per layer, [B, Hkv, K - W, D]
         return_kv: bool = False,
         hidden_at: torch.Tensor | None = None,  # [B, M] window indices to score; None = all W
+        causal: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
         """Logits [B, W, V] for the window ([B, M, V] with `hidden_at`); with `return_kv`, also each
         layer's keys/values of the window, so a caller can cache them and later run a smaller window
-        against them."""
+        against them. `causal`: each position sees only those before it (no past, no mask)."""
+        if causal and (past is not None or attention_mask is not None):
+            raise ValueError("a causal pass takes no past keys/values and no attention mask")
         batch, width = input_ids.shape
         cached = 0 if past is None else past[0][0].shape[2]
         if position_ids is None:
@@ -280,7 +294,7 @@ class BidirectionalTransformer(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype, cached + width)
         window_kv: list[KV] = []
         for index, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, key_mask, None if past is None else past[index])
+            x, kv = layer(x, cos, sin, key_mask, None if past is None else past[index], causal)
             window_kv.append(kv)
         logits = self.head(x, hidden_at)
         return (logits, window_kv) if return_kv else logits
