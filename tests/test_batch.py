@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,13 +20,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from editor.batch.runner import BatchFiller, ResultWriter, read_done_ids, read_input, run_records
+from editor.batch.runner import (
+    BatchFiller,
+    ResultWriter,
+    json_number_rules,
+    read_done_ids,
+    read_input,
+    run_records,
+)
 from editor.batch.schema import SchemaError, template_from_schema
-from editor.batch.template import RecordError, Template, TemplateError
-from editor.canvas import SpanFill
+from editor.batch.template import VIEWS, RecordError, Template, TemplateError, View
+from editor.canvas import SpanFill, build_canvas, render
 from editor.cli import main
+from editor.filling import fill_documents, vocabulary_rules
+from editor.models import load_model
 from editor.models.base import DiffusionModel
 from editor.options import SamplerOptions
+from editor.parser import parse_document, render_document
 
 pytestmark = pytest.mark.usefixtures("tiny_one_thread")
 
@@ -58,11 +70,17 @@ def fill(
     return [r.to_dict() for r in filler.fill(read_input(lines_of(records), max_chars=10_000))]
 
 
+def shown(template: Template, record: dict[str, Any]) -> str:
+    """What the model sees of a record: its document, tags written out."""
+    return render_document(template.render(record).document)
+
+
 # --------------------------------------------------------------------------- templates
 
 
-def test_outputs_keep_the_structure_substitute_and_escape_record_values(tiny_model: DiffusionModel) -> None:
-    template = Template.parse(json.dumps(TEMPLATE))
+@pytest.mark.parametrize("view", VIEWS)
+def test_outputs_keep_the_structure_substitute_and_escape_record_values(tiny_model: DiffusionModel, view: View) -> None:
+    template = Template.parse(json.dumps(TEMPLATE), view=view)
     tricky = 'say "hi" \\ [MASK 3] {x}\n'
     records: list[dict[str, Any]] = [
         {"id": 7, "name": tricky, "user": {"name": "Ann"}},
@@ -303,12 +321,148 @@ def span_fill(index: int, text: str, start: int) -> SpanFill:
 
 
 def test_number_spans_become_json_numbers_or_an_error_line() -> None:
-    template = Template.parse('{"price": "[MASK 3 as=number]"}')
+    template = Template.parse('{"price": "[MASK 3 as=number]", "n": "[MASK 2 as=int]"}', view="json")
     document = template.render({})
-    start = len('{"price": ')
-    for text, value in ((" 1,250", 1250), (" 3.5", 3.5), ("-7", -7)):
-        output, _ = document.build([span_fill(0, text, start - (1 if text.startswith(" ") else 0))])
-        assert output == {"price": value} and type(output["price"]) is type(value)
-    with pytest.raises(RecordError) as caught:
-        document.build([span_fill(0, "1.2.3", start)])
-    assert caught.value.code == "invalid_value" and "$.price" in caught.value.message
+    price, n = len('{"price": '), len('{"price": ') + 3 + len(', "n": ')
+    for text, value in ((" 25", 25), (" 3.5", 3.5), ("-7", -7), ("1250", 1250)):
+        output, _ = document.build([span_fill(0, text, price - 1), span_fill(1, "12", n)])
+        assert output == {"price": value, "n": 12} and type(output["price"]) is type(value)
+    for text in ("1,250", "05", "1.2.3", "1.", "-", ""):  # only a pinned must could still spell these
+        with pytest.raises(RecordError) as caught:
+            document.build([span_fill(0, text, price), span_fill(1, "12", n)])
+        assert caught.value.code == "invalid_value" and "$.price" in caught.value.message
+    with pytest.raises(RecordError, match=r"\$\.n"):
+        document.build([span_fill(0, "2", price), span_fill(1, "2.5", n)])
+
+
+# --------------------------------------------------------------------------- number guarantees
+
+TEXT_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")  # docs/language.md: no "1,,2", ",5", "5," or lone "-"
+JSON_VALUE = {"int": re.compile(r"-?[1-9]\d*"), "number": re.compile(r"-?[1-9]\d*(?:\.\d+)?")}
+
+
+def test_number_rules_hold_in_any_commit_order_with_any_optional_positions_dropped(
+    tiny_model: DiffusionModel,
+) -> None:
+    """Every token a position's mask allows, drawn at random for every position (the sampler
+    commits positions in any order, so each is drawn independently of the others; optional ones
+    may take the end token and be dropped): `as=number` text is always a number, and a template's
+    number value always a JSON number. Separators are drawn too, so the rules are not just digits."""
+    rules, tokenizer, end_ids = vocabulary_rules(tiny_model), tiny_model.tokenizer, tiny_model.special.end_ids
+    rng = random.Random(0)
+    drawn: dict[tuple[bool, str], int] = {}
+    for _ in range(1500):
+        low = rng.randint(1, 9)
+        high, kind, as_json = rng.randint(low, 10), rng.choice(["int", "number"]), rng.random() < 0.5
+        source = rng.choice(["Price: ", "Price $"]) + f"[MASK {low}-{high} as={kind}] now"
+        canvas = build_canvas(parse_document(source), tokenizer, mask_id=tiny_model.special.mask)
+        if as_json:
+            canvas = json_number_rules(canvas, frozenset({0}))
+        layout, ids = canvas.spans[0], list(canvas.ids)
+        for offset in rng.sample(range(layout.length), layout.length):
+            allowed = rules.mask(canvas.rules[layout.start + offset]).nonzero().flatten().tolist()
+            ids[layout.start + offset] = rng.choice(allowed)
+        text = render(canvas, ids, [1.0] * len(ids), tokenizer, end_ids).spans[0].text.lstrip(" ")
+        pattern = JSON_VALUE[kind] if as_json else TEXT_NUMBER
+        assert pattern.fullmatch(text), (source, as_json, text)
+        for mark in ".,":
+            drawn[as_json, mark] = drawn.get((as_json, mark), 0) + (mark in text)
+    assert drawn[False, "."] and drawn[False, ","] and drawn[True, "."] and not drawn[True, ","]
+
+
+NUMBER_SCHEMA = {
+    "type": "object",
+    "properties": {"price": {"type": "number"}, "count": {"type": "integer"}, "name": {"type": "string"}},
+}
+
+
+@pytest.mark.parametrize("schedule", ["random", "confidence", "threshold"])
+def test_schema_numbers_are_json_numbers_for_every_seed_and_schedule(tiny_model: DiffusionModel, schedule: str) -> None:
+    template = template_from_schema(json.dumps(NUMBER_SCHEMA)).compile()
+    fixed = Template.parse('{"price": "[MASK 6 as=number]", "n": "[MASK 3-5 as=int]"}')  # room for a point
+    records = [{"id": n, "name": f"item {n}"} for n in range(6)]
+    for seed in range(4):
+        options = SamplerOptions(schedule=schedule, steps=3, temperature=1.0, seed=seed)
+        for result in fill(tiny_model, template, records, options=options) + fill(
+            tiny_model, fixed, records, options=options
+        ):
+            assert result["error"] is None, result
+            for key, span in result["spans"].items():
+                if key != "$.name":
+                    assert JSON_VALUE["number"].fullmatch(span["text"].strip()), (key, span["text"])
+            if "price" in result["output"] and "name" in result["output"]:
+                jsonschema.validate(result["output"], NUMBER_SCHEMA)
+
+
+@pytest.mark.parametrize("schedule", ["random", "confidence", "threshold"])
+def test_as_number_text_is_a_number_for_every_seed_and_schedule(tiny_model: DiffusionModel, schedule: str) -> None:
+    source = (
+        "Refund of $[MASK 3 as=number], then [MASK 1-6 as=number] and: [MASK 7 as=number] or [MASK 9-12 as=number]."
+    )
+    for seed in range(4):
+        options = SamplerOptions(schedule=schedule, steps=4, temperature=1.0, seed=seed)
+        for result in fill_documents(tiny_model, [parse_document(source)] * 4, options):
+            for span in result.spans:
+                assert TEXT_NUMBER.fullmatch(span.text.lstrip(" ")), span.text
+
+
+# --------------------------------------------------------------------------- what the model sees
+
+PRODUCT = {"id": "p1", "name": "running shoes", "brand": "Northwind", "material": "mesh"}
+
+
+@pytest.fixture(scope="module")
+def bundled_model() -> DiffusionModel:
+    """The bundled tiny model: trained on English, so unlike the random test model it reads context."""
+    return load_model("tiny", device="cpu", dtype=torch.float32)
+
+
+def test_the_prose_view_shows_labels_and_values_and_rebuilds_the_json(tiny_model: DiffusionModel) -> None:
+    template_text = json.dumps(
+        {
+            "title": "{brand} {name}",
+            "key_feature": "[MASK 3]",
+            "price_eur": "[MASK 1-3 as=int]",
+            "size": '[MASK choice="small|large"]',
+            "dims": {"inStock": '[MASK choice="true|false"]'},
+            "tags": ["[MASK 2]", "fixed"],
+        }
+    )
+    prose = shown(Template.parse(template_text), PRODUCT | {"name": "running\nshoes"})
+    assert prose.splitlines() == [
+        "Title: Northwind running shoes",  # the record's newline is a space on the canvas
+        "Key feature: [MASK 3 as=json]",
+        "Price eur: [MASK 1-3 as=int]",
+        'Size: [MASK choice="small|large"]',
+        "Dims:",
+        '  In stock: [MASK choice="true|false"]',
+        "Tags:",
+        "  - [MASK 2 as=json]",
+        "  - fixed",
+    ]
+    assert "key_feature" not in prose and "{" not in prose and '"title"' not in prose
+    assert shown(Template.parse(template_text, view="json"), PRODUCT).startswith('{"title": "Northwind running shoes"')
+    [result] = fill(tiny_model, Template.parse(template_text), [PRODUCT | {"name": "running\nshoes"}])
+    output = result["output"]
+    assert list(output) == ["title", "key_feature", "price_eur", "size", "dims", "tags"]
+    assert output["title"] == "Northwind running\nshoes"  # the output keeps the record's own text
+    assert output["size"] in ("small", "large")  # the label's space is not part of the value
+    assert type(output["price_eur"]) is int and type(output["dims"]["inStock"]) is bool
+    assert output["tags"][1] == "fixed" and not output["key_feature"].startswith(" ")
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_the_schema_path_shows_each_record_above_the_fields(bundled_model: DiffusionModel, view: View) -> None:
+    template = template_from_schema(json.dumps({"type": "object", "properties": {"tagline": {"type": "string"}}}))
+    compiled = template.compile(view=view)
+    other = {"id": "p2", "name": "wool scarf", "brand": "Acme", "material": "merino"}
+    first, second = shown(compiled, PRODUCT), shown(compiled, other)
+    for record, text in ((PRODUCT, first), (other, second)):
+        for key in ("name", "brand", "material"):
+            assert record[key] in text.split("[MASK")[0]  # before the span the model fills
+        assert record["id"] not in text  # an id says nothing the model could write about
+    if view == "prose":
+        assert first.startswith("Name: running shoes\nBrand: Northwind\nMaterial: mesh\nTagline: [MASK")
+    records = [PRODUCT, other, PRODUCT | {"id": "p3", "name": "rain jacket", "material": "nylon"}]
+    outputs = [r["output"]["tagline"] for r in fill(bundled_model, compiled, records, options=GREEDY)]
+    assert len(set(outputs)) == 3, outputs  # the record shapes the fill (the same seed for all)

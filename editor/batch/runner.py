@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -24,6 +24,7 @@ import torch
 
 from editor.batch.template import RecordDocument, RecordError, Template
 from editor.canvas import Canvas
+from editor.constraints import json_number_place
 from editor.document import DocumentError
 from editor.filling import fill_canvases, prepare_canvas
 from editor.models.base import DiffusionModel
@@ -199,7 +200,7 @@ class BatchFiller:
         except DocumentError as error:
             code = "too_long" if "canvas" in error.message else "invalid_record"
             raise RecordError(code, str(error)) from error
-        return _Prepared(order, document, canvas)
+        return _Prepared(order, document, json_number_rules(canvas, document.number_spans))
 
     def _run(self, batch: list[_Prepared], records: Sequence[InputRecord]) -> list[tuple[_Prepared, RecordResult]]:
         """Fill one batch; out of memory splits it in halves (down to one row, then an error)."""
@@ -223,6 +224,23 @@ class BatchFiller:
             tokens = sum(len(span.token_ids) for span in fill.spans)
             outcome.append((item, RecordResult(custom_id, output=output, spans=spans, tokens=tokens)))
         return outcome
+
+
+def json_number_rules(canvas: Canvas, spans: frozenset[int]) -> Canvas:
+    """The canvas with the JSON-number rules at the positions of `spans` (a template's `as=int` /
+    `as=number` values): "." only, no leading zero, so every fill is a JSON number, where the
+    document language's `as=number` would also allow "1,250" or "1,5"."""
+    if not spans:
+        return canvas
+    rules = list(canvas.rules)
+    for layout in canvas.spans:
+        value_class = layout.span.value_class
+        if layout.span.index not in spans or value_class is None:
+            continue
+        for offset in range(layout.length):
+            place = json_number_place(offset, layout.min_tokens, layout.joins_space, value_class)
+            rules[layout.start + offset] = replace(rules[layout.start + offset], place=place)
+    return replace(canvas, rules=rules)
 
 
 def _lost() -> RecordError:

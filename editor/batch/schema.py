@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from editor.batch.template import Template, TemplateError, json_path
+from editor.batch.template import Template, TemplateError, View, json_path
 from editor.document import Document, DocumentLimits, MaskSpan
 from editor.parser import render_document
 
@@ -65,11 +65,20 @@ class SchemaTemplate:
     max_chars: dict[str, int] = field(default_factory=dict)
     strings: frozenset[str] = frozenset()  # string enums that a template would read as booleans
 
-    def compile(self, limits: DocumentLimits | None = None, *, instruction: str | None = None) -> Template:
-        """The template; an explicit instruction goes before the descriptions' hints."""
+    def compile(
+        self, limits: DocumentLimits | None = None, *, instruction: str | None = None, view: View = "prose"
+    ) -> Template:
+        """The template; an explicit instruction goes before the descriptions' hints. A schema has
+        no placeholders, so each record is shown above the fields it shapes."""
         text = "\n".join(part for part in (instruction, self.instruction) if part) or None
         return Template.from_value(
-            self.value, limits=limits, instruction=text, max_chars=self.max_chars, strings=self.strings
+            self.value,
+            limits=limits,
+            instruction=text,
+            max_chars=self.max_chars,
+            strings=self.strings,
+            view=view,
+            show_record=True,
         )
 
     @property
@@ -172,7 +181,7 @@ class _Deriver:
         tokens = DEFAULT_STRING_TOKENS if max_length is None else math.ceil(max_length / CHARS_PER_TOKEN)
         # Every token is at least one character, so minLength tokens give at least minLength characters.
         high = max(1, min(self.limits.max_span_tokens, max(tokens, min_length)))
-        low = min(min_length, high)
+        low = min(max(1, min_length), high)  # an empty string is valid but never what was asked for
         if max_length is not None:
             self.max_chars[path] = max_length
         return _tag(MaskSpan(0, low, high))

@@ -2,11 +2,13 @@
 `{field}` placeholders, turned into one editor document per record, and the filled spans turned
 back into JSON.
 
-The JSON skeleton (braces, keys, quotes, commas, literal values) becomes literal text of the
-document, so the model sees the whole JSON, but the output is not parsed from the filled text: it
-is rebuilt from the template's structure and each span's text, so it always parses. The per-record
-`Document` is built from segments directly (never re-parsed), so a record value containing
-`[MASK` or braces stays literal text. Pure Python: no torch import.
+What the model sees is a view of the template: by default prose, one "Label: value" line per
+field (`view="prose"`), or the JSON text itself (`view="json"`: braces, keys, quotes, commas).
+Either way the output is not parsed from the filled text: it is rebuilt from the template's
+structure and each span's text, so it always parses. A template derived from a schema has no
+placeholders, so the record is shown above the fields (`show_record`). The per-record `Document`
+is built from segments directly (never re-parsed), so a record value containing `[MASK` or braces
+stays literal text. Pure Python: no torch import.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _FIELD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.([A-Za-z_][A-Za-z0-9_-]*|[0-9]+))*")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
-_THOUSANDS = re.compile(r"-?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _BOOLEAN_CHOICES = frozenset({"true", "false"})
 
 
@@ -110,6 +112,9 @@ class Placeholder:
 
 Piece: TypeAlias = "str | Placeholder | MaskSpan"
 ValueKind = Literal["int", "number", "boolean"]
+View = Literal["prose", "json"]
+VIEWS: tuple[View, ...] = ("prose", "json")
+HIDDEN_RECORD_FIELDS = frozenset({"id", "custom_id"})  # ids say nothing the model could write about
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,9 @@ class ArrayNode:
 
 
 Node: TypeAlias = "TextNode | FieldNode | SpanValueNode | ConstNode | ObjectNode | ArrayNode"
-Ref: TypeAlias = tuple[Literal["part", "span", "empty"], int, int]  # (what, literal or span number, part number)
+# (what, literal or span number, part number); a "label_span" follows a prose label ("Name: "), whose
+# space the fill may have taken: the output drops it.
+Ref: TypeAlias = tuple[Literal["part", "span", "label_span", "empty"], int, int]
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,8 @@ class Template:
     span_keys: tuple[str, ...]  # the key of each span in the output's "spans", in document order
     instruction: tuple[str | Placeholder, ...] | None = None
     source: str = ""
+    view: View = "prose"
+    show_record: bool = False  # the record's fields go above the template's (schemas have no placeholders)
 
     @classmethod
     def parse(
@@ -175,6 +184,7 @@ class Template:
         limits: DocumentLimits | None = None,
         instruction: str | None = None,
         max_chars: Mapping[str, int] | None = None,
+        view: View = "prose",
     ) -> Template:
         """Compile template text; raises TemplateError (with the JSON path) for any mistake.
         `max_chars` maps JSON paths of string values to a character limit (schema maxLength)."""
@@ -186,7 +196,9 @@ class Template:
             ) from error
         except _DuplicateKey as error:
             raise TemplateError(f"the key {error.key!r} appears twice in one object", expected="unique keys") from error
-        return cls.from_value(value, limits=limits, instruction=instruction, max_chars=max_chars, source=text)
+        return cls.from_value(
+            value, limits=limits, instruction=instruction, max_chars=max_chars, source=text, view=view
+        )
 
     @classmethod
     def from_value(
@@ -198,6 +210,8 @@ class Template:
         max_chars: Mapping[str, int] | None = None,
         source: str | None = None,
         strings: frozenset[str] = frozenset(),
+        view: View = "prose",
+        show_record: bool = False,
     ) -> Template:
         """`strings`: JSON paths whose value stays a JSON string even when it is one
         `choice="true|false"` tag (a schema's string enum of "true" and "false")."""
@@ -211,7 +225,7 @@ class Template:
                 p for p in _split_placeholders(instruction, "instruction") if not isinstance(p, MaskSpan)
             )
         text = source if source is not None else json.dumps(value, ensure_ascii=False)
-        return cls(root, tuple(compiler.keys), instruction_pieces, text)
+        return cls(root, tuple(compiler.keys), instruction_pieces, text, view, show_record)
 
     @property
     def fields(self) -> list[str]:
@@ -228,8 +242,13 @@ class Template:
 
     def render(self, record: Mapping[str, Any]) -> RecordDocument:
         """The record's document (raises RecordError for a missing field)."""
-        builder = _DocumentBuilder(record)
-        builder.node(self.root)
+        builder = _DocumentBuilder(record, self.view)
+        if self.show_record:
+            builder.record_fields()
+        if self.view == "prose":
+            builder.prose(self.root, "", 0)
+        else:
+            builder.node(self.root)
         instruction = None
         if self.instruction is not None:
             instruction = "".join(p if isinstance(p, str) else _as_text(p.lookup(record)) for p in self.instruction)
@@ -240,6 +259,7 @@ class Template:
             record=record,
             literal_parts=builder.literal_parts,
             layout=tuple(builder.layout),
+            number_spans=frozenset(builder.number_spans),
         )
 
 
@@ -262,6 +282,7 @@ class RecordDocument:
     record: Mapping[str, Any]
     literal_parts: tuple[tuple[LiteralPart, ...], ...]  # the parts of literal i (before span i; last: after all)
     layout: tuple[Ref, ...]  # where each string piece and value span went, in template order
+    number_spans: frozenset[int] = frozenset()  # span indexes whose fill becomes a JSON number
 
     def build(self, spans: Sequence[SpanFill]) -> tuple[Any, dict[str, dict[str, Any]]]:
         """(output JSON value, spans by key) from the fill's spans (in document order).
@@ -331,11 +352,13 @@ class _Compiler:
             kind = _value_kind(pieces[0])
             if kind is not None and not (kind == "boolean" and path in self.strings):
                 self.add_key(pieces[0], path, alone=True)
-                return SpanValueNode(path, pieces[0], kind)
+                span = pieces[0]
+                if kind != "boolean":  # an empty fill is no number: one token at least
+                    span = replace(span, min_tokens=max(1, span.min_tokens))
+                return SpanValueNode(path, span, kind)
         for span in spans:
             self.add_key(span, path, alone=len(spans) == 1)
-        defaulted = tuple(_json_by_default(p) if isinstance(p, MaskSpan) else p for p in pieces)
-        return TextNode(path, defaulted, self.max_chars.get(path))
+        return TextNode(path, tuple(pieces), self.max_chars.get(path))
 
     def add_key(self, span: MaskSpan, path: str, *, alone: bool) -> None:
         key = span.name if span.name is not None else (path if alone else f"{path}#{span.index}")
@@ -355,8 +378,23 @@ def _value_kind(span: MaskSpan) -> ValueKind | None:
 
 
 def _json_by_default(span: MaskSpan) -> MaskSpan:
-    """Inside a JSON string a span without `as=` or `choice=` uses the `json` class."""
+    """A string's span without `as=` or `choice=` uses the `json` class: inside the JSON view's
+    quotes it cannot close the string, and on a prose line it cannot run into the next line (nor
+    loop on quotes and backslashes, which a weak model will)."""
     return replace(span, value_class="json") if span.value_class is None and span.choices is None else span
+
+
+def label(key: str) -> str:
+    """A key as a prose label: `price_eur` -> "Price eur", `inStock` -> "In stock", `SKU` stays."""
+    words = _CAMEL.sub(" ", key).replace("_", " ").replace("-", " ").split()
+    text = " ".join(word if word.isupper() else word.lower() for word in words)
+    return text[:1].upper() + text[1:] if text else json.dumps(key, ensure_ascii=False)
+
+
+def _prose_text(text: str) -> str:
+    """A record value on a prose line: newlines shown as spaces, one character for one, so the
+    canvas keeps the value's length (the output keeps the newlines)."""
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _split_placeholders(text: str, path: str, limits: DocumentLimits | None = None) -> list[Piece]:
@@ -450,10 +488,12 @@ class _DocumentBuilder:
     """Lays a record out as document segments, remembering where each string's pieces went."""
 
     record: Mapping[str, Any]
+    view: View = "json"
     segments: list[str | MaskSpan] = field(default_factory=list)
     parts: list[LiteralPart] = field(default_factory=list)  # of the literal being written
     literals: list[tuple[LiteralPart, ...]] = field(default_factory=list)  # finished literals
     layout: list[Ref] = field(default_factory=list)  # per string piece / value, in template order
+    number_spans: list[int] = field(default_factory=list)
 
     @property
     def literal_parts(self) -> tuple[tuple[LiteralPart, ...], ...]:
@@ -475,10 +515,59 @@ class _DocumentBuilder:
 
     def span(self, span: MaskSpan) -> Ref:
         index = len(self.literals)
-        self.segments.append(replace(span, index=index))
+        self.segments.append(replace(_json_by_default(span), index=index))
         self.literals.append(tuple(self.parts))
         self.parts = []
         return ("span", index, 0)
+
+    def value_span(self, node: SpanValueNode) -> None:
+        ref = self.span(node.span)
+        if node.kind != "boolean":
+            self.number_spans.append(ref[1])
+        self.layout.append(ref)
+
+    def record_fields(self) -> None:
+        """The record above the template's fields, in the view's own form (ids left out)."""
+        shown = {k: v for k, v in self.record.items() if k not in HIDDEN_RECORD_FIELDS}
+        if not shown:
+            return
+        if self.view == "json":
+            self.skeleton("Record: " + json.dumps(shown, ensure_ascii=False) + "\n\n")
+            return
+        for key, value in shown.items():  # the same sheet as the fields below: one product, one page
+            self.skeleton(f"{label(key)}: {_prose_text(_as_text(value))}\n")
+
+    def prose(self, node: Node, prefix: str, depth: int) -> None:
+        """One line per value: `prefix` is "Label: " or "- " (an array item), indented by depth;
+        an object or array under a label starts its own indented lines."""
+        indent = "  " * depth
+        if isinstance(node, ObjectNode | ArrayNode):
+            if prefix:
+                self.skeleton(f"{indent}{prefix.rstrip()}\n")
+                depth += 1
+            if isinstance(node, ObjectNode):
+                for key, item in node.items:
+                    self.prose(item, f"{label(key)}: ", depth)
+            else:
+                for item in node.items:
+                    self.prose(item, "- ", depth)
+            return
+        self.skeleton(indent + prefix)
+        if isinstance(node, ConstNode):
+            self.skeleton(_prose_text(_as_text(node.value)))
+        elif isinstance(node, FieldNode):
+            self.skeleton(_prose_text(_as_text(node.placeholder.lookup(self.record))))
+        elif isinstance(node, SpanValueNode):
+            self.value_span(node)
+        else:
+            for number, piece in enumerate(node.pieces):
+                if isinstance(piece, MaskSpan):
+                    _, index, _ = self.span(piece)
+                    self.layout.append(("label_span" if number == 0 else "span", index, 0))
+                else:
+                    raw = piece if isinstance(piece, str) else _as_text(piece.lookup(self.record))
+                    self.layout.append(self.literal(LiteralPart(_prose_text(raw), raw)))
+        self.skeleton("\n")
 
     def node(self, node: Node) -> None:
         if isinstance(node, ObjectNode):
@@ -499,7 +588,7 @@ class _DocumentBuilder:
         elif isinstance(node, FieldNode):
             self.skeleton(json.dumps(node.placeholder.lookup(self.record), ensure_ascii=False))
         elif isinstance(node, SpanValueNode):
-            self.layout.append(self.span(node.span))
+            self.value_span(node)
         else:
             self.skeleton('"')
             for piece in node.pieces:
@@ -550,6 +639,8 @@ class _OutputReader:
         kind, first, second = next(self.layout)
         if kind == "span":
             return self.spans[first].text
+        if kind == "label_span":
+            return self.spans[first].text.removeprefix(" ")
         if kind == "empty":
             return ""
         return self.kept[first][second] or ""
@@ -574,14 +665,17 @@ class _OutputReader:
 
 
 def _span_value(node: SpanValueNode, span: SpanFill) -> Any:
+    """The span's JSON value. The runner gives number spans the JSON-number rules
+    (`editor.constraints.json_number_place`), so the text is a JSON number; a pinned `must` could
+    still spell something else, which is an error line."""
     text = span.text.strip()
     if node.kind == "boolean":
         return text == "true"
-    candidate = text.replace(",", "") if _THOUSANDS.fullmatch(text) else text
-    if node.kind == "int" and re.fullmatch(r"-?[0-9]+", candidate):
-        return int(candidate)
-    if node.kind == "number" and re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", candidate):
-        return float(candidate) if "." in candidate else int(candidate)
+    match = _JSON_NUMBER.fullmatch(text)
+    if match is not None and node.kind == "int" and not match.group(2) and not match.group(3):
+        return int(text)
+    if match is not None and node.kind == "number" and not match.group(3):
+        return float(text) if "." in text else int(text)
     raise RecordError(
         "invalid_value", f"the span at {node.path} produced {span.text!r}, which is not a JSON {node.kind}"
     )
