@@ -331,3 +331,12 @@ def test_the_python_api_returns_a_document_with_no_mask_unchanged_without_a_mode
     result = editor.fill("No tags, only \\[MASK 1] text.", model=str(tmp_path / "absent"), seed=4)
     assert result.text == "No tags, only [MASK 1] text."
     assert result.spans == [] and result.steps == 0 and result.seed == 4
+
+
+def test_batch_warns_of_a_mistyped_tag_in_its_template(tmp_path: Path) -> None:
+    template = tmp_path / "template.json"
+    template.write_text('{"a": "[MASK 2]",\n "b": "see [mask 3 as=word]"}', encoding="utf-8")
+    code, out, err = run("batch", str(template), "--print-template")
+    assert code == 0, err
+    assert out.startswith('{"a": "[MASK 2]"')  # a warning, not an error: the template is still used
+    assert f"warning: {template}: line 2, column 12:" in err and "did you mean [MASK 3 as=word]?" in err
