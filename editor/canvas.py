@@ -203,7 +203,8 @@ def build_canvas(
         pinned += [True] * len(literal_ids)
         rules += [PositionRule()] * len(literal_ids)
         layout = _lay_out_span(span, tokenizer, len(ids), joins_space, choices, must_offsets)
-        layout = replace(layout, **_line_context(literals, number))
+        line_start, single_line = _line_context(literals, number)
+        layout = replace(layout, line_start=line_start, single_line=single_line)
         layouts.append(layout)
         for offset in range(layout.length):
             token_id = layout.pinned.get(offset)
@@ -260,7 +261,7 @@ def _lay_out_span(
     return SpanLayout(span, start, length, span.min_tokens, pinned, joins_space)
 
 
-def _line_context(literals: Sequence[str], number: int) -> dict[str, bool]:
+def _line_context(literals: Sequence[str], number: int) -> tuple[bool, bool]:
     """Where span `number` sits among the lines (docs/language.md, Seams). At the start of a line
     (or of the document) its fill carries no leading whitespace. Only a span that stands as a
     paragraph of its own, with a blank line or the document's edge on both sides, may run over
@@ -272,7 +273,7 @@ def _line_context(literals: Sequence[str], number: int) -> dict[str, bool]:
     line_start = before.endswith("\n") or (first and not before)
     opens = _paragraph_edge(before.replace("\r\n", "\n"), at_end=True) or (first and not before.strip())
     closes = _paragraph_edge(after.replace("\r\n", "\n"), at_end=False) or (last and not after.strip())
-    return {"line_start": line_start, "single_line": not (opens and closes)}
+    return line_start, not (opens and closes)  # (line_start, single_line)
 
 
 def _paragraph_edge(literal: str, *, at_end: bool) -> bool:

@@ -271,7 +271,10 @@ def fill_canvases(
     options = with_candidates(model, options)
     seed = options.seed if options.seed is not None else random_seed()
     seeds = row_seeds if row_seeds is not None else [row_seed(seed, index) for index in range(len(canvases))]
-    rows = [row for canvas, s in zip(canvases, seeds, strict=True) for row in candidate_rows(canvas, s, options)]
+    end_id = model.special.end_ids[0]
+    rows = [
+        row for canvas, s in zip(canvases, seeds, strict=True) for row in candidate_rows(canvas, s, options, end_id)
+    ]
     output = sample(
         model,
         rows,
@@ -301,21 +304,47 @@ def candidate_seed(seed: int, candidate: int) -> int:
     return seed if candidate == 0 else (seed * 1_000_003 + candidate) % 2**63
 
 
-def candidate_rows(canvas: Canvas, seed: int, options: SamplerOptions) -> list[Row]:
-    """The sampler rows of one canvas: its first candidate at the asked temperature (usually
-    greedy), the others sampled at `CANDIDATE_TEMPERATURE` unless a temperature was asked for."""
+def candidate_rows(canvas: Canvas, seed: int, options: SamplerOptions, end_id: int) -> list[Row]:
+    """The sampler rows of one canvas. The first candidate runs at the asked temperature (usually
+    greedy). When the canvas has `[MASK a-b]` spans the others try lengths spread over each range
+    (greedy, the tail pinned to the end token as the adapter was trained on padded spans), since a
+    model left to itself tends to fill a range to its end; otherwise they are sampled at
+    `CANDIDATE_TEMPERATURE` (or the asked temperature)."""
     count = options.candidates or 1
-    temperature = options.temperature if options.temperature > 0 else CANDIDATE_TEMPERATURE
-    return [
-        Row(
-            canvas.ids,
-            canvas.pinned,
-            canvas.rules,
-            seed=candidate_seed(seed, candidate),
-            temperature=None if candidate == 0 else temperature,
-        )
-        for candidate in range(count)
-    ]
+    ranged = [layout for layout in canvas.spans if layout.min_tokens < layout.length and layout.span.choices is None]
+    rows = [Row(canvas.ids, canvas.pinned, canvas.rules, seed=seed)]
+    for candidate in range(1, count):
+        if ranged:
+            fraction = (candidate - 1) / max(1, count - 2)  # 0 (each range's least) .. 1 (its most)
+            ids, pinned = cut_ranges(canvas, ranged, fraction, end_id)
+            rows.append(Row(ids, pinned, canvas.rules, seed=candidate_seed(seed, candidate)))
+        else:
+            temperature = options.temperature if options.temperature > 0 else CANDIDATE_TEMPERATURE
+            rows.append(
+                Row(
+                    canvas.ids,
+                    canvas.pinned,
+                    canvas.rules,
+                    seed=candidate_seed(seed, candidate),
+                    temperature=temperature,
+                )
+            )
+    return rows
+
+
+def cut_ranges(
+    canvas: Canvas, ranged: Sequence[SpanLayout], fraction: float, end_id: int
+) -> tuple[list[int], list[bool]]:
+    """The canvas with each range span cut to `min + fraction * (max - min)` tokens (never before a
+    pinned must word): the positions after it hold the end token, pinned."""
+    ids, pinned = list(canvas.ids), list(canvas.pinned)
+    for layout in ranged:
+        keep = layout.min_tokens + round(fraction * (layout.length - layout.min_tokens))
+        keep = max([keep, *(offset + 1 for offset in layout.pinned)])
+        for offset in range(keep, layout.length):
+            ids[layout.start + offset] = end_id
+            pinned[layout.start + offset] = True
+    return ids, pinned
 
 
 def judged_results(

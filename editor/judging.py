@@ -59,7 +59,6 @@ class CausalJudge:
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         start = 0
         while start < len(order):
-            width = len(encoded[order[start]])
             stop = start + 1
             while stop < len(order) and (stop - start + 1) * len(encoded[order[stop]]) <= JUDGE_BATCH_TOKENS:
                 stop += 1
@@ -67,7 +66,6 @@ class CausalJudge:
             for index, value in zip(chunk, self._log_probs([encoded[i] for i in chunk]), strict=True):
                 scores[index] = value
             start = stop
-            del width
         return scores
 
     def _ids(self, text: str) -> list[int]:
@@ -120,11 +118,10 @@ class SelfJudge:
         per_pass = max(1, JUDGE_BATCH_TOKENS // max(len(row.ids) for row in rows))
         for first in range(0, len(rows), per_pass):
             chunk = slice(first, first + per_pass)
-            for (number, positions), value in zip(
+            for (number, _), value in zip(
                 owners[chunk], self._span_means(rows[chunk], owners[chunk], filled), strict=True
             ):
                 scores[number] += value
-                del positions
         return scores
 
     def _span_means(
@@ -157,7 +154,13 @@ def judge_for(model: DiffusionModel) -> Judge:
 def _autoregressive_twin(model: DiffusionModel) -> CausalJudge | None:
     if getattr(model, "name", None) != "default":
         return None
-    from editor.models.adapter import base_model_dir
+    return load_autoregressive_twin(model.device, getattr(model, "dtype", torch.float32))
+
+
+def load_autoregressive_twin(device: torch.device, dtype: torch.dtype) -> CausalJudge | None:
+    """The default model's base (SmolLM2-135M-Instruct) as a causal judge, or None when its weights
+    are not installed. Also what `editor bench fills` measures every model's fills with."""
+    from editor.models.adapter import adapter_special_ids, base_model_dir, read_adapter_config
     from editor.models.checkpoints import FAMILIES, load_checkpoint
     from editor.models.gguf import BASE_SHA256, find_base_gguf
     from editor.models.loading import bundled_path
@@ -166,13 +169,14 @@ def _autoregressive_twin(model: DiffusionModel) -> CausalJudge | None:
     gguf = find_base_gguf()
     if gguf is None:
         return None
-    directory = base_model_dir(bundled_path("default"), gguf, BASE_SHA256)
-    dtype = getattr(model, "dtype", torch.float32)
-    twin = load_checkpoint(FAMILIES["native"], directory, device=model.device, dtype=dtype, name="default-ar-twin")
+    adapter = bundled_path("default")
+    directory = base_model_dir(adapter, gguf, BASE_SHA256)
+    twin = load_checkpoint(FAMILIES["native"], directory, device=device, dtype=dtype, name="default-ar-twin")
     assert isinstance(twin, NativeDiffusionModel)
     twin.network.fuse_projections()
-    _log.info("judging candidates with the autoregressive twin (%s)", directory)
-    return CausalJudge(twin.network, model.tokenizer, model.special.bos, model.special.pad)
+    special = adapter_special_ids(read_adapter_config(adapter), adapter)
+    _log.info("judging with the autoregressive twin (%s)", directory)
+    return CausalJudge(twin.network, twin.tokenizer, special.bos, special.pad)
 
 
-__all__ = ["CausalJudge", "Judge", "SelfJudge", "judge_for"]
+__all__ = ["CausalJudge", "Judge", "SelfJudge", "judge_for", "load_autoregressive_twin"]

@@ -603,6 +603,10 @@ class SamplerRun:
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         take = torch.arange(width, device=self.device)[None] < count[:, None]  # [B, M] in score order
         committed = torch.zeros_like(take).scatter(1, order, take) & valid  # [B, M]
+        if self.options.no_repeat_ngram and self._may_commit_several():
+            tokens, confidence = self._without_same_step_repeats(
+                logits, allowed, candidates, tokens, confidence, committed
+            )
         self.ids.scatter_(1, candidates, torch.where(committed, tokens, self.ids.gather(1, candidates)))
         self.confidences.scatter_(
             1, candidates, torch.where(committed, confidence, self.confidences.gather(1, candidates))
@@ -626,6 +630,41 @@ class SamplerRun:
         self.step_number += 1
         self.finished = max(counts) == 0
         return event
+
+    def _may_commit_several(self) -> bool:
+        """Whether some row may commit more than one position this step (its plan says so, or the
+        schedule decides by confidence)."""
+        if not self.follows_plan:
+            return True
+        return any(
+            step < len(plan.plan) and plan.plan[step][0] > 1
+            for plan, step in zip(self._host_plans, self.row_steps, strict=True)
+        )
+
+    def _without_same_step_repeats(
+        self,
+        logits: torch.Tensor,  # [B, M, V] the step's rule-filtered logits (changed in place)
+        allowed: torch.Tensor,
+        candidates: torch.Tensor,  # [B, M]
+        tokens: torch.Tensor,  # [B, M]
+        confidence: torch.Tensor,  # [B, M]
+        committed: torch.Tensor,  # [B, M] bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions committed together could not see each other's tokens when the no-repeat rule
+        ran: run it again with this step's commits in place, and a committed token it now bans is
+        replaced by the best token it still allows (no host read)."""
+        tentative = self.ids.scatter(1, candidates, torch.where(committed, tokens, self.ids.gather(1, candidates)))
+        now_known = self.attention & ~self.masked.scatter(1, candidates, ~committed & self.masked.gather(1, candidates))
+        now_known = now_known & ~torch.isin(tentative, self.unpenalised)
+        lettered = self.vocabulary.lettered(self.device)
+        forbid_repeated_ngrams_(
+            logits, tentative, candidates, now_known, lettered, self.options.no_repeat_ngram, NGRAM_WINDOW
+        )
+        banned = committed & torch.isneginf(logits.gather(2, tokens[..., None]).squeeze(-1))  # [B, M]
+        _revive_dead_(logits, allowed)
+        top, better = logits.max(dim=-1)
+        fresh_confidence = torch.exp(top - torch.logsumexp(logits, dim=-1))
+        return torch.where(banned, better, tokens), torch.where(banned, fresh_confidence, confidence)
 
     def _after_step(self, next_scoring: torch.Tensor) -> list[int]:
         """Each row's masks left after this step, with the next step's candidate and window widths

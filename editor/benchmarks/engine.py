@@ -227,6 +227,12 @@ class _OpenVocabulary:
         ids = torch.arange(self.vocab_size, device=device)
         return ids % 2 == 0, ids % 10 == 5
 
+    def lettered(self, device: Any) -> Any:
+        """Every token but punctuation (every tenth) has a letter, so the no-repeat rule does its work."""
+        import torch
+
+        return torch.arange(self.vocab_size, device=device) % 10 != 5
+
     def word_classes(self, device: Any) -> tuple[Any, Any]:
         """Pairs of ids spell one word (a spaced and an unspaced spelling), every tenth is punctuation."""
         import torch
@@ -422,8 +428,7 @@ def engine(
     """Naive loop vs fast engine: tokens/s, ms/step, tokens/step, peak memory, ceiling fraction."""
     import torch
 
-    from editor.models.loading import dtype_text
-    from editor.models.native import default_dtype
+    from editor.models.native import default_dtype, dtype_text
     from editor.settings import Settings
 
     if threads:
