@@ -192,6 +192,37 @@ def test_steps_stream_in_order_and_cover_every_mask(worker_settings: Settings, a
     assert outcome.trace is not None and [t["step"] for t in outcome.trace] == [0, 1, 2, 3]
 
 
+def test_candidates_are_judged_in_the_worker_and_streamed_by_their_first(
+    worker_settings: Settings, api_model: DiffusionModel
+) -> None:
+    """A fill with candidates runs them as rows of the batch, keeps what a direct fill keeps (with
+    the same alternatives), and streams the first candidate of each document: every mask once."""
+    document = parse_document(DOC)
+    options = SamplerOptions(seed=4, candidates=3, steps=4)
+    (expected,) = fill_documents(api_model, [document], options)
+    worker = started_worker(worker_settings, api_model)
+    try:
+
+        async def stream():
+            job = worker.submit([document], options, stream=True)
+            assert job.rows == 3
+            await job.wait_started()
+            steps = [update async for update in job.steps()]
+            return steps, await job.result()
+
+        steps, outcome = run(stream())
+    finally:
+        worker.stop()
+    (result,) = outcome.results
+    assert result.text == expected.text and result.score == pytest.approx(expected.score)
+    assert [s.alternatives for s in result.spans] == [s.alternatives for s in expected.spans]
+    assert any(s.alternatives for s in result.spans)
+    commits = [c for u in steps for c in u.commits]
+    assert {c.row for c in commits} == {0}
+    assert len({(c.span, c.offset) for c in commits}) == len(commits) == 7
+    assert [u.remaining for u in steps][-1] == 0
+
+
 def test_cancel_stops_the_job_at_the_next_step(worker_settings: Settings, api_model: DiffusionModel) -> None:
     slow = SlowModel(api_model, delay=0.02)
     worker = started_worker(worker_settings, slow)

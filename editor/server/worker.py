@@ -37,11 +37,20 @@ import torch
 
 from editor.canvas import Canvas
 from editor.document import Document
-from editor.filling import FillResult, fill_result, locate, prepare_canvas, vocabulary_rules
+from editor.filling import (
+    FillResult,
+    candidate_rows,
+    judged_results,
+    locate,
+    prepare_canvas,
+    vocabulary_rules,
+    with_candidates,
+)
+from editor.judging import judge_for
 from editor.models.base import DiffusionModel
 from editor.models.loading import load_configured, model_dtype_text
 from editor.options import FillCancelled, SamplerOptions
-from editor.sampler import Row, SamplerRun, StepEvent, effective_steps, row_seed
+from editor.sampler import SamplerRun, StepEvent, effective_steps, row_seed
 from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.settings import Settings
 from editor.threads import torch_threads as worker_threads  # the one rule, shared with the CLI
@@ -215,8 +224,13 @@ class FillJob:
         return self.cancelled or self.timed_out
 
     @property
+    def candidates(self) -> int:
+        """Sampler rows per document (judged candidates; settled for the model when it is known)."""
+        return self.options.candidates or 1
+
+    @property
     def rows(self) -> int:
-        return len(self.documents)
+        return len(self.documents) * self.candidates
 
     async def wait_started(self) -> None:
         """Returns once the canvases are laid out; raises the job's error if it failed before."""
@@ -449,6 +463,8 @@ class ModelWorker:
             raise WorkerUnavailable("the server is shutting down")
         if self.load_error is not None:
             raise WorkerUnavailable(f"the model failed to load: {self.load_error}")
+        if self.model is not None:  # else settled when the job is laid out
+            options = with_candidates(self.model, options)
         job = FillJob.submitted(
             self.settings, documents, options, instruction=instruction, stream=stream, keep_trace=keep_trace
         )
@@ -499,6 +515,8 @@ class ModelWorker:
         try:
             self.model = self._loader()
             log.info("model %s loaded (%s)", self.model.name, self.model_placement)
+            if (with_candidates(self.model, SamplerOptions()).candidates or 1) > 1:
+                judge_for(self.model)  # loaded now, so that no user's fill waits for it
         except BaseException as error:
             self.load_error = error
             log.exception("the model failed to load")
@@ -600,9 +618,12 @@ class ModelWorker:
 
     def _join(self, batch: _Batch, job: FillJob) -> None:
         seed = job.options.seed if job.options.seed is not None else random_seed()
+        assert self.model is not None
+        end_id = self.model.special.end_ids[0]
         rows = [
-            Row(canvas.ids, canvas.pinned, canvas.rules, seed=row_seed(seed, index))
+            row
             for index, canvas in enumerate(job.canvases)
+            for row in candidate_rows(canvas, row_seed(seed, index), job.options, end_id)
         ]
         try:
             keys = batch.run.add(rows)
@@ -653,21 +674,17 @@ class ModelWorker:
 
     def _deliver(self, job: FillJob, seed: int, outputs: list[tuple[list[int], list[float], int]]) -> None:
         assert self.model is not None and job.started_at is not None
-        finished = time.perf_counter()
         steps = max((steps for _, _, steps in outputs), default=0)  # the job's own steps, as when run alone
-        results = [
-            fill_result(
-                self.model,
-                canvas,
-                ids,
-                confidences,
-                seed=seed,
-                steps=steps,
-                elapsed=finished - job.started_at,
-                options=job.options,
-            )
-            for canvas, (ids, confidences, _) in zip(job.canvases, outputs, strict=True)
-        ]
+        results = judged_results(
+            self.model,
+            job.canvases,
+            [(ids, confidences) for ids, confidences, _ in outputs],
+            job.options,
+            seed=seed,
+            steps=steps,
+            elapsed=time.perf_counter() - job.started_at,
+        )
+        finished = time.perf_counter()  # the judge's time counts: the user waits for it
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * (finished - job.started_at)
         outcome = JobOutcome(
             results=results,
@@ -703,6 +720,7 @@ class ModelWorker:
             return False
         job.state, job.started_at = "running", started
         job.deadline = started + self.settings.fill_timeout_s
+        job.options = with_candidates(self.model, job.options)
         settings = self.settings
         try:
             with torch.inference_mode():
@@ -763,14 +781,18 @@ class ModelWorker:
         counts: dict[int, int] = {job.id: 0 for job in batch.jobs}
         remaining: dict[int, int] = {job.id: 0 for job in batch.jobs}
         steps: dict[int, int] = {}
-        for (job, _), left, row_step in zip(owners, event.remaining, event.row_steps, strict=True):
-            remaining[job.id] += left
+        for (job, row), left, row_step in zip(owners, event.remaining, event.row_steps, strict=True):
+            remaining[job.id] += left if row % job.candidates == 0 else 0  # as streamed: first candidates
             steps[job.id] = row_step
         for commit in event.commits:
             job, row = owners[commit.row]
             counts[job.id] += 1
-            if job.stream or job.keep_trace:  # decoding token text costs time: only when someone reads it
-                commits[job.id].append(self._describe(job, row, commit.position, commit.token_id, commit.confidence))
+            document, candidate = divmod(row, job.candidates)
+            # Streams show each document's first candidate (the judge picks among all at the end).
+            if (job.stream or job.keep_trace) and candidate == 0:  # decoding token text costs time
+                commits[job.id].append(
+                    self._describe(job, document, commit.position, commit.token_id, commit.confidence)
+                )
         for job in batch.jobs:
             if counts[job.id] == 0 or job.cancelled:
                 continue
