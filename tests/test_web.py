@@ -433,3 +433,18 @@ def test_the_word_diff_keeps_a_space_between_removed_and_added_words(page: Page,
     expect(diff.locator("del")).to_have_text(["quick brown"])
     expect(diff.locator("ins")).to_have_text(["slow red"])
     assert diff.locator(".diff-text").inner_text() == "The quick brown slow red fox jumps."
+
+
+def test_candidates_from_the_sampler_settings_reach_the_fill(page: Page, live_server: LiveServer) -> None:
+    """The Candidates setting runs that many fills side by side: the revision records it, and a
+    span the candidates filled differently offers the others."""
+    document_id = live_server.new_document(LETTER)
+    open_editor(page, document_id)
+    page.get_by_text("Sampler settings").click()
+    page.get_by_label("Candidates").fill("3")
+    page.get_by_test_id("fill").click()
+    wait_for_revision(page, 1)
+    newest = live_server.revisions(document_id)[0]
+    assert newest["options"]["candidates"] == 3
+    assert any(span["alternatives"] for span in newest["spans"])
+    expect(page.locator('[data-testid="span"][aria-haspopup="menu"]').first).to_be_visible()

@@ -226,6 +226,7 @@ const optionFields = {
   temperature: $("opt-temperature"),
   block_length: $("opt-block-length"),
   threshold: $("opt-threshold"),
+  candidates: $("opt-candidates"),
   seed: $("opt-seed"),
   instruction: $("opt-instruction"),
 };
@@ -254,6 +255,8 @@ function readOptions() {
   options.temperature = number(optionFields.temperature, parseFloat) ?? 0;
   options.block_length = number(optionFields.block_length, (v) => parseInt(v, 10)) ?? 32;
   options.threshold = number(optionFields.threshold, parseFloat) ?? 0.9;
+  const candidates = number(optionFields.candidates, (v) => parseInt(v, 10));
+  if (candidates !== undefined) options.candidates = candidates; // else the model's default
   const seed = number(optionFields.seed, (v) => parseInt(v, 10));
   if (seed !== undefined) options.seed = seed;
   const instruction = optionFields.instruction.value.trim() || undefined;
