@@ -50,7 +50,8 @@ def test_job_lifecycle_from_json_body(settings: Settings, api_model: DiffusionMo
 
 
 def test_jsonl_upload_with_a_schema(settings: Settings, api_model: DiffusionModel) -> None:
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "L"]}}}
+    properties = {"ok": {"type": "boolean"}, "size": {"enum": ["S", "L"]}, "price": {"type": "number"}}
+    schema = {"type": "object", "properties": properties}
     jsonl = '{"id": "a"}\n\nnot json\n{"id": "b"}\n'
     with TestClient(app_for(settings, api_model)) as client:
         response = client.post(
@@ -65,6 +66,7 @@ def test_jsonl_upload_with_a_schema(settings: Settings, api_model: DiffusionMode
         lines = results(client, job["id"])
         assert [line["custom_id"] for line in lines] == ["a", "3", "b"]
         assert type(lines[0]["output"]["ok"]) is bool and lines[0]["output"]["size"] in ("S", "L")
+        assert [type(lines[n]["output"]["price"]) in (int, float) for n in (0, 2)] == [True, True]
 
 
 def test_bad_requests_are_422_with_the_place(settings: Settings, api_model: DiffusionModel) -> None:

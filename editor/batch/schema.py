@@ -104,7 +104,7 @@ def template_from_schema(schema_text: str, limits: DocumentLimits | None = None)
             "and annotations such as description",
         )
     hints = "\n".join(f"- {where}: {text}" for where, text in deriver.hints)
-    instruction = f"Fill in the JSON. Field descriptions:\n{hints}" if hints else None
+    instruction = f"Fill in each field. Field descriptions:\n{hints}" if hints else None
     return SchemaTemplate(value, instruction, deriver.max_chars, frozenset(deriver.enum_strings))
 
 
