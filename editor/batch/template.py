@@ -488,7 +488,7 @@ class _DocumentBuilder:
     """Lays a record out as document segments, remembering where each string's pieces went."""
 
     record: Mapping[str, Any]
-    view: View = "json"
+    view: View
     segments: list[str | MaskSpan] = field(default_factory=list)
     parts: list[LiteralPart] = field(default_factory=list)  # of the literal being written
     literals: list[tuple[LiteralPart, ...]] = field(default_factory=list)  # finished literals
