@@ -335,27 +335,35 @@ def test_number_spans_become_json_numbers_or_an_error_line() -> None:
         document.build([span_fill(0, "2", price), span_fill(1, "2.5", n)])
 
 
+@pytest.fixture(scope="module")
+def bundled_model() -> DiffusionModel:
+    """The bundled tiny model: trained on English, so unlike the random test model it reads context."""
+    return load_model("tiny", device="cpu", dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------- number guarantees
 
 TEXT_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")  # docs/language.md: no "1,,2", ",5", "5," or lone "-"
 JSON_VALUE = {"int": re.compile(r"-?[1-9]\d*"), "number": re.compile(r"-?[1-9]\d*(?:\.\d+)?")}
 
 
+@pytest.mark.parametrize("which", ["tiny_model", "bundled_model"])  # two vocabularies' digit tokens
 def test_number_rules_hold_in_any_commit_order_with_any_optional_positions_dropped(
-    tiny_model: DiffusionModel,
+    request: pytest.FixtureRequest, which: str
 ) -> None:
     """Every token a position's mask allows, drawn at random for every position (the sampler
     commits positions in any order, so each is drawn independently of the others; optional ones
     may take the end token and be dropped): `as=number` text is always a number, and a template's
     number value always a JSON number. Separators are drawn too, so the rules are not just digits."""
-    rules, tokenizer, end_ids = vocabulary_rules(tiny_model), tiny_model.tokenizer, tiny_model.special.end_ids
+    model: DiffusionModel = request.getfixturevalue(which)
+    rules, tokenizer, end_ids = vocabulary_rules(model), model.tokenizer, model.special.end_ids
     rng = random.Random(0)
     drawn: dict[tuple[bool, str], int] = {}
     for _ in range(1500):
         low = rng.randint(1, 9)
         high, kind, as_json = rng.randint(low, 10), rng.choice(["int", "number"]), rng.random() < 0.5
         source = rng.choice(["Price: ", "Price $"]) + f"[MASK {low}-{high} as={kind}] now"
-        canvas = build_canvas(parse_document(source), tokenizer, mask_id=tiny_model.special.mask)
+        canvas = build_canvas(parse_document(source), tokenizer, mask_id=model.special.mask)
         if as_json:
             canvas = json_number_rules(canvas, frozenset({0}))
         layout, ids = canvas.spans[0], list(canvas.ids)
@@ -409,12 +417,6 @@ def test_as_number_text_is_a_number_for_every_seed_and_schedule(tiny_model: Diff
 # --------------------------------------------------------------------------- what the model sees
 
 PRODUCT = {"id": "p1", "name": "running shoes", "brand": "Northwind", "material": "mesh"}
-
-
-@pytest.fixture(scope="module")
-def bundled_model() -> DiffusionModel:
-    """The bundled tiny model: trained on English, so unlike the random test model it reads context."""
-    return load_model("tiny", device="cpu", dtype=torch.float32)
 
 
 def test_the_prose_view_shows_labels_and_values_and_rebuilds_the_json(tiny_model: DiffusionModel) -> None:
