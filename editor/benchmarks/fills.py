@@ -287,6 +287,12 @@ def _excess_bits(documents: Sequence[SuiteDocument], filled: Sequence[FilledDocu
 @click.option("--schedule", default=None, help="[default: the sampler's]")
 @click.option("--seed", default=0, help="fill seed")
 @click.option("--dump", type=click.Path(dir_okay=False, path_type=Path), help="write the documents here and stop")
+@click.option(
+    "--documents",
+    "documents_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="fill the documents of a --dump (the same documents for every model and version)",
+)
 @click.option("--score", "score_path", type=click.Path(exists=True, path_type=Path), help="score fills from FILE")
 @json_option
 def fills_bench(
@@ -301,6 +307,7 @@ def fills_bench(
     schedule: str | None,
     seed: int,
     dump: Path | None,
+    documents_path: Path | None,
     score_path: Path | None,
     json_path: Path | None,
 ) -> None:
@@ -314,9 +321,12 @@ def fills_bench(
     if threads is not None:
         torch.set_num_threads(threads)
     model = load_model(model_spec, device=device)
-    documents = (held_out_documents(valid, paragraphs, model.tokenizer) if valid else []) + (
-        written_documents() if written else []
-    )
+    if documents_path is not None:
+        documents = [SuiteDocument(**entry) for entry in json.loads(documents_path.read_text(encoding="utf-8"))]
+    else:
+        documents = (held_out_documents(valid, paragraphs, model.tokenizer) if valid else []) + (
+            written_documents() if written else []
+        )
     if dump is not None:
         dump.write_text(json.dumps([asdict(d) for d in documents], indent=1) + "\n", encoding="utf-8")
         return
