@@ -306,7 +306,7 @@ def candidate_seed(seed: int, candidate: int) -> int:
 
 def candidate_rows(canvas: Canvas, seed: int, options: SamplerOptions, end_id: int) -> list[Row]:
     """The sampler rows of one canvas. The first candidate runs at the asked temperature (usually
-    greedy). When the canvas has `[MASK a-b]` spans the others try lengths spread over each range
+    greedy). When the canvas has `[MASK a-b]` spans the others try lengths spread below each range's end
     (greedy, the tail pinned to the end token as the adapter was trained on padded spans), since a
     model left to itself tends to fill a range to its end; otherwise they are sampled at
     `CANDIDATE_TEMPERATURE` (or the asked temperature)."""
@@ -315,7 +315,9 @@ def candidate_rows(canvas: Canvas, seed: int, options: SamplerOptions, end_id: i
     rows = [Row(canvas.ids, canvas.pinned, canvas.rules, seed=seed)]
     for candidate in range(1, count):
         if ranged:
-            fraction = (candidate - 1) / max(1, count - 2)  # 0 (each range's least) .. 1 (its most)
+            # 0 (each range's least), 1/3, 2/3 ... of the way to its most: the free first candidate
+            # already fills a range to its end more often than not.
+            fraction = (candidate - 1) / (count - 1)
             ids, pinned = cut_ranges(canvas, ranged, fraction, end_id)
             rows.append(Row(ids, pinned, canvas.rules, seed=candidate_seed(seed, candidate)))
         else:

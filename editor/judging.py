@@ -5,8 +5,9 @@ usually greedy, the others sampled) and keep the one a judge prefers (docs/sampl
 
 - `CausalJudge`, the default model's natural judge: its autoregressive twin, the base model the
   adapter started from (SmolLM2-135M-Instruct) run left to right with the adapter switched off. It
-  scores the log-probability of the whole filled document, literal text included, so a fill that
-  makes the text after it less likely loses, and a fill's length is paid for token by token.
+  scores the log-probability of the whole filled document per character, literal text included,
+  so a fill that makes the text after it less likely loses, and fills of different lengths compare
+  on one footing.
 - `SelfJudge`, for models with no twin: the diffusion model's own estimate, each span masked
   again and its tokens scored in one pass (the mean log-probability per token, summed over spans).
 
@@ -50,7 +51,10 @@ class CausalJudge:
         self.pad = pad
 
     def score(self, canvases: Sequence[Canvas], filled: Sequence[list[int]], texts: Sequence[str]) -> list[float]:
-        return self.text_log_probs(texts)
+        """log P(text) per character: the whole log-probability favours the shortest fill of a range
+        ("Thank you for ordering me.." over a fill that names the order), the mean per character
+        compares texts of different lengths and tokenizations on one footing (docs/sampler.md)."""
+        return [value / max(1, len(text)) for value, text in zip(self.text_log_probs(texts), texts, strict=True)]
 
     def text_log_probs(self, texts: Sequence[str]) -> list[float]:
         """log P(text) for each text (its first token given the bos, or unscored without one)."""
