@@ -281,6 +281,7 @@ def forbid_repeated_ngrams_(
     ids: torch.Tensor,
     candidates: torch.Tensor,
     known: torch.Tensor,
+    free: torch.Tensor,
     lettered: torch.Tensor,
     n: int,
     window: int,
@@ -288,9 +289,11 @@ def forbid_repeated_ngrams_(
     """logits [B, M, V] at `candidates` [B, M], in place: no token that would complete an n-gram
     already on the canvas (ids [B, L]) within `window` positions, whichever of the n-gram's places
     the candidate takes, with the other n - 1 already committed (`known` [B, L]: filled, pinned or
-    literal; not masked, not padding). Only n-grams with a letter in them count (`lettered` [V]):
-    "1", "9", "9" twice is two years, not a loop. Works on [B, M, L] comparisons and a scatter of
-    -inf, never on [B, M, V] masks. Returns logits."""
+    literal; not masked, not padding). Only n-grams a fill wrote count, at least in part (`free`
+    [B, L]: the positions the sampler fills): a fill may name what the literal text names ("the
+    Northwind trail shoes" of a record), not repeat itself. Only n-grams with a letter in them count
+    (`lettered` [V]): "1", "9", "9" twice is two years, not a loop. Works on [B, M, L] comparisons
+    and a scatter of -inf, never on [B, M, V] masks. Returns logits."""
     batch, width = ids.shape
     positions = torch.arange(width, device=ids.device)  # [L]
     near = (positions[None, None, :] - candidates[..., None]).abs()  # [B, M, L]
@@ -300,6 +303,7 @@ def forbid_repeated_ngrams_(
         offsets = [k - slot for k in range(n) if k != slot]
         match = near & known[:, None, :]  # the occurrence's own token at q is committed
         has_letter = lettered[ids][:, None, :].expand_as(match)  # [B, M, L]
+        written = free  # [B, L]: the occurrence touches a filled position
         for offset in offsets:
             mine, inside = neighbours(ids, candidates, offset)  # [B, M]
             mine_known = inside & known.gather(1, (candidates + offset).clamp(0, width - 1))
@@ -309,7 +313,8 @@ def forbid_repeated_ngrams_(
             match = match & mine_known[..., None] & (theirs[:, None, :] == mine[..., None])
             match = match & (theirs_known & edge[None])[:, None, :]
             has_letter = has_letter | lettered[mine][..., None]
-        found |= match & has_letter
+            written = written | (torch.roll(free, -offset, dims=1) & edge[None])
+        found |= match & has_letter & written[:, None, :]
     banned = ids[:, None, :].expand(batch, candidates.shape[1], width)  # [B, M, L] token ids
     block = torch.where(found, float("-inf"), float("inf")).to(logits.dtype)
     return logits.scatter_reduce_(2, banned, block, reduce="amin")
@@ -594,7 +599,7 @@ class SamplerRun:
             known = self.attention & ~self.masked & ~torch.isin(self.ids, self.unpenalised)  # [B, L]
             lettered = self.vocabulary.lettered(self.device)
             forbid_repeated_ngrams_(
-                logits, self.ids, candidates, known, lettered, self.options.no_repeat_ngram, NGRAM_WINDOW
+                logits, self.ids, candidates, known, ~self.pinned, lettered, self.options.no_repeat_ngram, NGRAM_WINDOW
             )
         _revive_dead_(logits, allowed)
         tokens, confidence, scores = self._choose(logits, candidates, valid)
@@ -658,7 +663,7 @@ class SamplerRun:
         now_known = now_known & ~torch.isin(tentative, self.unpenalised)
         lettered = self.vocabulary.lettered(self.device)
         forbid_repeated_ngrams_(
-            logits, tentative, candidates, now_known, lettered, self.options.no_repeat_ngram, NGRAM_WINDOW
+            logits, tentative, candidates, now_known, ~self.pinned, lettered, self.options.no_repeat_ngram, NGRAM_WINDOW
         )
         banned = committed & torch.isneginf(logits.gather(2, tokens[..., None]).squeeze(-1))  # [B, M]
         _revive_dead_(logits, allowed)

@@ -37,7 +37,8 @@ def lettered_trigrams(model: DiffusionModel, ids: list[int]) -> list[tuple[int, 
 
 def test_forbid_repeated_ngrams_matches_its_definition(tiny_model: DiffusionModel) -> None:
     """Random canvases: a token is banned at a masked position exactly when some placement of the
-    position inside a 3-gram, the other two committed, copies a lettered 3-gram within the window."""
+    position inside a 3-gram, the other two committed, copies a lettered 3-gram within the window
+    that a fill wrote at least in part."""
     generator = torch.Generator().manual_seed(0)
     lettered = vocabulary_rules(tiny_model).lettered(torch.device("cpu"))
     words = [encode(tiny_model.tokenizer, w)[0] for w in (" the", " cat", " sat", " on", ",", ".")]
@@ -46,10 +47,12 @@ def test_forbid_repeated_ngrams_matches_its_definition(tiny_model: DiffusionMode
     for _ in range(30):
         ids = pool[torch.randint(len(words), (2, 16), generator=generator)]
         known = torch.rand(2, 16, generator=generator) > 0.3
+        free = torch.rand(2, 16, generator=generator) > 0.5  # positions a fill wrote (the rest: literal)
         candidates = torch.stack([torch.arange(3) * 5 + 1, torch.arange(3) * 5 + 2])
         known[torch.arange(2)[:, None], candidates] = False
+        free[torch.arange(2)[:, None], candidates] = True
         logits = torch.zeros(2, 3, tiny_model.vocab_size)
-        forbid_repeated_ngrams_(logits, ids, candidates, known, lettered, 3, window)
+        forbid_repeated_ngrams_(logits, ids, candidates, known, free, lettered, 3, window)
         for row in range(2):
             for slot in range(3):
                 p = int(candidates[row, slot])
@@ -67,7 +70,7 @@ def test_forbid_repeated_ngrams_matches_its_definition(tiny_model: DiffusionMode
                         if not all(known[row, m] and known[row, t] and ids[row, m] == ids[row, t] for m, t in others):
                             continue
                         gram = [int(ids[row, t]) for t in theirs]
-                        if any(lettered[g] for g in gram):
+                        if any(lettered[g] for g in gram) and any(free[row, t] for t in theirs):
                             expected.add(int(ids[row, q]))
                 banned = {int(t) for t in torch.nonzero(torch.isneginf(logits[row, slot])).flatten()}
                 assert banned == expected
