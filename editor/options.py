@@ -69,8 +69,8 @@ class SamplerOptions(BaseModel):
         3,
         ge=0,
         le=8,
-        description="a fill never writes an n-gram (with a letter in it) that already stands within 64 tokens, "
-        "in the span, its neighbours or the literal text around it (no loops); 0 = off",
+        description="a fill never repeats an n-gram with a letter in it, or a 2n-gram of anything, that a fill "
+        "wrote within 64 tokens (no loops; copying the literal text is allowed); 0 = off",
     )
     factor: float = Field(
         1.0,

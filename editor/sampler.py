@@ -597,10 +597,7 @@ class SamplerRun:
             penalize_neighbours_(logits, self.ids, candidates, self.unpenalised, penalty, self.words)
         if self.options.no_repeat_ngram:
             known = self.attention & ~self.masked & ~torch.isin(self.ids, self.unpenalised)  # [B, L]
-            lettered = self.vocabulary.lettered(self.device)
-            forbid_repeated_ngrams_(
-                logits, self.ids, candidates, known, ~self.pinned, lettered, self.options.no_repeat_ngram, NGRAM_WINDOW
-            )
+            self._forbid_repeats(logits, self.ids, candidates, known)
         _revive_dead_(logits, allowed)
         tokens, confidence, scores = self._choose(logits, candidates, valid)
         count = self._commit_counts(confidence, valid, planned)  # [B]
@@ -636,6 +633,17 @@ class SamplerRun:
         self.finished = max(counts) == 0
         return event
 
+    def _forbid_repeats(
+        self, logits: torch.Tensor, ids: torch.Tensor, candidates: torch.Tensor, known: torch.Tensor
+    ) -> None:
+        """`no_repeat_ngram` n: no repeated n-gram with a letter in it, and no repeated 2n-gram of
+        anything ("0.1.0.1.0.1" is a loop too, "1990 and 1995" is not)."""
+        n, free = self.options.no_repeat_ngram, ~self.pinned
+        lettered = self.vocabulary.lettered(self.device)
+        forbid_repeated_ngrams_(logits, ids, candidates, known, free, lettered, n, NGRAM_WINDOW)
+        anything = torch.ones_like(lettered)
+        forbid_repeated_ngrams_(logits, ids, candidates, known, free, anything, 2 * n, NGRAM_WINDOW)
+
     def _may_commit_several(self) -> bool:
         """Whether some row may commit more than one position this step (its plan says so, or the
         schedule decides by confidence)."""
@@ -661,10 +669,7 @@ class SamplerRun:
         tentative = self.ids.scatter(1, candidates, torch.where(committed, tokens, self.ids.gather(1, candidates)))
         now_known = self.attention & ~self.masked.scatter(1, candidates, ~committed & self.masked.gather(1, candidates))
         now_known = now_known & ~torch.isin(tentative, self.unpenalised)
-        lettered = self.vocabulary.lettered(self.device)
-        forbid_repeated_ngrams_(
-            logits, tentative, candidates, now_known, ~self.pinned, lettered, self.options.no_repeat_ngram, NGRAM_WINDOW
-        )
+        self._forbid_repeats(logits, tentative, candidates, now_known)
         banned = committed & torch.isneginf(logits.gather(2, tokens[..., None]).squeeze(-1))  # [B, M]
         _revive_dead_(logits, allowed)
         top, better = logits.max(dim=-1)

@@ -262,3 +262,19 @@ def test_models_without_a_twin_judge_themselves(tiny_model: DiffusionModel) -> N
     filled[layout.start : layout.start + 3] = result.spans[0].token_ids
     [score] = judge_for(tiny_model).score([canvas], [filled], [result.text])
     assert score < 0
+
+
+def test_a_fill_loops_neither_in_words_nor_in_digits(tiny_model: DiffusionModel) -> None:
+    """Digits and punctuation repeat in real text ("1990 and 1995"), so their 3-grams are free, but
+    not a run of six: "0.1.0.1.0.1" is a loop (it is what this model writes with the rule off)."""
+    model = Favouring(tiny_model, ("0", ".", "1"))
+    canvas = prepare_canvas(model, parse_document("Version [MASK 24] released."))
+    for seed in range(3):
+        repeated = {}
+        for rule in (3, 0):
+            options = SamplerOptions(seed=seed, temperature=1.0, no_repeat_ngram=rule)
+            output = sample(model, [Row(canvas.ids, canvas.pinned, canvas.rules)], options, vocabulary_rules(model))
+            ids = output.ids[0]
+            grams = [tuple(ids[i : i + 6]) for i in range(len(ids) - 5)]
+            repeated[rule] = len(grams) - len(set(grams))
+        assert repeated[3] == 0 and repeated[0] > 0, (seed, repeated)
