@@ -26,6 +26,7 @@ from editor.canvas import (
 )
 from editor.constraints import VocabularyRules
 from editor.document import Document, DocumentError
+from editor.judging import judge_for
 from editor.models.base import DiffusionModel, aligned_logits
 from editor.options import FillCancelled, SamplerOptions
 from editor.sampler import CancelCheck, Row, StepCallback, StepEvent, pad_rows, row_seed, sample
@@ -369,9 +370,7 @@ def judged_results(
         if count == 1:
             results.append(FillResult(filled[0].text, filled[0].spans, model.name, seed, steps, elapsed, options))
             continue
-        from editor.judging import judge_for  # the judge loads its weights on first use
-
-        judge = judge_for(model)
+        judge = judge_for(model)  # built (its weights loaded) on first use
         scores = judge.score([canvas] * count, [ids for ids, _ in mine], [text.text for text in filled])
         best = max(range(count), key=scores.__getitem__)
         spans = with_alternatives(filled, scores, best)
@@ -399,22 +398,6 @@ def with_alternatives(filled: Sequence[FilledText], scores: Sequence[float], bes
     return spans
 
 
-def fill_result(
-    model: DiffusionModel,
-    canvas: Canvas,
-    ids: list[int],
-    confidences: list[float],
-    *,
-    seed: int,
-    steps: int,
-    elapsed: float,
-    options: SamplerOptions,
-) -> FillResult:
-    """The filled canvas `ids` rendered as a result."""
-    filled: FilledText = render(canvas, ids, confidences, model.tokenizer, model.special.end_ids)
-    return FillResult(filled.text, filled.spans, model.name, seed, steps, elapsed, options)
-
-
 def locate(canvas: Canvas, position: int) -> tuple[int, int] | None:
     """(span number, offset inside the span) of a canvas position, or None for literal text."""
     for number, layout in enumerate(canvas.spans):
@@ -423,4 +406,14 @@ def locate(canvas: Canvas, position: int) -> tuple[int, int] | None:
     return None
 
 
-__all__ = ["FillResult", "StepEvent", "fill_canvases", "fill_documents", "fill_result", "locate", "prepare_canvas"]
+__all__ = [
+    "FillResult",
+    "StepEvent",
+    "candidate_rows",
+    "fill_canvases",
+    "fill_documents",
+    "judged_results",
+    "locate",
+    "prepare_canvas",
+    "with_candidates",
+]
