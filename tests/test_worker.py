@@ -51,6 +51,15 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+async def streamed(worker: ModelWorker, document: Any, options: SamplerOptions, rows: int = 1) -> tuple[list[Any], Any]:
+    """A streamed fill's step updates and its outcome (`rows`: the sampler rows the job takes)."""
+    job = worker.submit([document], options, stream=True)
+    assert job.rows == rows
+    await job.wait_started()
+    steps = [update async for update in job.steps()]
+    return steps, await job.result()
+
+
 def test_worker_loads_the_model_in_its_own_thread(worker_settings: Settings, api_model: DiffusionModel) -> None:
     threads: list[str] = []
 
@@ -170,14 +179,7 @@ def test_steps_stream_in_order_and_cover_every_mask(worker_settings: Settings, a
     worker = started_worker(worker_settings, api_model)
     document = parse_document(DOC)
     try:
-
-        async def stream():
-            job = worker.submit([document], SamplerOptions(steps=4), stream=True)
-            await job.wait_started()
-            steps = [update async for update in job.steps()]
-            return steps, await job.result()
-
-        steps, outcome = run(stream())
+        steps, outcome = run(streamed(worker, document, SamplerOptions(steps=4)))
     finally:
         worker.stop()
     assert [u.step for u in steps] == [0, 1, 2, 3]
@@ -202,15 +204,7 @@ def test_candidates_are_judged_in_the_worker_and_streamed_by_their_first(
     (expected,) = fill_documents(api_model, [document], options)
     worker = started_worker(worker_settings, api_model)
     try:
-
-        async def stream():
-            job = worker.submit([document], options, stream=True)
-            assert job.rows == 3
-            await job.wait_started()
-            steps = [update async for update in job.steps()]
-            return steps, await job.result()
-
-        steps, outcome = run(stream())
+        steps, outcome = run(streamed(worker, document, options, rows=3))
     finally:
         worker.stop()
     (result,) = outcome.results
