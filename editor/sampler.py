@@ -185,6 +185,7 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 NGRAM_WINDOW = 64  # how far apart two copies of an n-gram count as a repeat (no_repeat_ngram)
+SAME_STEP_CHECKS = 2  # passes of the rule over a step's own commits (see _without_same_step_repeats)
 
 
 def pad_rows(
@@ -304,6 +305,9 @@ def forbid_repeated_ngrams_(
         match = near & known[:, None, :]  # the occurrence's own token at q is committed
         has_letter = lettered[ids][:, None, :].expand_as(match)  # [B, M, L]
         written = free  # [B, L]: the occurrence touches a filled position
+        # An occurrence holding the candidate's own position is the n-gram being written, not an
+        # earlier one (it matters when the position already holds a token: a step's commits checked again).
+        holds_candidate = torch.zeros_like(found)
         for offset in offsets:
             mine, inside = neighbours(ids, candidates, offset)  # [B, M]
             mine_known = inside & known.gather(1, (candidates + offset).clamp(0, width - 1))
@@ -314,7 +318,8 @@ def forbid_repeated_ngrams_(
             match = match & (theirs_known & edge[None])[:, None, :]
             has_letter = has_letter | lettered[mine][..., None]
             written = written | (torch.roll(free, -offset, dims=1) & edge[None])
-        found |= match & has_letter & written[:, None, :]
+            holds_candidate |= (positions + offset)[None, None, :] == candidates[..., None]
+        found |= match & has_letter & written[:, None, :] & ~holds_candidate
     banned = ids[:, None, :].expand(batch, candidates.shape[1], width)  # [B, M, L] token ids
     block = torch.where(found, float("-inf"), float("inf")).to(logits.dtype)
     return logits.scatter_reduce_(2, banned, block, reduce="amin")
@@ -665,16 +670,19 @@ class SamplerRun:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions committed together could not see each other's tokens when the no-repeat rule
         ran: run it again with this step's commits in place, and a committed token it now bans is
-        replaced by the best token it still allows (no host read)."""
-        tentative = self.ids.scatter(1, candidates, torch.where(committed, tokens, self.ids.gather(1, candidates)))
+        replaced by the best token it still allows; twice, since a replacement may meet another
+        (no host read)."""
         now_known = self.attention & ~self.masked.scatter(1, candidates, ~committed & self.masked.gather(1, candidates))
-        now_known = now_known & ~torch.isin(tentative, self.unpenalised)
-        self._forbid_repeats(logits, tentative, candidates, now_known)
-        banned = committed & torch.isneginf(logits.gather(2, tokens[..., None]).squeeze(-1))  # [B, M]
-        _revive_dead_(logits, allowed)
-        top, better = logits.max(dim=-1)
-        fresh_confidence = torch.exp(top - torch.logsumexp(logits, dim=-1))
-        return torch.where(banned, better, tokens), torch.where(banned, fresh_confidence, confidence)
+        for _ in range(SAME_STEP_CHECKS):
+            current = torch.where(committed, tokens, self.ids.gather(1, candidates))
+            tentative = self.ids.scatter(1, candidates, current)  # [B, L]
+            self._forbid_repeats(logits, tentative, candidates, now_known & ~torch.isin(tentative, self.unpenalised))
+            banned = committed & torch.isneginf(logits.gather(2, tokens[..., None]).squeeze(-1))  # [B, M]
+            _revive_dead_(logits, allowed)
+            top, better = logits.max(dim=-1)
+            tokens = torch.where(banned, better, tokens)
+            confidence = torch.where(banned, torch.exp(top - torch.logsumexp(logits, dim=-1)), confidence)
+        return tokens, confidence
 
     def _after_step(self, next_scoring: torch.Tensor) -> list[int]:
         """Each row's masks left after this step, with the next step's candidate and window widths
