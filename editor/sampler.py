@@ -293,36 +293,47 @@ def forbid_repeated_ngrams_(
     literal; not masked, not padding). Only n-grams a fill wrote count, at least in part (`free`
     [B, L]: the positions the sampler fills): a fill may name what the literal text names ("the
     Northwind trail shoes" of a record), not repeat itself. Only n-grams with a letter in them count
-    (`lettered` [V]): "1", "9", "9" twice is two years, not a loop. Works on [B, M, L] comparisons
-    and a scatter of -inf, never on [B, M, V] masks. Returns logits."""
-    batch, width = ids.shape
-    positions = torch.arange(width, device=ids.device)  # [L]
-    near = (positions[None, None, :] - candidates[..., None]).abs()  # [B, M, L]
-    near = (near <= window) & (near > 0)
-    found = torch.zeros(near.shape, dtype=torch.bool, device=ids.device)  # [B, M, L]: ids[q] is banned
+    (`lettered` [V]): "1", "9", "9" twice is two years, not a loop. Looks only at the band of
+    2 * window + 1 positions around each candidate: [B, M, K] comparisons and a scatter of -inf,
+    never [B, M, L] or [B, M, V] tensors, so a 4,000-token canvas costs what a short one does per
+    candidate. Returns logits."""
+    width = ids.shape[1]
+    band = torch.arange(-window, window + 1, device=ids.device)  # [K]
+    at = candidates[..., None] + band  # [B, M, K] the occurrence's place q of each band slot
+
+    def look(values: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """values [B, L] at q + offset for every band slot: ([B, M, K], whether on the canvas)."""
+        where = at + offset
+        inside = (where >= 0) & (where < width)
+        flat = where.clamp(0, width - 1).flatten(1)  # [B, M * K]
+        return values.gather(1, flat).view(at.shape), inside
+
+    own, on_canvas = look(ids, 0)  # [B, M, K] the token an occurrence would ban
+    own_known, _ = look(known, 0)
+    base = on_canvas & own_known & (band != 0)
+    found = torch.zeros_like(base)
     for slot in range(n):
         offsets = [k - slot for k in range(n) if k != slot]
-        match = near & known[:, None, :]  # the occurrence's own token at q is committed
-        has_letter = lettered[ids][:, None, :].expand_as(match)  # [B, M, L]
-        written = free  # [B, L]: the occurrence touches a filled position
+        match = base
+        has_letter = lettered[own]
+        written, _ = look(free, 0)
         # An occurrence holding the candidate's own position is the n-gram being written, not an
         # earlier one (it matters when the position already holds a token: a step's commits checked again).
-        holds_candidate = torch.zeros_like(found)
+        holds_candidate = torch.zeros_like(base)
         for offset in offsets:
             mine, inside = neighbours(ids, candidates, offset)  # [B, M]
             mine_known = inside & known.gather(1, (candidates + offset).clamp(0, width - 1))
-            theirs = torch.roll(ids, -offset, dims=1)  # [B, L]: theirs[q] = ids[q + offset]
-            theirs_known = torch.roll(known, -offset, dims=1)
-            edge = (positions + offset >= 0) & (positions + offset < width)  # [L] no wrap-around
-            match = match & mine_known[..., None] & (theirs[:, None, :] == mine[..., None])
-            match = match & (theirs_known & edge[None])[:, None, :]
+            theirs, theirs_inside = look(ids, offset)
+            theirs_known, _ = look(known, offset)
+            theirs_free, _ = look(free, offset)
+            match = match & mine_known[..., None] & (theirs == mine[..., None])
+            match = match & theirs_known & theirs_inside
             has_letter = has_letter | lettered[mine][..., None]
-            written = written | (torch.roll(free, -offset, dims=1) & edge[None])
-            holds_candidate |= (positions + offset)[None, None, :] == candidates[..., None]
-        found |= match & has_letter & written[:, None, :] & ~holds_candidate
-    banned = ids[:, None, :].expand(batch, candidates.shape[1], width)  # [B, M, L] token ids
-    block = torch.where(found, float("-inf"), float("inf")).to(logits.dtype)
-    return logits.scatter_reduce_(2, banned, block, reduce="amin")
+            written = written | (theirs_free & theirs_inside)
+            holds_candidate |= (band + offset) == 0
+        found |= match & has_letter & written & ~holds_candidate
+    block = torch.where(found, float("-inf"), float("inf")).to(logits.dtype)  # [B, M, K]
+    return logits.scatter_reduce_(2, own, block, reduce="amin")
 
 
 def sample(
