@@ -372,12 +372,23 @@ def judged_results(
             continue
         judge = judge_for(model)  # built (its weights loaded) on first use
         scores = judge.score([canvas] * count, [ids for ids, _ in mine], [text.text for text in filled])
-        best = max(range(count), key=scores.__getitem__)
+        usable = [number for number, text in enumerate(filled) if not blank_span(canvas, text)] or list(range(count))
+        best = max(usable, key=scores.__getitem__)
         spans = with_alternatives(filled, scores, best)
         results.append(
             FillResult(filled[best].text, spans, model.name, seed, steps, elapsed, options, scores[best], judge.name)
         )
     return results
+
+
+def blank_span(canvas: Canvas, filled: FilledText) -> bool:
+    """Whether a span that asked for at least one token came back blank (a lone space token): such a
+    candidate is never kept while another is not blank, however likely the judge finds it (a short
+    document of predictable scaffolding, a JSON record, scores well per character)."""
+    return any(
+        layout.min_tokens >= 1 and not span.text.strip()
+        for layout, span in zip(canvas.spans, filled.spans, strict=True)
+    )
 
 
 def with_alternatives(filled: Sequence[FilledText], scores: Sequence[float], best: int) -> list[SpanFill]:

@@ -278,3 +278,33 @@ def test_a_fill_loops_neither_in_words_nor_in_digits(tiny_model: DiffusionModel)
             grams = [tuple(ids[i : i + 6]) for i in range(len(ids) - 5)]
             repeated[rule] = len(grams) - len(set(grams))
         assert repeated[3] == 0 and repeated[0] > 0, (seed, repeated)
+
+
+def test_a_blank_candidate_is_not_kept_while_another_is_not(tiny_model: DiffusionModel) -> None:
+    """A lone space is a valid token for a span's first place, but a fill that asked for at least
+    one token and shows nothing is never the one kept, however the judge scores it."""
+    from editor.canvas import render
+    from editor.filling import judged_results
+
+    canvas = prepare_canvas(tiny_model, parse_document("Title: [MASK 1-3]\nNext"))
+    layout = canvas.spans[0]
+    space, word = encode(tiny_model.tokenizer, " ")[0], encode(tiny_model.tokenizer, " cat")[0]
+    end = tiny_model.special.end_ids[0]
+    blank, worded = list(canvas.ids), list(canvas.ids)
+    blank[layout.start : layout.start + 3] = [space, end, end]
+    worded[layout.start : layout.start + 3] = [word, end, end]
+    assert (
+        render(canvas, blank, [1.0] * len(blank), tiny_model.tokenizer, tiny_model.special.end_ids)
+        .spans[0]
+        .text.strip()
+        == ""
+    )
+    confidences = [1.0] * len(blank)
+    expected = render(canvas, worded, confidences, tiny_model.tokenizer, tiny_model.special.end_ids).spans[0].text
+    assert expected.strip()
+    options = SamplerOptions(candidates=2)
+    for order in ([blank, worded], [worded, blank]):
+        [result] = judged_results(
+            tiny_model, [canvas], [(ids, confidences) for ids in order], options, seed=0, steps=1, elapsed=0.0
+        )
+        assert result.spans[0].text == expected
