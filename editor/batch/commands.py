@@ -26,9 +26,8 @@ def _read_text(name: str, what: str) -> str:
 
 
 def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
-    """The command line's sampler options. Without --schedule, the batch defaults apply (the
-    threshold schedule with at most 2 steps, unless --steps says otherwise); with --schedule,
-    the same defaults as `editor fill`."""
+    """The command line's sampler options. Without --schedule, the batch defaults apply (today the
+    same as `editor fill`'s; --steps still applies); with --schedule, the same defaults as `editor fill`."""
     from editor.batch.runner import BATCH_DEFAULTS
 
     context = click.get_current_context()

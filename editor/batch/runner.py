@@ -46,7 +46,10 @@ __all__ = [
 
 # Batch jobs favour throughput: the threshold schedule (commit every confident position at once)
 # capped at a few steps, so every row costs a small, fixed number of forward passes.
-BATCH_DEFAULTS = SamplerOptions(schedule="threshold", steps=2)
+# The fill defaults (confidence, one step per masked token, the model's candidates): a threshold
+# schedule capped at 2 steps was 5x faster and garbled ("North running running running the the of
+# Northwind running" against "Initech rain jacket-Storm is waterproof"): docs/batch.md, Speed.
+BATCH_DEFAULTS = SamplerOptions()
 
 
 @dataclass(frozen=True)
