@@ -384,6 +384,10 @@ class SamplerRun:
         # each token's word class [V] and each class's spellings [C, K]
         self.words = vocabulary.word_classes(device) if options.repetition_penalty != 1.0 else None
         self.unpenalised = never_penalised(model.special, device)
+        # no_repeat_ngram's token tables [V], made once per run: a [V] copy to a GPU each step would wait.
+        if options.no_repeat_ngram:
+            self.lettered = vocabulary.lettered(device)
+            self.every_token = torch.ones_like(self.lettered)
         self.fast = windowed(model)
         self.windowed = options.cache and self.fast is not None
         # Every schedule but threshold/factor commits what its plan says: the host follows the
@@ -655,10 +659,8 @@ class SamplerRun:
         """`no_repeat_ngram` n: no repeated n-gram with a letter in it, and no repeated 2n-gram of
         anything ("0.1.0.1.0.1" is a loop too, "1990 and 1995" is not)."""
         n, free = self.options.no_repeat_ngram, ~self.pinned
-        lettered = self.vocabulary.lettered(self.device)
-        forbid_repeated_ngrams_(logits, ids, candidates, known, free, lettered, n, NGRAM_WINDOW)
-        anything = torch.ones_like(lettered)
-        forbid_repeated_ngrams_(logits, ids, candidates, known, free, anything, 2 * n, NGRAM_WINDOW)
+        forbid_repeated_ngrams_(logits, ids, candidates, known, free, self.lettered, n, NGRAM_WINDOW)
+        forbid_repeated_ngrams_(logits, ids, candidates, known, free, self.every_token, 2 * n, NGRAM_WINDOW)
 
     def _may_commit_several(self) -> bool:
         """Whether some row may commit more than one position this step (its plan says so, or the

@@ -11,7 +11,7 @@ from editor.benchmarks.fills import repeated_trigrams
 from editor.canvas import encode
 from editor.filling import fill_canvases, fill_documents, prepare_canvas, vocabulary_rules
 from editor.judging import CausalJudge, SelfJudge, judge_for
-from editor.models import DiffusionModel
+from editor.models import DiffusionModel, aligned_logits
 from editor.models.native import NativeDiffusionModel
 from editor.options import SamplerOptions
 from editor.parser import parse_document
@@ -261,7 +261,15 @@ def test_models_without_a_twin_judge_themselves(tiny_model: DiffusionModel) -> N
     layout = canvas.spans[0]
     filled[layout.start : layout.start + 3] = result.spans[0].token_ids
     [score] = judge_for(tiny_model).score([canvas], [filled], [result.text])
-    assert score < 0
+    # The definition: the span masked again, the mean log-probability of its tokens.
+    masked = list(filled)
+    masked[layout.start : layout.start + 3] = [tiny_model.special.mask] * 3
+    with torch.inference_mode():
+        ids = torch.tensor([masked])
+        logits = aligned_logits(tiny_model, ids, torch.ones_like(ids, dtype=torch.bool))[0].float()
+    log_probs = torch.log_softmax(logits[layout.start : layout.start + 3], dim=-1)
+    tokens = torch.tensor(result.spans[0].token_ids)
+    assert score == pytest.approx(float(log_probs.gather(-1, tokens[:, None]).mean()), abs=1e-4)
 
 
 def test_a_fill_loops_neither_in_words_nor_in_digits(tiny_model: DiffusionModel) -> None:

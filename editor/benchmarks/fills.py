@@ -315,21 +315,12 @@ def fills_bench(
     import torch
 
     from editor.judging import load_autoregressive_twin
-    from editor.models.loading import load_model, model_dtype_text
+    from editor.models.loading import load_model
+    from editor.models.native import dtype_text
     from editor.options import SamplerOptions
 
     if threads is not None:
         torch.set_num_threads(threads)
-    model = load_model(model_spec, device=device)
-    if documents_path is not None:
-        documents = [SuiteDocument(**entry) for entry in json.loads(documents_path.read_text(encoding="utf-8"))]
-    else:
-        documents = (held_out_documents(valid, paragraphs, model.tokenizer) if valid else []) + (
-            written_documents() if written else []
-        )
-    if dump is not None:
-        dump.write_text(json.dumps([asdict(d) for d in documents], indent=1) + "\n", encoding="utf-8")
-        return
     given: dict[str, Any] = {"seed": seed}
     if candidates is not None:
         given["candidates"] = candidates
@@ -338,21 +329,34 @@ def fills_bench(
     if schedule is not None:
         given["schedule"] = schedule
     options = SamplerOptions(**given)
-    if score_path is not None:
+    if score_path is not None:  # fills made elsewhere: only the twin is loaded, not a model to fill with
         loaded = json.loads(score_path.read_text(encoding="utf-8"))
         filled = [FilledDocument(**entry) for entry in loaded["fills"]]
         documents = [SuiteDocument(**entry) for entry in loaded["documents"]]
+        source, dtype, where, used = f"fills from {score_path.name}", torch.float32, torch.device(device), None
     else:
+        model = load_model(model_spec, device=device)
+        if documents_path is not None:
+            documents = [SuiteDocument(**entry) for entry in json.loads(documents_path.read_text(encoding="utf-8"))]
+        else:
+            documents = (held_out_documents(valid, paragraphs, model.tokenizer) if valid else []) + (
+                written_documents() if written else []
+            )
+        if dump is not None:
+            dump.write_text(json.dumps([asdict(d) for d in documents], indent=1) + "\n", encoding="utf-8")
+            return
         filled = fill_suite(model, documents, options)
-    judge = load_autoregressive_twin(model.device, getattr(model, "dtype", torch.float32))
+        source, dtype, where = model.name, getattr(model, "dtype", torch.float32), model.device
+        used = options.model_dump(exclude_none=True)
+    judge = load_autoregressive_twin(where, dtype)
     report = {
         "benchmark": "fills",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": model.name if score_path is None else f"fills from {score_path.name}",
-        "dtype": model_dtype_text(model),
-        "device": str(model.device),
+        "model": source,
+        "dtype": dtype_text(dtype),
+        "device": str(where),
         "threads": torch.get_num_threads(),
-        "options": options.model_dump(exclude_none=True) if score_path is None else None,
+        "options": used,
         "summary": summary(documents, filled, judge),
         "documents": [asdict(d) for d in documents],
         "fills": [asdict(f) for f in filled],
