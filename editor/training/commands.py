@@ -84,6 +84,12 @@ def prepare_data(tokenizer_dir: Path, corpus: Path, out: Path) -> None:
 @click.option("--whole-paragraph-share", **ROW_SHARE, default=0.5, help="rows cut at a paragraph end, the rest padded")
 @click.option("--padded-span-share", **ROW_SHARE, default=0.2, help="rows whose masked span is followed by end tokens")
 @click.option(
+    "--infill-share",
+    **ROW_SHARE,
+    default=0.0,
+    help="rows shaped like a document being filled: clean text around 1-3 masked spans, half ending in end tokens",
+)
+@click.option(
     "--init-from-gguf",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
@@ -111,6 +117,7 @@ def train(
     span_share: float,
     whole_paragraph_share: float,
     padded_span_share: float,
+    infill_share: float,
     init_from_gguf: Path | None,
     lora_rank: int,
     lora_alpha: float | None,
@@ -132,6 +139,7 @@ def train(
             span_share=span_share,
             whole_paragraph_share=whole_paragraph_share,
             padded_span_share=padded_span_share,
+            infill_share=infill_share,
         )
 
     given = {k: v for k, v in values.items() if v is not None}

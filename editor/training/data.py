@@ -62,7 +62,9 @@ class BatchSpec:
     whole_paragraph_share: float = 0.5  # rows that end at a paragraph boundary (then padded)
     span_share: float = 0.3  # rows masked as contiguous spans, the way documents are
     padded_span_share: float = 0.2  # rows whose span is followed by pad tokens (teaches `[MASK a-b]`)
+    infill_share: float = 0.0  # rows shaped like a document being filled (`BatchSampler._infill_row`)
     max_pad_run: int = 24
+    max_infill_span: int = 60
     eps: float = 1e-3
 
 
@@ -128,21 +130,59 @@ class BatchSampler:
             mask[start : start + length] = True
         return mask
 
+    def _infill_row(self, row: np.ndarray, real: int) -> tuple[np.ndarray, int, np.ndarray]:
+        """A row as the sampler sees a document: clean text around 1-3 spans of 1 to
+        `max_infill_span` tokens (lengths log-uniform, as short fields and long paragraphs both
+        occur), half of them followed by a run of pad tokens as a `[MASK a-b]` span that ended early
+        holds; only the spans are masked, each position with the row's probability t, so the
+        model learns every stage of a fill from the first step on. Returns the row, its real
+        length and the spans' extent [L] bool."""
+        spec = self.spec
+        count = int(self.rng.integers(1, 4))
+        starts = np.sort(self.rng.choice(np.arange(1, real), size=min(count, real - 1), replace=False))  # real > 1
+        pieces: list[np.ndarray] = []
+        extent: list[np.ndarray] = []
+        cursor = 0
+        for start in starts:
+            start = max(int(start), cursor)
+            if start >= real:
+                break
+            length = int(np.exp(self.rng.uniform(0.0, np.log(spec.max_infill_span + 1))))
+            end = min(start + max(length, 1), real)
+            pads = int(self.rng.integers(1, spec.max_pad_run + 1)) if self.rng.random() < 0.5 else 0
+            pieces += [row[cursor:start], row[start:end], np.full(pads, self.pad_id, dtype=np.int64)]
+            extent += [np.zeros(start - cursor, dtype=bool), np.ones(end - start + pads, dtype=bool)]
+            cursor = end
+        pieces.append(row[cursor:real])
+        extent.append(np.zeros(real - cursor, dtype=bool))
+        text, spans = np.concatenate(pieces)[: spec.seq_len], np.concatenate(extent)[: spec.seq_len]
+        out = np.full(spec.seq_len, self.pad_id, dtype=np.int64)
+        out[: len(text)] = text
+        return out, len(text), spans
+
     def sample(self) -> Batch:
         spec = self.spec
         rows, targets, loss_masks, weights, attention = [], [], [], [], []
         for _ in range(spec.batch_size):
             row, real = self._row_tokens()
             forced: tuple[int, int] | None = None
-            if self.rng.random() < spec.padded_span_share:
-                row, real, forced = self._insert_pad_run(row, real)
-            t = float(self.rng.uniform(spec.eps, 1.0))
-            if forced is None and self.rng.random() < spec.span_share:
-                masked = self._span_mask(real, t)
+            # Drawn only when asked for, so runs without infill rows repeat the earlier runs exactly.
+            if spec.infill_share > 0 and real > 1 and self.rng.random() < spec.infill_share:
+                row, real, spans = self._infill_row(row, real)
+                t = float(self.rng.uniform(spec.eps, 1.0))
+                masked = spans[:real] & (self.rng.random(real) < t)
+                if not masked.any():  # at least one position to learn from
+                    masked[int(self.rng.choice(np.flatnonzero(spans[:real])))] = True
             else:
-                masked = self.rng.random(real) < t
-            if forced is not None:
-                masked[forced[0] : forced[1]] = True
+                if self.rng.random() < spec.padded_span_share:
+                    row, real, forced = self._insert_pad_run(row, real)
+                t = float(self.rng.uniform(spec.eps, 1.0))
+                if forced is None and self.rng.random() < spec.span_share:
+                    masked = self._span_mask(real, t)
+                else:
+                    masked = self.rng.random(real) < t
+                if forced is not None:
+                    masked[forced[0] : forced[1]] = True
             masked[0] = False  # BOS stays, as at inference
             full_mask = np.zeros(spec.seq_len, dtype=bool)
             full_mask[:real] = masked

@@ -186,6 +186,7 @@ def run_record(config: LoRAConfig, summary: dict[str, object]) -> dict[str, obje
         "whole_paragraph_share": config.batch.whole_paragraph_share,
         "span_share": config.batch.span_share,
         "padded_span_share": config.batch.padded_span_share,
+        "infill_share": config.batch.infill_share,
         "continued_from": config.init_adapter.name if config.init_adapter else None,
     }
 
