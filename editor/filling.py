@@ -26,7 +26,7 @@ from editor.canvas import (
 )
 from editor.constraints import VocabularyRules
 from editor.document import Document, DocumentError
-from editor.judging import judge_for
+from editor.judging import Judge, judge_for
 from editor.models.base import DiffusionModel, aligned_logits
 from editor.options import FillCancelled, SamplerOptions
 from editor.sampler import CancelCheck, Row, StepCallback, StepEvent, pad_rows, row_seed, sample
@@ -62,6 +62,8 @@ DEFAULT_BATCH_TOKENS = 16384  # canvas positions per forward pass when scoring c
 CANDIDATE_TEMPERATURE = 0.7  # the sampled candidates beside a greedy first one
 # Candidates per fill when the options leave it open, by model name (measured: docs/sampler.md).
 DEFAULT_CANDIDATES = {"default": 4}
+# A document of several spans may take each span from a different candidate (`mixed_candidate`).
+CHOOSE_PER_SPAN = True
 
 _vocabularies: weakref.WeakKeyDictionary[object, VocabularyRules] = weakref.WeakKeyDictionary()
 
@@ -264,6 +266,7 @@ def fill_canvases(
     should_cancel: CancelCheck | None = None,
     started: float | None = None,
     row_seeds: Sequence[int] | None = None,
+    per_span: bool = CHOOSE_PER_SPAN,
 ) -> list[FillResult]:
     """`row_seeds` fixes each canvas's random draws (see `editor.sampler.row_seed`); without it the
     canvases derive theirs from `options.seed`. With several candidates (`options.candidates`) each
@@ -286,7 +289,9 @@ def fill_canvases(
     )
     elapsed = time.perf_counter() - started
     outputs = list(zip(output.ids, output.confidences, strict=True))
-    return judged_results(model, canvases, outputs, options, seed=output.seed, steps=output.steps, elapsed=elapsed)
+    return judged_results(
+        model, canvases, outputs, options, seed=output.seed, steps=output.steps, elapsed=elapsed, per_span=per_span
+    )
 
 
 def random_seed() -> int:
@@ -359,9 +364,12 @@ def judged_results(
     seed: int,
     steps: int,
     elapsed: float,
+    per_span: bool = CHOOSE_PER_SPAN,
 ) -> list[FillResult]:
     """One result per canvas from its `options.candidates` consecutive outputs (ids, confidences):
-    the candidate the model's judge scores highest, its spans carrying the others' fills."""
+    the candidate the model's judge scores highest, its spans carrying the others' fills. With
+    `per_span`, a document of several spans may instead take each span from the candidate whose
+    fill of it the judge scores best (`mixed_candidate`), when the judge prefers the mix as a whole."""
     count = options.candidates or 1
     results: list[FillResult] = []
     for number, canvas in enumerate(canvases):
@@ -374,11 +382,55 @@ def judged_results(
         scores = judge.score([canvas] * count, [ids for ids, _ in mine], [text.text for text in filled])
         usable = [number for number, text in enumerate(filled) if not blank_span(canvas, text)] or list(range(count))
         best = max(usable, key=scores.__getitem__)
-        spans = with_alternatives(filled, scores, best)
-        results.append(
-            FillResult(filled[best].text, spans, model.name, seed, steps, elapsed, options, scores[best], judge.name)
-        )
+        kept, kept_score = filled[best], scores[best]
+        if per_span and len(canvas.spans) > 1:
+            mixed = mixed_candidate(model, judge, canvas, mine, filled, best)
+            if mixed is not None and mixed[1] > kept_score:
+                kept, kept_score = mixed
+        spans = with_alternatives(kept, filled, scores)
+        results.append(FillResult(kept.text, spans, model.name, seed, steps, elapsed, options, kept_score, judge.name))
     return results
+
+
+def mixed_candidate(
+    model: DiffusionModel,
+    judge: Judge,
+    canvas: Canvas,
+    outputs: Sequence[tuple[list[int], list[float]]],
+    filled: Sequence[FilledText],
+    best: int,
+) -> tuple[FilledText, float] | None:
+    """The document that takes each span from the candidate whose fill of it (with the seam to the
+    text after it) the judge scores best, and its score; None when that is the `best` candidate
+    throughout. Spans stay where the canvas put them in every candidate, so their positions swap
+    whole; a span left blank where it asked for a token is never taken."""
+    segments = [span_segments(text) for text in filled]
+    span_scores = judge.span_scores(
+        [canvas] * len(filled), [ids for ids, _ in outputs], [t.text for t in filled], segments
+    )
+    picks: list[int] = []
+    for number, layout in enumerate(canvas.spans):
+        fine = [
+            candidate
+            for candidate, text in enumerate(filled)
+            if layout.min_tokens < 1 or text.spans[number].text.strip()
+        ] or [best]
+        picks.append(max(fine, key=lambda candidate: span_scores[candidate][number]))
+    if all(pick == best for pick in picks):
+        return None
+    ids, confidences = list(outputs[best][0]), list(outputs[best][1])
+    for layout, pick in zip(canvas.spans, picks, strict=True):
+        region = slice(layout.start, layout.start + layout.length)
+        ids[region], confidences[region] = outputs[pick][0][region], outputs[pick][1][region]
+    text = render(canvas, ids, confidences, model.tokenizer, model.special.end_ids)
+    [score] = judge.score([canvas], [ids], [text.text])
+    return text, score
+
+
+def span_segments(filled: FilledText) -> list[tuple[int, int]]:
+    """Each span's character range from its fill to the next fill (the last: to the end)."""
+    starts = [span.start for span in filled.spans]
+    return [(start, end) for start, end in zip(starts, [*starts[1:], len(filled.text)], strict=True)]
 
 
 def blank_span(canvas: Canvas, filled: FilledText) -> bool:
@@ -391,11 +443,11 @@ def blank_span(canvas: Canvas, filled: FilledText) -> bool:
     )
 
 
-def with_alternatives(filled: Sequence[FilledText], scores: Sequence[float], best: int) -> list[SpanFill]:
-    """The kept candidate's spans, each with the other candidates' distinct fills, best first."""
+def with_alternatives(kept: FilledText, filled: Sequence[FilledText], scores: Sequence[float]) -> list[SpanFill]:
+    """The kept fill's spans, each with the candidates' other distinct fills, best first."""
     ranked = sorted(range(len(filled)), key=lambda i: -scores[i])
     spans: list[SpanFill] = []
-    for number, span in enumerate(filled[best].spans):
+    for number, span in enumerate(kept.spans):
         seen = {span.text}
         alternatives: list[SpanAlternative] = []
         for candidate in ranked:

@@ -38,6 +38,17 @@ class Judge(Protocol):
         """One score per candidate: canvas `canvases[i]` filled with ids `filled[i]`, rendering as `texts[i]`."""
         ...
 
+    def span_scores(
+        self,
+        canvases: Sequence[Canvas],
+        filled: Sequence[list[int]],
+        texts: Sequence[str],
+        segments: Sequence[Sequence[tuple[int, int]]],
+    ) -> list[list[float]]:
+        """One score per span of each candidate (`segments[i]`: each span's character range in
+        `texts[i]`, from its fill to the next fill), so spans can be chosen from different candidates."""
+        ...
+
 
 class CausalJudge:
     """The log-probability of each filled document's text under a causal language model."""
@@ -56,27 +67,58 @@ class CausalJudge:
         compares texts of different lengths and tokenizations on one footing (docs/sampler.md)."""
         return [value / max(1, len(text)) for value, text in zip(self.text_log_probs(texts), texts, strict=True)]
 
+    def span_scores(
+        self,
+        canvases: Sequence[Canvas],
+        filled: Sequence[list[int]],
+        texts: Sequence[str],
+        segments: Sequence[Sequence[tuple[int, int]]],
+    ) -> list[list[float]]:
+        """log P per character of each segment (a fill and the literal text up to the next fill),
+        given everything before it: a span's fill is judged with the seam it makes with what follows."""
+        scored = self._token_log_probs(texts)
+        out: list[list[float]] = []
+        for (log_probs, offsets), ranges in zip(scored, segments, strict=True):
+            out.append(
+                [
+                    sum(lp for lp, (at, _) in zip(log_probs, offsets, strict=True) if start <= at < end)
+                    / max(1, end - start)
+                    for start, end in ranges
+                ]
+            )
+        return out
+
     def text_log_probs(self, texts: Sequence[str]) -> list[float]:
         """log P(text) for each text (its first token given the bos, or unscored without one)."""
-        encoded = [self._ids(text) for text in texts]
-        scores = [0.0] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        return [sum(log_probs) for log_probs, _ in self._token_log_probs(texts)]
+
+    def _token_log_probs(self, texts: Sequence[str]) -> list[tuple[list[float], list[tuple[int, int]]]]:
+        """Each text's tokens' log-probabilities, with the character range each token covers."""
+        encoded = [self._encode(text) for text in texts]
+        scored: list[tuple[list[float], list[tuple[int, int]]]] = [([], [])] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
         start = 0
         while start < len(order):
             stop = start + 1
-            while stop < len(order) and (stop - start + 1) * len(encoded[order[stop]]) <= JUDGE_BATCH_TOKENS:
+            while stop < len(order) and (stop - start + 1) * len(encoded[order[stop]][0]) <= JUDGE_BATCH_TOKENS:
                 stop += 1
             chunk = order[start:stop]
-            for index, value in zip(chunk, self._log_probs([encoded[i] for i in chunk]), strict=True):
-                scores[index] = value
+            for index, values in zip(chunk, self._log_probs([encoded[i][0] for i in chunk]), strict=True):
+                offsets = encoded[index][1]
+                unscored = [0.0] * (len(offsets) - len(values))  # the first token, when there is no bos
+                scored[index] = (unscored + values, offsets)
             start = stop
-        return scores
+        return scored
 
-    def _ids(self, text: str) -> list[int]:
-        ids: list[int] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
-        return ([self.bos] if self.bos is not None else []) + ids
+    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids (after the bos, if any) and each text token's character range."""
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # type: ignore[operator]
+        ids: list[int] = list(encoding["input_ids"])
+        offsets = [(int(a), int(b)) for a, b in encoding["offset_mapping"]]
+        return ([self.bos] if self.bos is not None else []) + ids, offsets
 
-    def _log_probs(self, rows: list[list[int]]) -> list[float]:
+    def _log_probs(self, rows: list[list[int]]) -> list[list[float]]:
+        """Per row, the log-probability of each token after the first."""
         width = max(len(row) for row in rows)
         device = next(self.network.parameters()).device
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
@@ -90,8 +132,8 @@ class CausalJudge:
             logits = self.network(ids, causal=True)  # [B, W, V]
             log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, W-1, V] predicting ids[:, 1:]
             picked = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, W-1]
-            totals = picked.masked_fill(~real[:, 1:], 0.0).sum(dim=1)  # [B]
-        return [float(value) for value in totals.tolist()]
+        values = picked.tolist()
+        return [values[index][: len(row) - 1] for index, row in enumerate(rows)]
 
 
 class SelfJudge:
@@ -103,11 +145,22 @@ class SelfJudge:
         self.model = model
 
     def score(self, canvases: Sequence[Canvas], filled: Sequence[list[int]], texts: Sequence[str]) -> list[float]:
+        return [sum(spans) for spans in self.span_scores(canvases, filled, texts, [[] for _ in texts])]
+
+    def span_scores(
+        self,
+        canvases: Sequence[Canvas],
+        filled: Sequence[list[int]],
+        texts: Sequence[str],
+        segments: Sequence[Sequence[tuple[int, int]]],
+    ) -> list[list[float]]:
+        """Each span's mean token log-probability with the span masked again (0 for a span with
+        nothing free to score); `segments` is not needed: the spans are the canvas's."""
         rows: list[Row] = []
-        owners: list[tuple[int, list[int]]] = []  # (candidate, positions scored) per row
+        owners: list[tuple[int, int, list[int]]] = []  # (candidate, span, positions scored) per row
         mask = self.model.special.mask
         for number, (canvas, ids) in enumerate(zip(canvases, filled, strict=True)):
-            for layout in canvas.spans:
+            for span, layout in enumerate(canvas.spans):
                 free = [layout.start + o for o in range(layout.length) if o not in layout.pinned]
                 if not free:
                     continue
@@ -115,27 +168,27 @@ class SelfJudge:
                 for position in free:
                     masked[position] = mask
                 rows.append(Row(ids=masked, pinned=[True] * len(masked), rules=[]))
-                owners.append((number, free))
-        scores = [0.0] * len(canvases)
+                owners.append((number, span, free))
+        scores = [[0.0] * len(canvas.spans) for canvas in canvases]
         if not rows:
             return scores
         per_pass = max(1, JUDGE_BATCH_TOKENS // max(len(row.ids) for row in rows))
         for first in range(0, len(rows), per_pass):
             chunk = slice(first, first + per_pass)
-            for (number, _), value in zip(
+            for (number, span, _), value in zip(
                 owners[chunk], self._span_means(rows[chunk], owners[chunk], filled), strict=True
             ):
-                scores[number] += value
+                scores[number][span] = value
         return scores
 
     def _span_means(
-        self, rows: list[Row], owners: list[tuple[int, list[int]]], filled: Sequence[list[int]]
+        self, rows: list[Row], owners: list[tuple[int, int, list[int]]], filled: Sequence[list[int]]
     ) -> list[float]:
         ids, _, attention = pad_rows(rows, self.model.special.pad, self.model.device)
         with torch.inference_mode():
             logits = aligned_logits(self.model, ids, attention)  # [B, L, V]
         means: list[float] = []
-        for row, (number, positions) in enumerate(owners):
+        for row, (number, _, positions) in enumerate(owners):
             at = torch.tensor(positions, device=logits.device)
             tokens = torch.tensor([filled[number][p] for p in positions], device=logits.device)
             log_probs = torch.log_softmax(logits[row, at].float(), dim=-1)  # [n, V]

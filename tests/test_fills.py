@@ -316,3 +316,68 @@ def test_a_blank_candidate_is_not_kept_while_another_is_not(tiny_model: Diffusio
             tiny_model, [canvas], [(ids, confidences) for ids in order], options, seed=0, steps=1, elapsed=0.0
         )
         assert result.spans[0].text == expected
+
+
+def test_causal_span_scores_split_the_text_log_probability_by_segment(tiny_model: NativeDiffusionModel) -> None:
+    """Each segment's score is the log-probability of the tokens that start in it, per character:
+    the segments' totals and the unsegmented prefix add up to log P(text)."""
+    bos = tiny_model.special.bos if tiny_model.special.bos is not None else tiny_model.special.pad
+    judge = CausalJudge(tiny_model.network, tiny_model.tokenizer, bos, tiny_model.special.pad)
+    text = "Dear Anna, thank you for the red shoes. Best, Tom"
+    segments = [(5, 10), (10, 44), (44, len(text))]
+    [per_char] = judge.span_scores([], [], [text], [segments])
+    [total] = judge.text_log_probs([text])
+    [prefix] = judge.text_log_probs([text[:5]])  # "Dear " tokenizes alike on its own here
+    assert prefix + sum(score * (end - start) for score, (start, end) in zip(per_char, segments, strict=True)) == (
+        pytest.approx(total, abs=0.05)
+    )
+    assert all(score < 0 for score in per_char)
+
+
+class WordJudge:
+    """Scores a text by how many liked words it holds (per character), and a segment likewise."""
+
+    name = "words"
+
+    def __init__(self, liked: set[str]) -> None:
+        self.liked = liked
+
+    def _value(self, text: str) -> float:
+        return sum(word.strip(".,") in self.liked for word in text.split()) / max(1, len(text))
+
+    def score(self, canvases: object, filled: object, texts: list[str]) -> list[float]:
+        return [self._value(text) for text in texts]
+
+    def span_scores(
+        self, canvases: object, filled: object, texts: list[str], segments: list[list[tuple[int, int]]]
+    ) -> list[list[float]]:
+        return [[self._value(text[a:b]) for a, b in ranges] for text, ranges in zip(texts, segments, strict=True)]
+
+
+def test_each_span_may_come_from_a_different_candidate(
+    tiny_model: DiffusionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Candidate 1 wrote the better first span and candidate 2 the better second: with per-span
+    choice the kept document has both (and the judge prefers it as a whole); per document it has one."""
+    from editor.filling import judged_results
+
+    monkeypatch.setattr("editor.filling.judge_for", lambda model: WordJudge({"sun", "moon"}))
+    canvas = prepare_canvas(tiny_model, parse_document("I saw the [MASK 1-4] and the [MASK 1-4] today."))
+    end = tiny_model.special.end_ids[0]
+
+    def spelt(word: str) -> list[int]:
+        tokens = encode(tiny_model.tokenizer, f" {word}")
+        return tokens + [end] * (4 - len(tokens))
+
+    candidates = []
+    for one, two in (("cat", "dog"), ("sun", "dog"), ("cat", "moon")):
+        ids = list(canvas.ids)
+        for layout, word in zip(canvas.spans, (one, two), strict=True):
+            ids[layout.start : layout.start + 4] = spelt(word)
+        candidates.append((ids, [1.0] * len(ids)))
+    options = SamplerOptions(candidates=3)
+    [mixed] = judged_results(tiny_model, [canvas], candidates, options, seed=0, steps=1, elapsed=0.0)
+    assert mixed.text == "I saw the sun and the moon today."
+    assert [alt.text.strip() for alt in mixed.spans[0].alternatives] == ["cat"]
+    [whole] = judged_results(tiny_model, [canvas], candidates, options, seed=0, steps=1, elapsed=0.0, per_span=False)
+    assert whole.text in ("I saw the sun and the dog today.", "I saw the cat and the moon today.")

@@ -150,7 +150,9 @@ def written_documents() -> list[SuiteDocument]:
 # ----------------------------------------------------------------------------- filling
 
 
-def fill_suite(model: Any, documents: Sequence[SuiteDocument], options: Any) -> list[FilledDocument]:
+def fill_suite(
+    model: Any, documents: Sequence[SuiteDocument], options: Any, *, per_span: bool = True
+) -> list[FilledDocument]:
     """Fill each document alone (the time per fill is what one user waits)."""
     from editor.filling import fill_canvases, prepare_canvas
     from editor.parser import parse_document
@@ -159,7 +161,7 @@ def fill_suite(model: Any, documents: Sequence[SuiteDocument], options: Any) -> 
     for document in documents:
         started = time.perf_counter()
         canvas = prepare_canvas(model, parse_document(document.source))
-        [result] = fill_canvases(model, [canvas], options, started=started)
+        [result] = fill_canvases(model, [canvas], options, started=started, per_span=per_span)
         seconds = time.perf_counter() - started
         spans = [
             {
@@ -286,6 +288,12 @@ def _excess_bits(documents: Sequence[SuiteDocument], filled: Sequence[FilledDocu
 @click.option("--no-repeat-ngram", type=click.IntRange(0, 8), default=None, help="[default: the sampler's]")
 @click.option("--schedule", default=None, help="[default: the sampler's]")
 @click.option("--seed", default=0, help="fill seed")
+@click.option(
+    "--choice",
+    type=click.Choice(["span", "document"]),
+    default="span",
+    help="keep the judge's best document, or let each span come from its best candidate",
+)
 @click.option("--dump", type=click.Path(dir_okay=False, path_type=Path), help="write the documents here and stop")
 @click.option(
     "--documents",
@@ -306,6 +314,7 @@ def fills_bench(
     no_repeat_ngram: int | None,
     schedule: str | None,
     seed: int,
+    choice: str,
     dump: Path | None,
     documents_path: Path | None,
     score_path: Path | None,
@@ -345,9 +354,9 @@ def fills_bench(
         if dump is not None:
             dump.write_text(json.dumps([asdict(d) for d in documents], indent=1) + "\n", encoding="utf-8")
             return
-        filled = fill_suite(model, documents, options)
+        filled = fill_suite(model, documents, options, per_span=choice == "span")
         source, dtype, where = model.name, getattr(model, "dtype", torch.float32), model.device
-        used = options.model_dump(exclude_none=True)
+        used = {**options.model_dump(exclude_none=True), "choice": choice}
     judge = load_autoregressive_twin(where, dtype)
     report = {
         "benchmark": "fills",
