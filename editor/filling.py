@@ -64,6 +64,9 @@ CANDIDATE_TEMPERATURE = 0.7  # the sampled candidates beside a greedy first one
 DEFAULT_CANDIDATES = {"default": 4}
 # A document of several spans may take each span from a different candidate (`mixed_candidate`).
 CHOOSE_PER_SPAN = True
+SENTENCE_ENDS = (".", "!", "?")  # a range span may end after one of these (`cut_at_sentence_ends`)
+MAX_CUTS_PER_SPAN = 2
+MAX_CUT_ROUNDS = 2
 
 _vocabularies: weakref.WeakKeyDictionary[object, VocabularyRules] = weakref.WeakKeyDictionary()
 
@@ -382,14 +385,71 @@ def judged_results(
         scores = judge.score([canvas] * count, [ids for ids, _ in mine], [text.text for text in filled])
         usable = [number for number, text in enumerate(filled) if not blank_span(canvas, text)] or list(range(count))
         best = max(usable, key=scores.__getitem__)
-        kept, kept_score = filled[best], scores[best]
+        kept = Judged(mine[best][0], mine[best][1], filled[best], scores[best])
         if per_span and len(canvas.spans) > 1:
             mixed = mixed_candidate(model, judge, canvas, mine, filled, best)
-            if mixed is not None and mixed[1] > kept_score:
-                kept, kept_score = mixed
-        spans = with_alternatives(kept, filled, scores)
-        results.append(FillResult(kept.text, spans, model.name, seed, steps, elapsed, options, kept_score, judge.name))
+            if mixed is not None and mixed.score > kept.score:
+                kept = mixed
+        kept = cut_at_sentence_ends(model, judge, canvas, kept)
+        spans = with_alternatives(kept.filled, filled, scores)
+        results.append(
+            FillResult(kept.filled.text, spans, model.name, seed, steps, elapsed, options, kept.score, judge.name)
+        )
     return results
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A candidate document as the judge saw it: canvas ids, confidences, its rendering, its score."""
+
+    ids: list[int]
+    confidences: list[float]
+    filled: FilledText
+    score: float
+
+
+def cut_at_sentence_ends(model: DiffusionModel, judge: Judge, canvas: Canvas, kept: Judged) -> Judged:
+    """`kept`, or `kept` with range spans cut short after a sentence they wrote, if the judge prefers
+    it. A model fills a range to its end more often than not and then runs on into a new sentence
+    it cannot finish in the tokens left ("... running shoe. The model is"): ending after the last
+    full stop is often the better text. Up to `MAX_CUT_ROUNDS` rounds, each keeping the best one
+    cut (one judge pass over the variants each)."""
+    for _ in range(MAX_CUT_ROUNDS):
+        variants = sentence_cut_variants(model, canvas, kept.ids)
+        if not variants:
+            return kept
+        texts = [render(canvas, ids, kept.confidences, model.tokenizer, model.special.end_ids) for ids in variants]
+        scores = judge.score([canvas] * len(variants), variants, [text.text for text in texts])
+        best = max(range(len(variants)), key=scores.__getitem__)
+        if scores[best] <= kept.score or blank_span(canvas, texts[best]):
+            return kept
+        kept = Judged(variants[best], kept.confidences, texts[best], scores[best])
+    return kept
+
+
+def sentence_cut_variants(model: DiffusionModel, canvas: Canvas, ids: Sequence[int]) -> list[list[int]]:
+    """Copies of `ids`, each with one range span ended (end tokens from there on) right after one of
+    the last `MAX_CUTS_PER_SPAN` sentence ends inside it that more of the fill follows; never before
+    a pinned word or the span's least length, nor where the text after the span opens with
+    punctuation (it would double it: "shoe.. Your")."""
+    end_id, end_ids = model.special.end_ids[0], set(model.special.end_ids)
+    variants: list[list[int]] = []
+    for number, layout in enumerate(canvas.spans):
+        following = canvas.literals[number + 1]
+        if layout.min_tokens >= layout.length or layout.span.choices is not None or following[:1] in ".!?,;:":
+            continue
+        earliest = max([layout.min_tokens, 1, *(offset + 1 for offset in layout.pinned)])
+        cuts = [
+            offset
+            for offset in range(earliest, layout.length)
+            if ids[layout.start + offset] not in end_ids
+            and model.tokenizer.decode([ids[layout.start + offset - 1]]).rstrip().endswith(SENTENCE_ENDS)
+        ]
+        for offset in cuts[-MAX_CUTS_PER_SPAN:]:
+            variant = list(ids)
+            variant[layout.start + offset : layout.start + layout.length] = [end_id] * (layout.length - offset)
+            variants.append(variant)
+    return variants
 
 
 def mixed_candidate(
@@ -399,7 +459,7 @@ def mixed_candidate(
     outputs: Sequence[tuple[list[int], list[float]]],
     filled: Sequence[FilledText],
     best: int,
-) -> tuple[FilledText, float] | None:
+) -> Judged | None:
     """The document that takes each span from the candidate whose fill of it (with the seam to the
     text after it) the judge scores best, and its score; None when that is the `best` candidate
     throughout. Spans stay where the canvas put them in every candidate, so their positions swap
@@ -424,7 +484,7 @@ def mixed_candidate(
         ids[region], confidences[region] = outputs[pick][0][region], outputs[pick][1][region]
     text = render(canvas, ids, confidences, model.tokenizer, model.special.end_ids)
     [score] = judge.score([canvas], [ids], [text.text])
-    return text, score
+    return Judged(ids, confidences, text, score)
 
 
 def span_segments(filled: FilledText) -> list[tuple[int, int]]:

@@ -381,3 +381,42 @@ def test_each_span_may_come_from_a_different_candidate(
     assert [alt.text.strip() for alt in mixed.spans[0].alternatives] == ["cat"]
     [whole] = judged_results(tiny_model, [canvas], candidates, options, seed=0, steps=1, elapsed=0.0, per_span=False)
     assert whole.text in ("I saw the sun and the dog today.", "I saw the cat and the moon today.")
+
+
+class ShortestJudge(WordJudge):
+    """Prefers the shortest text: every cut a judge may choose shows."""
+
+    def _value(self, text: str) -> float:
+        return -float(len(text))
+
+
+def test_a_range_span_may_end_after_a_sentence_it_wrote(
+    tiny_model: DiffusionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fill that runs on past a full stop ("... shoe. Light and fast. It is") is offered cut after
+    its last sentence ends; the judge takes a cut it prefers; a pinned word or the span's least
+    length is never cut away, and a fill followed by punctuation is left whole."""
+    from editor.filling import judged_results
+
+    monkeypatch.setattr("editor.filling.judge_for", lambda model: ShortestJudge(set()))
+    fill = encode(tiny_model.tokenizer, " A red shoe. Light and fast. It is")
+    end = tiny_model.special.end_ids[0]
+
+    def judged(source: str, tokens: list[int]) -> str:
+        canvas = prepare_canvas(tiny_model, parse_document(source))
+        ids = list(canvas.ids)
+        layout = canvas.spans[0]
+        ids[layout.start : layout.start + layout.length] = tokens + [end] * (layout.length - len(tokens))
+        pair = (ids, [1.0] * len(ids))
+        [result] = judged_results(
+            tiny_model, [canvas], [pair, pair], SamplerOptions(candidates=2), seed=0, steps=1, elapsed=0.0
+        )
+        return result.text
+
+    n = len(fill)
+    assert judged(f"Description:[MASK 2-{n}]\nNext", fill) == "Description: A red shoe.\nNext"
+    # The least length reaches past the first full stop: only the second is a place to end.
+    least = len(encode(tiny_model.tokenizer, " A red shoe. Light")) + 1
+    assert judged(f"Description:[MASK {least}-{n}]\nNext", fill) == "Description: A red shoe. Light and fast.\nNext"
+    assert judged(f"Description:[MASK {n}]\nNext", fill) == "Description: A red shoe. Light and fast. It is\nNext"
+    assert judged(f"Description:[MASK 2-{n}]. Next", fill) == "Description: A red shoe. Light and fast. It is. Next"
