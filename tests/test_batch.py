@@ -432,9 +432,10 @@ def test_the_prose_view_shows_labels_and_values_and_rebuilds_the_json(tiny_model
     )
     prose = shown(Template.parse(template_text), PRODUCT | {"name": "running\nshoes"})
     assert prose.splitlines() == [
+        "Material: mesh",  # what the record says beyond the template's fields (its id: never)
         "Title: Northwind running shoes",  # the record's newline is a space on the canvas
         "Key feature: [MASK 3 as=json]",
-        "Price eur: [MASK 1-3 as=int]",
+        "Price (EUR): [MASK 1-3 as=int]",
         'Size: [MASK choice="small|large"]',
         "Dims:",
         '  In stock: [MASK choice="true|false"]',
@@ -443,7 +444,9 @@ def test_the_prose_view_shows_labels_and_values_and_rebuilds_the_json(tiny_model
         "  - fixed",
     ]
     assert "key_feature" not in prose and "{" not in prose and '"title"' not in prose
-    assert shown(Template.parse(template_text, view="json"), PRODUCT).startswith('{"title": "Northwind running shoes"')
+    assert shown(Template.parse(template_text, view="json"), PRODUCT).startswith(
+        'Record: {"material": "mesh"}\n\n{"title": "Northwind running shoes"'
+    )
     [result] = fill(tiny_model, Template.parse(template_text), [PRODUCT | {"name": "running\nshoes"}])
     output = result["output"]
     assert list(output) == ["title", "key_feature", "price_eur", "size", "dims", "tags"]

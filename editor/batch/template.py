@@ -243,8 +243,9 @@ class Template:
     def render(self, record: Mapping[str, Any]) -> RecordDocument:
         """The record's document (raises RecordError for a missing field)."""
         builder = _DocumentBuilder(record, self.view)
-        if self.show_record:
-            builder.record_fields()
+        # What the record says beyond the fields the template shows ("Material: mesh") shapes what
+        # the model writes about it; a schema's template shows no field, so all of the record.
+        builder.record_fields(frozenset() if self.show_record else frozenset(self.fields))
         if self.view == "prose":
             builder.prose(self.root, "", 0)
         else:
@@ -384,10 +385,20 @@ def _json_by_default(span: MaskSpan) -> MaskSpan:
     return replace(span, value_class="json") if span.value_class is None and span.choices is None else span
 
 
+# Unit and currency suffixes a label shows in brackets: `price_eur` reads "Price (EUR)".
+_UNITS = {"eur": "EUR", "usd": "USD", "gbp": "GBP", "chf": "CHF", "jpy": "JPY", "kg": "kg", "g": "g", "cm": "cm"}
+_UNITS |= {"mm": "mm", "km": "km", "ml": "ml", "pct": "%", "percent": "%"}
+
+
 def label(key: str) -> str:
-    """A key as a prose label: `price_eur` -> "Price eur", `inStock` -> "In stock", `SKU` stays."""
+    """A key as a prose label: `price_eur` -> "Price (EUR)", `inStock` -> "In stock", `SKU` stays."""
     words = _CAMEL.sub(" ", key).replace("_", " ").replace("-", " ").split()
+    unit = _UNITS.get(words[-1].lower()) if len(words) > 1 else None
+    if unit is not None:
+        words = words[:-1]
     text = " ".join(word if word.isupper() else word.lower() for word in words)
+    if unit is not None:
+        text += f" ({unit})"
     return text[:1].upper() + text[1:] if text else json.dumps(key, ensure_ascii=False)
 
 
@@ -526,9 +537,10 @@ class _DocumentBuilder:
             self.number_spans.append(ref[1])
         self.layout.append(ref)
 
-    def record_fields(self) -> None:
-        """The record above the template's fields, in the view's own form (ids left out)."""
-        shown = {k: v for k, v in self.record.items() if k not in HIDDEN_RECORD_FIELDS}
+    def record_fields(self, shown_below: frozenset[str]) -> None:
+        """The record above the template's fields, in the view's own form: ids left out, and the
+        fields the template itself shows (`shown_below`)."""
+        shown = {k: v for k, v in self.record.items() if k not in HIDDEN_RECORD_FIELDS | shown_below}
         if not shown:
             return
         if self.view == "json":
@@ -552,6 +564,8 @@ class _DocumentBuilder:
                 for item in node.items:
                     self.prose(item, "- ", depth)
             return
+        if isinstance(node, FieldNode) and node.placeholder.name in HIDDEN_RECORD_FIELDS:
+            return  # an id line ("Id: p1") says nothing to write about, and its value leaks into fills
         self.skeleton(indent + prefix)
         if isinstance(node, ConstNode):
             self.skeleton(_prose_text(_as_text(node.value)))
