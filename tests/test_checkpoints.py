@@ -170,6 +170,15 @@ def test_an_unnamed_checkpoint_with_a_template_needs_the_framing_setting(tmp_pat
     assert load_checkpoint(LLADA, unnamed, framing="base").frame("the cat") == ([], [])
     chat = load_checkpoint(LLADA, unnamed, framing="chat")
     assert chat.frame("the cat")[1] == [LLADA_IDS["<|eot_id|>"]]
+    # A folder above the checkpoint names something else: it decides nothing.
+    kept = tmp_path / "base-models" / "llada"
+    shutil.copytree(source, kept)
+    with pytest.raises(ModelLoadError, match="EDITOR_FRAMING"):
+        load_checkpoint(LLADA, kept)
+    # A hub cache snapshot is named by its repository directory.
+    snapshot = tmp_path / "hub" / "models--GSAI-ML--LLaDA-8B-Base" / "snapshots" / "0123abcd"
+    shutil.copytree(source, snapshot)
+    assert load_checkpoint(LLADA, snapshot).frame("the cat") == ([], [])
     # The setting reaches the loader from EDITOR_FRAMING through load_model.
     served = load_model(unnamed, framing=Settings(framing="base").framing)
     assert isinstance(served, NativeDiffusionModel) and served.frame("the cat") == ([], [])

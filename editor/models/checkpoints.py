@@ -86,10 +86,14 @@ def framing_from_identity(names: list[str]) -> str | None:
 
 
 def _identity_names(name: str, path: Path) -> list[str]:
-    """The hub id's or directory's parts, innermost first; a hub cache snapshot
-    (`models--Dream-org--Dream-v0-Instruct-7B/snapshots/<hash>`) names the repository above it."""
-    given = [part for part in reversed(re.split(r"[/\\]", name)) if part]
-    return given + list(reversed(path.resolve().parts))
+    """What names the checkpoint, most specific first: the hub id's or given path's last part, the
+    directory's own name, and for a hub cache snapshot (`models--Dream-org--Dream-v0-Instruct-7B/
+    snapshots/<hash>`) the repository directory above it. Not other ancestors: a checkpoint kept
+    under `/data/base-models/` says nothing about itself."""
+    given = [part for part in re.split(r"[/\\]", name) if part][-1:]
+    resolved = path.resolve()
+    cached = [part for part in reversed(resolved.parts) if part.startswith("models--")][:1]
+    return [*given, resolved.name, *cached]
 
 
 def checkpoint_is_chat(family: Family, framing: str, name: str, path: Path, tokenizer: Any) -> bool:
