@@ -11,7 +11,7 @@ from typing import Any, get_args
 
 import click
 
-from editor.options import SCHEDULES, SamplerOptions
+from editor.options import REFERENCE_SCHEDULES, SCHEDULES, SamplerOptions
 
 Command = Callable[..., Any]
 
@@ -40,6 +40,8 @@ def sampler_options(command: Command) -> Command:
         kind: Any = field.annotation
         if name == "schedule":
             kind = click.Choice(SCHEDULES)
+        elif name == "reference":
+            kind = click.Choice(tuple(REFERENCE_SCHEDULES))
         elif get_args(kind):  # Optional[int]: an integer, or `none` where None is not the default
             kind = next(a for a in get_args(kind) if a is not type(None))
             if kind is int and field.default is not None:
@@ -50,6 +52,7 @@ def sampler_options(command: Command) -> Command:
             help_text += {
                 "steps": " [default: one per masked token]",
                 "seed": " [default: random, printed with --json]",
+                "reference": " [default: our own schedules]",
             }.get(name, "")
         command = click.option(
             flag, name, type=kind, default=default, show_default=default is not None, help=help_text

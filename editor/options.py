@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Floors that keep every division and comparison in float32 finite: a temperature of 1e-300 turns
 # logits into inf - inf = NaN, and a top_p below float32's resolution drops every token.
@@ -27,6 +27,15 @@ SCHEDULES: tuple[Schedule, ...] = (
     "threshold",
     "factor",
 )
+
+Reference: TypeAlias = Literal["dream", "llada"]
+# The schedules each reference sampler has (editor/reference_schedules.py): Dream's alg origin,
+# maskgit_plus, topk_margin, entropy; LLaDA's low-confidence remasking in one block or in blocks.
+REFERENCE_SCHEDULES: dict[str, tuple[Schedule, ...]] = {
+    "dream": ("random", "confidence", "margin", "entropy"),
+    "llada": ("confidence", "blocks"),
+}
+MAX_CFG_SCALE = 100.0
 
 
 class SamplerOptions(BaseModel):
@@ -91,6 +100,20 @@ class SamplerOptions(BaseModel):
         "model's own (4 for the default model, 1 otherwise)",
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the fill")
+    reference: Reference | None = Field(
+        None,
+        description="follow a published sampler's step counts (docs/models.md): 'dream' (its int(n(1 - s/t)) per "
+        "step; schedule random/confidence/margin/entropy = its alg origin/maskgit_plus/topk_margin/entropy) or "
+        "'llada' (low-confidence remasking, schedule confidence: one block, blocks: block_length each); full "
+        "passes every step, as the references run",
+    )
+    cfg_scale: float = Field(
+        0.0,
+        ge=0.0,
+        le=MAX_CFG_SCALE,
+        description="classifier-free guidance as LLaDA's: logits un + (cfg_scale + 1)(cond - un), un from the "
+        "canvas with its text masked; two full passes a step; 0 = off",
+    )
 
     @field_validator(
         "steps",
@@ -104,6 +127,7 @@ class SamplerOptions(BaseModel):
         "no_repeat_ngram",
         "candidates",
         "seed",
+        "cfg_scale",
         mode="before",
     )
     @classmethod
@@ -120,6 +144,13 @@ class SamplerOptions(BaseModel):
             raise ValueError(f"must be 0 (off) or at least {MIN_TEMPERATURE}")
         return value
 
+    @model_validator(mode="after")
+    def _reference_has_the_schedule(self) -> SamplerOptions:
+        if self.reference is not None and self.schedule not in REFERENCE_SCHEDULES[self.reference]:
+            wanted = ", ".join(REFERENCE_SCHEDULES[self.reference])
+            raise ValueError(f"reference {self.reference!r} has no {self.schedule!r} schedule; it has {wanted}")
+        return self
+
 
 class FillCancelled(RuntimeError):
     """Raised when the cancel check says stop (a client went away)."""
@@ -128,10 +159,13 @@ class FillCancelled(RuntimeError):
 __all__ = [
     "MAX_BLOCK_LENGTH",
     "MAX_CANDIDATES",
+    "MAX_CFG_SCALE",
     "MIN_PROBABILITY",
     "MIN_TEMPERATURE",
+    "REFERENCE_SCHEDULES",
     "SCHEDULES",
     "FillCancelled",
+    "Reference",
     "SamplerOptions",
     "Schedule",
 ]

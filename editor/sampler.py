@@ -40,6 +40,7 @@ from editor.models.base import (
     windowed,
 )
 from editor.options import FillCancelled, SamplerOptions
+from editor.reference_schedules import guided_logits, reference_plan, untempered_confidence
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def effective_steps(masks: int, options: SamplerOptions) -> int:
     if masks == 0:
         return 0
     steps = options.steps if options.steps is not None else masks
+    if options.reference is not None:
+        return len(reference_plan(masks, options, seed=0))  # a plan's length does not depend on its seed
     if options.schedule == "blocks":
         return len(block_plan(masks, steps, options.block_length))
     if options.schedule in ("threshold", "factor"):  # at least one commit per step
@@ -389,7 +392,8 @@ class SamplerRun:
             self.lettered = vocabulary.lettered(device)
             self.every_token = torch.ones_like(self.lettered)
         self.fast = windowed(model)
-        self.windowed = options.cache and self.fast is not None
+        # The references (and guidance, whose unguided pass has no cache) run full passes every step.
+        self.windowed = options.cache and self.fast is not None and options.reference is None and not options.cfg_scale
         # Every schedule but threshold/factor commits what its plan says: the host follows the
         # plans instead of reading the device each step.
         self.follows_plan = options.schedule not in ("threshold", "factor")
@@ -448,7 +452,7 @@ class SamplerRun:
         masked = ~pinned & attention
         ids[masked] = self.model.special.mask
         mask_counts = [sum(1 for p in row.pinned if not p) for row in rows]
-        plans = [_row_plan(count, self.options) for count in mask_counts]
+        plans = [_row_plan(count, self.options, seed) for count, seed in zip(mask_counts, seeds, strict=True)]
         self.ids = torch.cat([self.ids, ids])
         self.pinned = torch.cat([self.pinned, pinned])
         self.attention = torch.cat([self.attention, attention])
@@ -748,6 +752,8 @@ class SamplerRun:
         """Aligned logits [B, M, V] at the candidates: a full pass, or a window run on the cache. A
         new tensor each step (never a model's buffer), so the step may change it in place."""
         attention = self.attention if self.padded else None
+        if self.options.cfg_scale:
+            return guided_logits(self.model, self.ids, self.pinned, self.attention, candidates, self.options.cfg_scale)
         if self.fast is None:
             return scored_logits(self.model, self.ids, self.attention, candidates)
         if not self.windowed:
@@ -874,6 +880,8 @@ class SamplerRun:
             probs = torch.softmax(filtered, dim=-1)
             tokens = self._sample_tokens(probs, filtered)
             confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
+            if options.reference == "llada":  # LLaDA ranks by the untempered softmax
+                confidence = untempered_confidence(logits, tokens)
         if schedule == "margin":
             if probs is None:
                 top2 = torch.topk(logits, 2, dim=-1).values
@@ -1074,8 +1082,10 @@ class _PlanTables:
         return _PlanTables(self.counts[index], self.blocks[index], self.block_of[index])
 
 
-def _row_plan(masks: int, options: SamplerOptions) -> list[tuple[int, int]]:
-    """(count, block) per step of one row with `masks` masked positions."""
+def _row_plan(masks: int, options: SamplerOptions, seed: int) -> list[tuple[int, int]]:
+    """(count, block) per step of one row with `masks` masked positions (`seed`: the row's)."""
+    if options.reference is not None:
+        return reference_plan(masks, options, seed)
     steps = options.steps if options.steps is not None else masks
     if options.schedule == "blocks":
         return block_plan(masks, steps, options.block_length)

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from editor.document import DocumentLimits
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Framing = Literal["auto", "base", "chat"]
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -35,6 +36,11 @@ class Settings(BaseSettings):
         "auto",
         description="weights dtype; 'auto' = bfloat16 on GPU and on CPUs with bfloat16 dot products "
         "(AVX512-BF16, AMX), float32 on other CPUs",
+    )
+    framing: Framing = Field(
+        "auto",
+        description="how a Dream or LLaDA checkpoint frames a canvas: 'chat' (its chat template), 'base' (as the "
+        "reference code frames a base model) or 'auto' (from the hub id or directory name: Instruct/Chat or Base)",
     )
     instruction: str | None = Field(None, description="default instruction for instruct models (the user turn)")
     cuda_graphs: int = Field(

@@ -45,10 +45,11 @@ QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# LLaDA's template appends the assistant header whatever add_generation_prompt says (tests/published.py).
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
     "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
 )
 DREAM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"]
 LLADA_SPECIALS = [
@@ -571,7 +572,7 @@ def test_unknown_model_type_is_tried_as_masked_lm(tmp_path: Path) -> None:
 
 def test_dream_instruct_frame_uses_chat_template(tmp_path: Path) -> None:
     write_dream(tmp_path / "dream", chat=True)
-    model = load_checkpoint(DREAM, tmp_path / "dream")
+    model = load_checkpoint(DREAM, tmp_path / "dream", framing="chat")
     tokenizer = model.tokenizer
     prefix, suffix = model.frame("fill in the blanks")
     text = tokenizer.apply_chat_template(
@@ -588,7 +589,7 @@ def test_dream_instruct_frame_uses_chat_template(tmp_path: Path) -> None:
 
 def test_llada_instruct_frame_ends_with_eot(tmp_path: Path) -> None:
     write_llada(tmp_path / "llada", chat=True)
-    model = load_checkpoint(LLADA, tmp_path / "llada")
+    model = load_checkpoint(LLADA, tmp_path / "llada", framing="chat")
     tokenizer = model.tokenizer
     prefix, suffix = model.frame("hello world")
     assert prefix[0] == token_id(tokenizer, "<|startoftext|>")

@@ -111,6 +111,7 @@ def load_configured(settings: Settings, *, model: str | None = None, device: str
         dtype=dtype_named(settings.dtype),
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_slabs=settings.cuda_graph_slabs,
+        framing=settings.framing,
     )
 
 
@@ -121,13 +122,15 @@ def load_model(
     dtype: torch.dtype | None = None,
     cuda_graphs: int = DEFAULT_MAX_GRAPHS,
     cuda_graph_slabs: int = DEFAULT_MAX_SLABS,
+    framing: str = "auto",
 ) -> DiffusionModel:
     """`None`/"default" -> the default model (SmolLM2-135M + our adapter; the tiny model, with a
     note, when the base package is not installed); "tiny" -> the bundled 17M model; a directory ->
     by its config.json's model_type; anything else -> a Hugging Face id, fetched (or found in the
     cache) and dispatched the same way. `device` may be "auto". On CUDA, a native model replays its
     window steps as CUDA graphs (at most `cuda_graphs` kept, over `cuda_graph_slabs` batch shapes;
-    0 graphs: off)."""
+    0 graphs: off). `framing` ('auto', 'base', 'chat') says how a Dream or LLaDA checkpoint is framed
+    (docs/models.md)."""
     device = resolve_device(device)
     note = None
     if spec is None or str(spec) in DEFAULT_SPECS:
@@ -158,7 +161,7 @@ def load_model(
         merged = merged_model_dir(path, gguf, BASE_SHA256)
         model: DiffusionModel = load_checkpoint(FAMILIES["native"], merged, device=device, dtype=resolved, name=name)
     elif kind in FAMILIES:
-        model = load_checkpoint(FAMILIES[kind], path, device=device, dtype=resolved, name=name)
+        model = load_checkpoint(FAMILIES[kind], path, device=device, dtype=resolved, name=name, framing=framing)
     else:
         model = MaskedLMAdapter.load(path, device=device, dtype=resolved, name=name)
     if isinstance(model, NativeDiffusionModel):

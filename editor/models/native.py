@@ -114,17 +114,34 @@ def load_tensors(
     return tensors
 
 
-def build_network(config: TransformerConfig, tensors: dict[str, torch.Tensor], path: Path) -> BidirectionalTransformer:
-    """Our transformer holding exactly `tensors`. Large models start on `meta` so no memory or time
-    goes into a random init; small ones start on the CPU, because the first `meta` op costs ~1 s of
-    one-off set-up, more than initialising a small model (the bundled one loads in well under 1 s)."""
+# Above this many parameters a network is built on `meta` (every 7B/8B load); see `build_network`.
+META_BUILD_PARAMETERS = 100_000_000
+
+
+def build_network(
+    config: TransformerConfig,
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    *,
+    meta_above: int = META_BUILD_PARAMETERS,
+) -> BidirectionalTransformer:
+    """Our transformer holding exactly `tensors`. Models of more than `meta_above` parameters start
+    on `meta` so no memory or time goes into a random init, and take the weights with `assign=True`;
+    small ones start on the CPU, because the first `meta` op costs ~1 s of one-off set-up, more than
+    initialising a small model (the bundled one loads in well under 1 s)."""
     parameters = sum(t.numel() for t in tensors.values())
-    with torch.device("meta" if parameters > 100_000_000 else "cpu"):
+    with torch.device("meta" if parameters > meta_above else "cpu"):
         network = BidirectionalTransformer(config)
     expected = set(network.state_dict())
     if config.tie_embeddings:
         expected.discard("lm_head.weight")
-        tensors.pop("lm_head.weight", None)
+        head = tensors.pop("lm_head.weight", None)
+        embedding = tensors.get("embed_tokens.weight")
+        if head is not None and embedding is not None and not torch.equal(head, embedding):
+            raise ModelLoadError(
+                f"{path}: config.json ties the output head to the embedding, but the checkpoint has its own "
+                "output head weights (the tying setting does not match the weights)"
+            )
     missing = sorted(expected - tensors.keys())
     unexpected = sorted(tensors.keys() - expected)
     if missing or unexpected:
@@ -190,8 +207,9 @@ def _special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
-    """The special token(s) a chat template writes right after an assistant message
-    (`<|im_end|>` for Qwen/Dream, `<|eot_id|>` for LLaDA), read off the template itself."""
+    """The special token a chat template writes right after an assistant message (`<|im_end|>`
+    for Qwen/Dream, `<|eot_id|>` for LLaDA), read off the template itself. Only the first: what
+    follows it opens the next turn (LLaDA's template always appends `<|start_header_id|>assistant`)."""
     if not tokenizer.chat_template:
         return ()
     sentinel = "zqxsentinel"
@@ -204,13 +222,9 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     if isinstance(text, str) and sentinel in text:
         tail = text[text.rindex(sentinel) + len(sentinel) :]
         specials = _special_token_ids(tokenizer)
-        found: list[int] = []
-        for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
-            if token_id not in specials:
-                break
-            found.append(token_id)
-        if found:
-            return tuple(found)
+        first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1]
+        if first and first[0] in specials:
+            return (int(first[0]),)
     added = tokenizer.get_added_vocab()
     return tuple(added[name] for name in _END_OF_TURN_NAMES if name in added)[:1]
 
@@ -269,6 +283,7 @@ class NativeDiffusionModel:
         logits_shifted: bool,
         name: str,
         use_chat_template: bool | None = None,
+        bos_in_base_frame: bool = True,
     ) -> None:
         self.network = network.eval()
         self.tokenizer = tokenizer
@@ -276,8 +291,11 @@ class NativeDiffusionModel:
         self.logits_shifted = logits_shifted
         self.name = name
         self.vocab_size = network.config.vocab_size
-        # Instruct models are framed with their chat template; base models with a bare bos.
+        # Instruct models are framed with their chat template; base models with a bare bos (Dream, ours)
+        # or as plain text (LLaDA). The loaders decide which (checkpoints.checkpoint_is_chat); None is
+        # for our own checkpoints, whose tokenizer carries a template only when the model is chat-tuned.
         self.use_chat_template = bool(tokenizer.chat_template) if use_chat_template is None else use_chat_template
+        self.bos_in_base_frame = bos_in_base_frame
         self._end_of_turn = end_of_turn_ids(tokenizer) if self.use_chat_template else ()
         self.window_graphs: WindowGraphs | None = None  # set by `use_cuda_graphs` (CUDA only)
         # Arithmetic under which a refresh of some rows rides in the window run (`refresh_in_window`);
@@ -372,7 +390,8 @@ class NativeDiffusionModel:
 
     def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
         if not self.use_chat_template:
-            return ([self.special.bos] if self.special.bos is not None else []), []
+            bos = self.special.bos if self.bos_in_base_frame else None
+            return ([bos] if bos is not None else []), []
         messages = [{"role": "user", "content": instruction or DEFAULT_INSTRUCTION}]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert isinstance(text, str)

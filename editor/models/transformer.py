@@ -33,6 +33,9 @@ class TransformerConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     max_positions: int = 4096
+    # Rotate q and k in float32 whatever the model dtype (LLaDA's `rope_full_precision`); otherwise in
+    # the model dtype with float32-computed tables, as Qwen2/Dream and Llama do.
+    rope_full_precision: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -73,22 +76,34 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: t
     return cos[:, :, None].to(dtype), signed_sin[:, :, None].to(dtype)
 
 
+# Rows a rotary table starts with: a model's `max_positions` may be 131,072 (Dream), ~70 MB of
+# tables and float32 temporaries that no canvas uses; tables grow (doubling) past this when needed.
+ROTARY_START_ROWS = 4096
+
+
 class RotaryCache:
     """cos/sin rows for positions 0..n-1, built once per (device, dtype, n): a forward pass gathers
-    rows instead of recomputing angles. `n` covers `max_positions`; longer canvases grow it."""
+    rows instead of recomputing angles. `n` starts at min(`length`, ROTARY_START_ROWS) and doubles
+    when a longer canvas comes."""
 
     def __init__(self, head_dim: int, theta: float, length: int) -> None:
         self.head_dim = head_dim
         self.theta = theta
-        self.length = length
+        self.length = min(length, ROTARY_START_ROWS)
         self._tables: dict[tuple[torch.device, torch.dtype], KV] = {}
+        # Tables a grown one replaced: a captured CUDA graph may still read them, so they stay alive.
+        self._retired: list[KV] = []
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype, limit: int) -> KV:
         """positions [B, W] long, all < `limit` -> cos, signed sin [B, W, 1, D]."""
         key = (positions.device, dtype)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < limit:
-            length = max(self.length, limit)
+            if table is not None:
+                self._retired.append(table)
+            length = self.length
+            while length < limit:
+                length *= 2
             cos, sin = rotary_tables(
                 torch.arange(length, device=positions.device)[None], self.head_dim, self.theta, dtype
             )
@@ -98,7 +113,10 @@ class RotaryCache:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [B, W, H, D] rotated by its positions' angles (cos, signed sin [B, W, 1, D] from
-    `rotary_tables`): x * cos + rotate_half(x) * sin, in three kernels rather than five."""
+    `rotary_tables`): x * cos + rotate_half(x) * sin, in three kernels rather than five. Float32
+    tables with a lower-precision x rotate in float32 and round once (`rope_full_precision`)."""
+    if cos.dtype != x.dtype:
+        return apply_rotary(x.to(cos.dtype), cos, signed_sin).to(x.dtype)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
@@ -291,7 +309,7 @@ class BidirectionalTransformer(nn.Module):
             position_ids = torch.arange(cached, cached + width, device=input_ids.device).expand(batch, width)
         key_mask = None if attention_mask is None else attention_mask[:, None, None, :]  # [B, 1, 1, K]
         x = self.embed_tokens(input_ids)  # [B, W, C]
-        cos, sin = self.rotary(position_ids, x.dtype, cached + width)
+        cos, sin = self.rotary(position_ids, self.rotary_dtype(x.dtype), cached + width)
         window_kv: list[KV] = []
         for index, layer in enumerate(self.layers):
             x, kv = layer(x, cos, sin, key_mask, None if past is None else past[index], causal)
@@ -316,11 +334,15 @@ class BidirectionalTransformer(nn.Module):
         length = cache[0][0].shape[2]
         key_mask = None if attention_mask is None else attention_mask[:, None, None, :]
         x = self.embed_tokens(input_ids)  # [B, W, C]
-        cos, sin = self.rotary(position_ids, x.dtype, length)
+        cos, sin = self.rotary(position_ids, self.rotary_dtype(x.dtype), length)
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             assert isinstance(layer, Block)
             x = layer.forward_cached(x, cos, sin, key_mask, layer_cache, window)
         return self.head(x, hidden_at) if logits else self.normed(x, hidden_at)
+
+    def rotary_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype q and k are rotated in: float32 with `rope_full_precision`, else the model's."""
+        return torch.float32 if self.config.rope_full_precision else dtype
 
     def head(self, x: torch.Tensor, hidden_at: torch.Tensor | None) -> torch.Tensor:
         """Final norm and output head, only at `hidden_at` ([B, M] indices into x's W) when given:
