@@ -65,6 +65,7 @@ DEFAULT_CANDIDATES = {"default": 4}
 # A document of several spans may take each span from a different candidate (`mixed_candidate`).
 CHOOSE_PER_SPAN = True
 SENTENCE_ENDS = (".", "!", "?")  # a range span may end after one of these (`cut_at_sentence_ends`)
+PUNCTUATION = ".!?,;:"
 MAX_CUTS_PER_SPAN = 2
 MAX_CUT_ROUNDS = 2
 
@@ -429,23 +430,32 @@ def cut_at_sentence_ends(model: DiffusionModel, judge: Judge, canvas: Canvas, ke
 
 def sentence_cut_variants(model: DiffusionModel, canvas: Canvas, ids: Sequence[int]) -> list[list[int]]:
     """Copies of `ids`, each with one range span ended (end tokens from there on) right after one of
-    the last `MAX_CUTS_PER_SPAN` sentence ends inside it that more of the fill follows; never before
-    a pinned word or the span's least length, nor where the text after the span opens with
-    punctuation (it would double it: "shoe.. Your")."""
+    the last `MAX_CUTS_PER_SPAN` sentence ends inside it that more of the fill follows, never before
+    a pinned word or the span's least length. Where the text after the span opens with punctuation,
+    no sentence cut (it would double it: "shoe.. Your"), but a fill that ends in punctuation of its
+    own is offered without it ("on Monday.." reads "on Monday.")."""
     end_id, end_ids = model.special.end_ids[0], set(model.special.end_ids)
     variants: list[list[int]] = []
     for number, layout in enumerate(canvas.spans):
-        following = canvas.literals[number + 1]
-        if layout.min_tokens >= layout.length or layout.span.choices is not None or following[:1] in ".!?,;:":
+        if layout.min_tokens >= layout.length or layout.span.choices is not None:
             continue
         earliest = max([layout.min_tokens, 1, *(offset + 1 for offset in layout.pinned)])
-        cuts = [
-            offset
-            for offset in range(earliest, layout.length)
-            if ids[layout.start + offset] not in end_ids
-            and model.tokenizer.decode([ids[layout.start + offset - 1]]).rstrip().endswith(SENTENCE_ENDS)
-        ]
-        for offset in cuts[-MAX_CUTS_PER_SPAN:]:
+        words = [
+            model.tokenizer.decode([token]) for token in ids[layout.start : layout.start + layout.length]
+        ]  # each position's text
+        kept = [offset for offset in range(layout.length) if ids[layout.start + offset] not in end_ids]
+        following = canvas.literals[number + 1]
+        if following[:1] and following[0] in PUNCTUATION:
+            last = kept[-1] if kept else -1
+            trailing = last >= earliest and words[last].strip() and not words[last].strip(PUNCTUATION + " ")
+            cuts = [last] if trailing else []
+        else:
+            cuts = [
+                offset
+                for offset in range(earliest, layout.length)
+                if offset in kept and words[offset - 1].rstrip().endswith(SENTENCE_ENDS)
+            ][-MAX_CUTS_PER_SPAN:]
+        for offset in cuts:
             variant = list(ids)
             variant[layout.start + offset : layout.start + layout.length] = [end_id] * (layout.length - offset)
             variants.append(variant)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -28,6 +29,7 @@ from editor.models.base import DiffusionModel, aligned_logits
 from editor.sampler import Row, pad_rows
 
 JUDGE_BATCH_TOKENS = 8192  # positions per forward pass of a judge
+RECENT_TEXTS = 256  # scored texts a causal judge keeps (a few fills' candidates)
 _log = logging.getLogger("editor.judging")
 
 
@@ -60,6 +62,9 @@ class CausalJudge:
         self.tokenizer = tokenizer
         self.bos = bos
         self.pad = pad
+        # The last texts scored: a fill's documents are scored whole and then by span, and its
+        # candidates often repeat one another (greedy rows), so each distinct text runs once.
+        self._recent: OrderedDict[str, tuple[list[float], list[tuple[int, int]]]] = OrderedDict()
 
     def score(self, canvases: Sequence[Canvas], filled: Sequence[list[int]], texts: Sequence[str]) -> list[float]:
         """log P(text) per character: the whole log-probability favours the shortest fill of a range
@@ -94,9 +99,10 @@ class CausalJudge:
 
     def _token_log_probs(self, texts: Sequence[str]) -> list[tuple[list[float], list[tuple[int, int]]]]:
         """Each text's tokens' log-probabilities, with the character range each token covers."""
-        encoded = [self._encode(text) for text in texts]
-        scored: list[tuple[list[float], list[tuple[int, int]]]] = [([], [])] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
+        found = {text: self._recent[text] for text in texts if text in self._recent}
+        missing = list(dict.fromkeys(text for text in texts if text not in found))
+        encoded = [self._encode(text) for text in missing]
+        order = sorted(range(len(missing)), key=lambda i: len(encoded[i][0]))
         start = 0
         while start < len(order):
             stop = start + 1
@@ -106,9 +112,15 @@ class CausalJudge:
             for index, values in zip(chunk, self._log_probs([encoded[i][0] for i in chunk]), strict=True):
                 offsets = encoded[index][1]
                 unscored = [0.0] * (len(offsets) - len(values))  # the first token, when there is no bos
-                scored[index] = (unscored + values, offsets)
+                found[missing[index]] = (unscored + values, offsets)
+                self._remember(missing[index], found[missing[index]])
             start = stop
-        return scored
+        return [found[text] for text in texts]
+
+    def _remember(self, text: str, scored: tuple[list[float], list[tuple[int, int]]]) -> None:
+        self._recent[text] = scored
+        while len(self._recent) > RECENT_TEXTS:
+            self._recent.popitem(last=False)
 
     def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """The ids (after the bos, if any) and each text token's character range."""
