@@ -9,7 +9,7 @@ import random
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -291,10 +291,9 @@ def fill_canvases(
         on_step=on_step,
         should_cancel=should_cancel,
     )
-    elapsed = time.perf_counter() - started
     outputs = list(zip(output.ids, output.confidences, strict=True))
     return judged_results(
-        model, canvases, outputs, options, seed=output.seed, steps=output.steps, elapsed=elapsed, per_span=per_span
+        model, canvases, outputs, options, seed=output.seed, steps=output.steps, started=started, per_span=per_span
     )
 
 
@@ -367,20 +366,21 @@ def judged_results(
     *,
     seed: int,
     steps: int,
-    elapsed: float,
+    started: float,
     per_span: bool = CHOOSE_PER_SPAN,
 ) -> list[FillResult]:
     """One result per canvas from its `options.candidates` consecutive outputs (ids, confidences):
     the candidate the model's judge scores highest, its spans carrying the others' fills. With
     `per_span`, a document of several spans may instead take each span from the candidate whose
-    fill of it the judge scores best (`mixed_candidate`), when the judge prefers the mix as a whole."""
+    fill of it the judge scores best (`mixed_candidate`), when the judge prefers the mix as a whole.
+    Each result's `elapsed_s` runs from `started` (`time.perf_counter()`) to the judge's verdict."""
     count = options.candidates or 1
     results: list[FillResult] = []
     for number, canvas in enumerate(canvases):
         mine = outputs[number * count : (number + 1) * count]
         filled = [render(canvas, ids, confidences, model.tokenizer, model.special.end_ids) for ids, confidences in mine]
         if count == 1:
-            results.append(FillResult(filled[0].text, filled[0].spans, model.name, seed, steps, elapsed, options))
+            results.append(FillResult(filled[0].text, filled[0].spans, model.name, seed, steps, 0.0, options))
             continue
         judge = judge_for(model)  # built (its weights loaded) on first use
         scores = judge.score([canvas] * count, [ids for ids, _ in mine], [text.text for text in filled])
@@ -394,9 +394,10 @@ def judged_results(
         kept = cut_at_sentence_ends(model, judge, canvas, kept)
         spans = with_alternatives(kept.filled, filled, scores)
         results.append(
-            FillResult(kept.filled.text, spans, model.name, seed, steps, elapsed, options, kept.score, judge.name)
+            FillResult(kept.filled.text, spans, model.name, seed, steps, 0.0, options, kept.score, judge.name)
         )
-    return results
+    elapsed = time.perf_counter() - started  # the judge's time counts: the user waits for it
+    return [replace(result, elapsed_s=elapsed) for result in results]
 
 
 @dataclass(frozen=True)

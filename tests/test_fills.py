@@ -4,6 +4,8 @@ repeat and break lines freely unless a rule stops them, so each rule is seen doi
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -313,7 +315,13 @@ def test_a_blank_candidate_is_not_kept_while_another_is_not(tiny_model: Diffusio
     options = SamplerOptions(candidates=2)
     for order in ([blank, worded], [worded, blank]):
         [result] = judged_results(
-            tiny_model, [canvas], [(ids, confidences) for ids in order], options, seed=0, steps=1, elapsed=0.0
+            tiny_model,
+            [canvas],
+            [(ids, confidences) for ids in order],
+            options,
+            seed=0,
+            steps=1,
+            started=time.perf_counter(),
         )
         assert result.spans[0].text == expected
 
@@ -376,10 +384,12 @@ def test_each_span_may_come_from_a_different_candidate(
             ids[layout.start : layout.start + 4] = spelt(word)
         candidates.append((ids, [1.0] * len(ids)))
     options = SamplerOptions(candidates=3)
-    [mixed] = judged_results(tiny_model, [canvas], candidates, options, seed=0, steps=1, elapsed=0.0)
+    [mixed] = judged_results(tiny_model, [canvas], candidates, options, seed=0, steps=1, started=time.perf_counter())
     assert mixed.text == "I saw the sun and the moon today."
     assert [alt.text.strip() for alt in mixed.spans[0].alternatives] == ["cat"]
-    [whole] = judged_results(tiny_model, [canvas], candidates, options, seed=0, steps=1, elapsed=0.0, per_span=False)
+    [whole] = judged_results(
+        tiny_model, [canvas], candidates, options, seed=0, steps=1, started=time.perf_counter(), per_span=False
+    )
     assert whole.text in ("I saw the sun and the dog today.", "I saw the cat and the moon today.")
 
 
@@ -409,7 +419,13 @@ def test_a_range_span_may_end_after_a_sentence_it_wrote(
         ids[layout.start : layout.start + layout.length] = tokens + [end] * (layout.length - len(tokens))
         pair = (ids, [1.0] * len(ids))
         [result] = judged_results(
-            tiny_model, [canvas], [pair, pair], SamplerOptions(candidates=2), seed=0, steps=1, elapsed=0.0
+            tiny_model,
+            [canvas],
+            [pair, pair],
+            SamplerOptions(candidates=2),
+            seed=0,
+            steps=1,
+            started=time.perf_counter(),
         )
         return result.text
 

@@ -682,7 +682,7 @@ class ModelWorker:
             job.options,
             seed=seed,
             steps=steps,
-            elapsed=time.perf_counter() - job.started_at,
+            started=job.started_at,
         )
         finished = time.perf_counter()  # the judge's time counts: the user waits for it
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * (finished - job.started_at)
