@@ -66,6 +66,7 @@ DEFAULT_CANDIDATES = {"default": 4}
 CHOOSE_PER_SPAN = True
 SENTENCE_ENDS = (".", "!", "?")  # a range span may end after one of these (`cut_at_sentence_ends`)
 PUNCTUATION = ".!?,;:"
+ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "e.g.", "i.e.", "etc.", "no.", "prof.", "inc."})
 MAX_CUTS_PER_SPAN = 2
 MAX_CUT_ROUNDS = 2
 
@@ -411,11 +412,17 @@ class Judged:
 
 
 def cut_at_sentence_ends(model: DiffusionModel, judge: Judge, canvas: Canvas, kept: Judged) -> Judged:
-    """`kept`, or `kept` with range spans cut short after a sentence they wrote, if the judge prefers
-    it. A model fills a range to its end more often than not and then runs on into a new sentence
-    it cannot finish in the tokens left ("... running shoe. The model is"): ending after the last
-    full stop is often the better text. Up to `MAX_CUT_ROUNDS` rounds, each keeping the best one
-    cut (one judge pass over the variants each)."""
+    """`kept` with range spans cut short after a sentence they wrote where that reads better. A
+    model fills a range to its end more often than not and then runs on into a new sentence it
+    cannot finish in the tokens left ("... running shoe. The model is"). Where such a span ends its
+    line, the unfinished tail goes (`unfinished_tails_cut`: the judge, scoring per character, can
+    prefer a long predictable tail to a finished line); elsewhere the judge chooses among the cuts
+    of `sentence_cut_variants`, up to `MAX_CUT_ROUNDS` rounds of one judge pass each."""
+    trimmed = unfinished_tails_cut(model, canvas, kept.ids)
+    if trimmed != kept.ids:
+        text = render(canvas, trimmed, kept.confidences, model.tokenizer, model.special.end_ids)
+        [score] = judge.score([canvas], [trimmed], [text.text])
+        kept = Judged(trimmed, kept.confidences, text, score)
     for _ in range(MAX_CUT_ROUNDS):
         variants = sentence_cut_variants(model, canvas, kept.ids)
         if not variants:
@@ -427,6 +434,44 @@ def cut_at_sentence_ends(model: DiffusionModel, judge: Judge, canvas: Canvas, ke
             return kept
         kept = Judged(variants[best], kept.confidences, texts[best], scores[best])
     return kept
+
+
+def unfinished_tails_cut(model: DiffusionModel, canvas: Canvas, ids: list[int]) -> list[int]:
+    """`ids` with each range span that ends its line (or the document), and holds a finished
+    sentence followed by words that finish none, ended after that sentence (never before a pinned
+    word or the span's least length)."""
+    end_id, end_ids = model.special.end_ids[0], set(model.special.end_ids)
+    cut = list(ids)
+    for number, layout in enumerate(canvas.spans):
+        following = canvas.literals[number + 1]
+        if layout.min_tokens >= layout.length or layout.span.choices is not None or following[:1] not in ("", "\n"):
+            continue
+        words = [model.tokenizer.decode([token]) for token in ids[layout.start : layout.start + layout.length]]
+        kept = [offset for offset in range(layout.length) if ids[layout.start + offset] not in end_ids]
+        if not kept or _ends_sentence(_text_before(words, kept, layout.length)):
+            continue
+        earliest = max([layout.min_tokens, 1, *(offset + 1 for offset in layout.pinned)])
+        ends = [
+            o for o in kept if o >= earliest and words[o - 1].strip() and _ends_sentence(_text_before(words, kept, o))
+        ]  # after the stop itself, not after a space token that follows it
+        if ends:
+            cut[layout.start + ends[-1] : layout.start + layout.length] = [end_id] * (layout.length - ends[-1])
+    return cut
+
+
+def _text_before(words: Sequence[str], kept: Sequence[int], offset: int) -> str:
+    """The span's text before `offset`: its kept positions' words (dropped end tokens left out)."""
+    return "".join(words[k] for k in kept if k < offset)
+
+
+def _ends_sentence(text: str) -> bool:
+    """Whether `text` ends a sentence: a stop, question or exclamation mark (closing quotes and
+    brackets after it allowed), not after a title or an initial ("Dr.", "J.")."""
+    text = text.rstrip().rstrip("\"')]»”’")
+    if not text.endswith(SENTENCE_ENDS):
+        return False
+    last = text.split()[-1] if text.split() else ""
+    return last.lower() not in ABBREVIATIONS and not (len(last) == 2 and last[0].isalpha())
 
 
 def sentence_cut_variants(model: DiffusionModel, canvas: Canvas, ids: Sequence[int]) -> list[list[int]]:
@@ -454,7 +499,7 @@ def sentence_cut_variants(model: DiffusionModel, canvas: Canvas, ids: Sequence[i
             cuts = [
                 offset
                 for offset in range(earliest, layout.length)
-                if offset in kept and words[offset - 1].rstrip().endswith(SENTENCE_ENDS)
+                if offset in kept and words[offset - 1].strip() and _ends_sentence(_text_before(words, kept, offset))
             ][-MAX_CUTS_PER_SPAN:]
         for offset in cuts:
             variant = list(ids)

@@ -440,3 +440,42 @@ def test_a_range_span_may_end_after_a_sentence_it_wrote(
     # Punctuation after the span: a fill's own closing stop is offered away, never a word.
     monday = encode(tiny_model.tokenizer, " on Monday.")
     assert judged(f"It comes[MASK 2-{len(monday)}].", monday) == "It comes on Monday."
+
+
+class LongestJudge(WordJudge):
+    """Prefers the longest text, as a per-character judge can prefer a long predictable tail."""
+
+    def _value(self, text: str) -> float:
+        return float(len(text))
+
+
+def test_an_unfinished_tail_at_a_line_end_goes_whatever_the_judge_prefers(
+    tiny_model: DiffusionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A span that ends its line and runs on past its last full stop into words that finish no
+    sentence ends after that stop; mid-line the judge decides; a title's stop ("Dr.") is no end."""
+    from editor.filling import judged_results
+
+    monkeypatch.setattr("editor.filling.judge_for", lambda model: LongestJudge(set()))
+    end = tiny_model.special.end_ids[0]
+
+    def judged(source: str, words: str) -> str:
+        fill = encode(tiny_model.tokenizer, words)
+        canvas = prepare_canvas(tiny_model, parse_document(source.replace("{n}", str(len(fill)))))
+        ids = list(canvas.ids)
+        layout = canvas.spans[0]
+        ids[layout.start : layout.start + layout.length] = fill + [end] * (layout.length - len(fill))
+        pair = (ids, [1.0] * len(ids))
+        [result] = judged_results(
+            tiny_model, [canvas], [pair, pair], SamplerOptions(candidates=2), seed=0, steps=1, started=0.0
+        )
+        return result.text
+
+    tail = " A red shoe. Light and fast. It is"
+    assert judged("Description:[MASK 2-{n}]\nNext", tail) == "Description: A red shoe. Light and fast.\nNext"
+    assert judged("Description:[MASK 2-{n}]", tail) == "Description: A red shoe. Light and fast."
+    assert (
+        judged("Description:[MASK 2-{n}] and more", tail) == "Description: A red shoe. Light and fast. It is and more"
+    )
+    assert judged("Made by[MASK 2-{n}]\nNext", " Dr. Smith and") == "Made by Dr. Smith and\nNext"
+    assert judged("Made by[MASK 2-{n}]\nNext", " Anna. She is") == "Made by Anna.\nNext"
