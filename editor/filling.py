@@ -380,8 +380,15 @@ def judged_results(
     for number, canvas in enumerate(canvases):
         mine = outputs[number * count : (number + 1) * count]
         filled = [render(canvas, ids, confidences, model.tokenizer, model.special.end_ids) for ids, confidences in mine]
-        if count == 1:
-            results.append(FillResult(filled[0].text, filled[0].spans, model.name, seed, steps, 0.0, options))
+        if count == 1:  # no judge: only the rule that needs none
+            ids, confidences = mine[0]
+            trimmed = unfinished_tails_cut(model, canvas, ids)
+            text = (
+                filled[0]
+                if trimmed == ids
+                else render(canvas, trimmed, confidences, model.tokenizer, model.special.end_ids)
+            )
+            results.append(FillResult(text.text, text.spans, model.name, seed, steps, 0.0, options))
             continue
         judge = judge_for(model)  # built (its weights loaded) on first use
         scores = judge.score([canvas] * count, [ids for ids, _ in mine], [text.text for text in filled])
