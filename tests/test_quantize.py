@@ -5,6 +5,7 @@ hardware it needs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,18 @@ def test_the_fill_command_reports_an_fp8_request_on_the_cpu_as_an_error(tmp_path
     assert result.exit_code == 1
     assert "Error: quantize=fp8 needs an NVIDIA GPU of compute capability 8.9 or newer" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_engine_bench_runs_each_model_once_per_weight_setting(tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    arguments = ["bench", "engine", "--model", "tiny", "--batch", "1", "--tokens", "8", "--context", "24"]
+    arguments += ["--tokens-per-step", "4", "--repeats", "0", "--threads", "1", "--naive-batches", "none"]
+    result = CliRunner().invoke(main, [*arguments, "--quantize", "none,int8", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())["figures"]
+    assert [(f["quantize"], f["mode"]) for f in figures] == [("none", "fast"), ("int8", "fast")]
+    full, int8 = figures
+    assert int8["weight_mb"] < 0.5 * full["weight_mb"]  # the blocks' float32 weights are most of the bundled model
+    assert int8["bytes"] < full["bytes"] and int8["flops"] == full["flops"]  # fewer bytes read, the same arithmetic
+    refused = CliRunner().invoke(main, [*arguments, "--quantize", "fp8"])
+    assert refused.exit_code == 1 and "compute capability 8.9 or newer" in refused.output
