@@ -8,7 +8,8 @@
 # only its own slot; a failed setting is retried once without CUDA graphs at batch 1 and 16.
 #
 # Run from the repository root on the device machine:  OUT=... bash scripts/gpu-engine-bench.sh
-# Writes $OUT/engine-<setting>.json (figures), $OUT/engine-<setting>.log and $OUT/env.txt.
+# Writes $OUT/engine-<setting>.json (figures), $OUT/engine-<setting>.log, $OUT/env.txt and
+# $OUT/fill-tiny-<setting>.json (the load path's smoke test).
 #
 # The device image has torch but neither torchao nor some of editor's own dependencies. Carry them
 # as wheels in .whl/ (name .whl in the call's `carry`); this script installs whatever .whl/ holds:
@@ -16,7 +17,8 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d .whl torchao==0.18.0
 # (plus whichever of editor's dependencies earlier calls carried). Budget: the three settings take
 # ~1-2 minutes each on an H100 (model build + 3 batches x (warm-up + 1 timed run)); the worst case
-# (every setting at its limit, two retries) is 3 x 140 + 2 x 55 = 530 s.
+# (two smoke fills at their limit, every setting at its limit, two retries) is 2 x 60 + 3 x 140 +
+# 2 x 55 = 650 s: over 9 minutes only if nearly everything hangs; RETRY_UNTIL_S keeps it under.
 set -uo pipefail
 
 : "${OUT:?set OUT to the folder that comes back}"
@@ -46,6 +48,14 @@ except Exception as error:  # reported, not fatal: the baseline still runs
     print("torchao missing:", error)
 EOF
 cat "$OUT/env.txt"
+
+# Smoke test of the serving load path (read on the CPU, quantized block by block on the way to the
+# GPU, then CUDA graphs) with the bundled model: a fill of examples/letter.txt per setting, ~10 s each.
+for setting in int8 fp8; do
+    timeout 60 "$PYTHON" -m editor fill examples/letter.txt --model tiny --device "$DEVICE" --quantize "$setting" \
+        --seed 1 --json >"$OUT/fill-tiny-$setting.json" 2>"$OUT/fill-tiny-$setting.err" \
+        && echo "fill with $setting weights: ok" || echo "fill with $setting weights: FAILED (see fill-tiny-$setting.err)"
+done
 
 COMMON=(bench engine --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --schedule blocks --block-length 32
         --tokens "$TOKENS" --context "$CONTEXT" --tokens-per-step 4 --naive-batches none --repeats 1)

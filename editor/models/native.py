@@ -305,10 +305,19 @@ class NativeDiffusionModel:
         self._layer_parameters = sum(p.numel() for p in network.layers.parameters())
         self.quantize = "none"  # how the blocks' linear weights are stored (`quantize_weights`)
 
-    def quantize_weights(self, mode: str) -> None:
+    def quantize_weights(self, mode: str, device: torch.device | str | None = None) -> None:
         """Store the blocks' linear layers as `mode` ('none', 'int8', 'fp8'; editor.models.quantize).
+        With `device`, the network (loaded elsewhere, e.g. on the CPU) moves there one block at a
+        time, each quantized on arrival, so the device never holds more than one block unquantized.
         Before `use_cuda_graphs`: graphs hold the weights' addresses."""
-        quantize_linears(self.network, mode, keep=(self.network.lm_head,))
+        network = self.network
+        for layer in network.layers:
+            if device is not None:
+                layer.to(device)
+            quantize_linears(layer, mode)
+        if device is not None:
+            for module in (network.embed_tokens, network.norm, network.lm_head):  # a tied head moves once
+                module.to(device)
         self.quantize = mode
 
     @property
