@@ -11,7 +11,7 @@ import click
 from editor import __version__
 from editor.batch.commands import batch
 from editor.benchmarks import bench
-from editor.cli_options import apply_threads, options_from, sampler_options, threads_option
+from editor.cli_options import apply_threads, options_from, quantize_option, sampler_options, threads_option
 from editor.document import DocumentError
 from editor.server.commands import db, serve
 from editor.training.commands import evaluate, prepare_data, train, train_tokenizer
@@ -38,6 +38,7 @@ def main() -> None:
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N [default: EDITOR_DEVICE, else auto]")
 @click.option("--instruction", default=None, help="user turn for instruct models' chat template")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON with span offsets")
+@quantize_option
 @threads_option
 @sampler_options
 def fill(
@@ -46,6 +47,7 @@ def fill(
     device: str | None,
     instruction: str | None,
     as_json: bool,
+    quantize: str | None,
     threads: int | None,
     **sampler: Any,
 ) -> None:
@@ -69,10 +71,9 @@ def fill(
         _print_result(_unfilled(parsed, options, model_spec or settings.model or "default"), as_json=as_json)
         return
     from editor.filling import fill_documents  # torch: imported only when there is something to fill
-    from editor.models.loading import load_configured
 
     apply_threads(threads, settings.torch_threads)
-    model = load_configured(settings, model=model_spec, device=device)
+    model = _load(settings, model_spec, device, quantize)
     try:
         with StepProgress(enabled=sys.stderr.isatty() and not as_json) as progress:
             [result] = fill_documents(
@@ -86,6 +87,17 @@ def fill(
     except DocumentError as error:
         raise click.ClickException(f"{document.name}: {error}") from error
     _print_result(result.to_dict(), as_json=as_json)
+
+
+def _load(settings: Any, model_spec: str | None, device: str | None, quantize: str | None) -> Any:
+    """The configured model; a quantization this machine cannot run is a usage error, not a traceback."""
+    from editor.models.loading import load_configured
+    from editor.models.quantize import QuantizeError
+
+    try:
+        return load_configured(settings, model=model_spec, device=device, quantize=quantize)
+    except QuantizeError as error:
+        raise click.ClickException(str(error)) from error
 
 
 def _unfilled(document: Document, options: SamplerOptions, model: str) -> dict[str, Any]:

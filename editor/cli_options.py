@@ -78,6 +78,18 @@ def threads_option(command: Command) -> Command:
     )(command)
 
 
+def quantize_option(command: Command) -> Command:
+    """--quantize none|int8|fp8: how the model's linear weights are stored (EDITOR_QUANTIZE)."""
+    return click.option(
+        "--quantize",
+        type=click.Choice(("none", "int8", "fp8")),
+        default=None,
+        show_default=False,
+        help="store the linear weights as int8 (any device) or fp8 (GPUs of compute capability 8.9+); needs "
+        "torchao [default: EDITOR_QUANTIZE, else none]",
+    )(command)
+
+
 def apply_threads(threads: int | None, configured: int) -> int | None:
     """Set torch's threads from --threads, else `configured` (EDITOR_TORCH_THREADS), by the
     server's rule; returns the count applied (None: torch's own, as OMP_NUM_THREADS says)."""
@@ -86,4 +98,12 @@ def apply_threads(threads: int | None, configured: int) -> int | None:
     return use_torch_threads(threads or configured)
 
 
-__all__ = ["Command", "OptionalInt", "apply_threads", "options_from", "sampler_options", "threads_option"]
+__all__ = [
+    "Command",
+    "OptionalInt",
+    "apply_threads",
+    "options_from",
+    "quantize_option",
+    "sampler_options",
+    "threads_option",
+]

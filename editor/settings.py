@@ -16,6 +16,7 @@ from editor.document import DocumentLimits
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Framing = Literal["auto", "base", "chat"]
+Quantize = Literal["none", "int8", "fp8"]  # editor.models.quantize.Quantize (settings import no torch)
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -43,6 +44,12 @@ class Settings(BaseSettings):
         "reference code frames a base model) or 'auto' (from the hub id or directory name: Instruct/Chat or Base)",
     )
     instruction: str | None = Field(None, description="default instruction for instruct models (the user turn)")
+    quantize: Quantize = Field(
+        "none",
+        description="weights of the transformer blocks' linear layers: 'none' (the dtype's), 'int8' (weight-only, "
+        "any device) or 'fp8' (float8 weights and activations; GPUs of compute capability 8.9+, bfloat16); needs "
+        "torchao (the `quantize` extra); docs/engine.md",
+    )
     cuda_graphs: int = Field(
         48,
         ge=0,

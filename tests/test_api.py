@@ -17,6 +17,7 @@ from litestar.testing import TestClient
 
 from editor.db import migrate
 from editor.models.base import DiffusionModel
+from editor.models.native import NativeDiffusionModel
 from editor.server import commands, create_app
 from editor.server.commands import prepare_database, serve
 from editor.server.worker import ModelWorker
@@ -61,11 +62,19 @@ def test_health_and_ready(client: Client, api_model: DiffusionModel) -> None:
         "ready": True,
         "model": api_model.name,
         "model_note": None,
-        "model_placement": "cpu, float32",
+        "model_placement": f"cpu, float32, weights {stored_megabytes(api_model):,.1f} MB",
         "model_error": None,
         "database": "ok",
         "queued": 0,
     }
+
+
+def stored_megabytes(model: DiffusionModel) -> float:
+    """The model's tensors in memory, each stored tensor once (the tied head is the embedding)."""
+    assert isinstance(model, NativeDiffusionModel)
+    network = model.network
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in network.state_dict().values()}
+    return sum(tensors.values()) / 1e6
 
 
 def test_not_ready_while_the_model_fails(settings: Settings) -> None:

@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import click
 
-from editor.cli_options import apply_threads, options_from, sampler_options, threads_option
+from editor.cli_options import apply_threads, options_from, quantize_option, sampler_options, threads_option
 from editor.options import SamplerOptions
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ def _batch_options(sampler: dict[str, Any]) -> SamplerOptions:
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N [default: EDITOR_DEVICE, else auto]")
 @click.option("--instruction", default=None, help="user turn for instruct models; may use {field} placeholders")
 @click.option("--print-template", is_flag=True, help="print the (derived) template and exit")
+@quantize_option
 @threads_option
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
 @click.option(
@@ -85,6 +86,7 @@ def batch(
     device: str | None,
     instruction: str | None,
     print_template: bool,
+    quantize: str | None,
     threads: int | None,
     progress: bool,
     use_ray: bool,
@@ -104,6 +106,8 @@ def batch(
     from editor.settings import Settings
 
     settings = Settings()
+    if quantize is not None:
+        settings = settings.model_copy(update={"quantize": quantize})
     options = _batch_options(sampler)
     if not use_ray and (address is not None or workers is not None):
         raise click.UsageError("--address and --workers go with --ray")
@@ -172,6 +176,7 @@ def _run(
     from editor.batch.runner import BatchFiller, ResultWriter, read_done_ids, read_input, run_records
     from editor.models.loading import load_configured
     from editor.models.native import ModelLoadError
+    from editor.models.quantize import QuantizeError
 
     with ExitStack() as stack:
         source: IO[str] = sys.stdin if records_name == "-" else stack.enter_context(_open_records(records_name))
@@ -186,7 +191,7 @@ def _run(
     else:
         try:
             model = load_configured(settings, model=model_spec, device=device)
-        except (ModelLoadError, OSError) as error:
+        except (ModelLoadError, QuantizeError, OSError) as error:
             raise click.ClickException(f"cannot load the model: {error}") from error
         limit = settings.max_canvas_tokens
         filler = BatchFiller(model, template, options, batch_size=batch_size, max_canvas_tokens=limit)

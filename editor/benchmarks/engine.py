@@ -10,6 +10,11 @@ random literal text), for each model, batch size and decoding mode:
   positions and the step loop's single host read; `fast-rK`: the cache refreshed by a full pass
   every K steps (the sampler's default is K = 4).
 
+`--quantize none,int8,fp8` runs each model with its blocks' linear weights stored that way
+(editor/models/quantize.py; fp8 only on GPUs of compute capability 8.9+); the bytes counted for the
+ceiling are the weights as stored, and under fp8 the FLOP peak is doubled (the tensor cores' dense
+FP8 rate), though the head and attention stay in the model's dtype.
+
 Models: `tiny` (the bundled one), `default-shape` (SmolLM2-135M's shape, random weights, until the
 adapted default model is on main), `dream-7b` and `llada-8b` (their exact shapes, random weights,
 built on the device in the benchmark dtype: no weights are needed). Random-weight models have flat
@@ -73,6 +78,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 # Dense bf16 tensor-core peak and HBM bandwidth of the accelerators we bench on (vendor figures).
 PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+FP8_FLOPS_FACTOR = 2.0  # Hopper's dense FP8 tensor-core rate over its bf16 rate (1,979 vs 989 TFLOP/s)
 
 
 @dataclass
@@ -104,6 +110,8 @@ class Figure:
     bytes: float
     ceiling_fraction: float | None
     extrapolated_from_steps: int | None = None
+    quantize: str = "none"  # how the blocks' linear weights were stored (`--quantize`)
+    weight_mb: float = 0.0  # the network's weights as stored in memory
     work: dict[str, int] = field(default_factory=dict)
     graph_replays: int = 0  # window steps of the timed run(s) replayed as CUDA graphs
 
@@ -160,6 +168,8 @@ class CountingWindowedModel(CountingModel):
 
 
 def _flops_and_bytes(network: Any, work: Work, dtype_bytes: int) -> tuple[float, float]:
+    from editor.models.quantize import tensor_bytes, weight_bytes
+
     config = network.config
     head = config.vocab_size * config.hidden_size
     body = sum(p.numel() for name, p in network.named_parameters() if name.startswith("layers."))
@@ -167,20 +177,26 @@ def _flops_and_bytes(network: Any, work: Work, dtype_bytes: int) -> tuple[float,
     flops += 4.0 * work.attention_pairs * config.hidden_size * config.num_layers
     passes = work.full_passes + work.windows
     kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
-    weight_bytes = (body + head) * dtype_bytes * passes  # every weight read once per pass
-    return flops, float(weight_bytes + kv_bytes * work.keys_read)  # and every key/value once per pass
+    stored = weight_bytes(network.layers) + tensor_bytes(network.lm_head.weight)  # quantized: as stored
+    weight_bytes_read = stored * passes  # every weight read once per pass
+    return flops, float(weight_bytes_read + kv_bytes * work.keys_read)  # and every key/value once per pass
 
 
-def _build(name: str, device: str, dtype_name: str, cuda_graphs: int, fuse: bool) -> tuple[Any, Any]:
-    """(model, network) for a bench model name."""
+def _build(
+    name: str, device: str, dtype_name: str, cuda_graphs: int, fuse: bool, quantize: str = "none"
+) -> tuple[Any, Any]:
+    """(model, network) for a bench model name, its linear weights stored as `quantize`."""
     import torch
 
     from editor.models.loading import load_model
+    from editor.models.quantize import check_quantize
 
     dtype = getattr(torch, dtype_name)
-    bundled = load_model("tiny", device=device, dtype=dtype, cuda_graphs=cuda_graphs)
+    check_quantize(quantize, device, dtype)
     if name == "tiny":  # loaded as served: fused on CUDA
+        bundled = load_model("tiny", device=device, dtype=dtype, cuda_graphs=cuda_graphs, quantize=quantize)
         return bundled, bundled.network  # type: ignore[attr-defined]
+    bundled = load_model("tiny", device="cpu", dtype=dtype, cuda_graphs=0)  # its tokenizer only
     from editor.models.base import SpecialIds
     from editor.models.native import NativeDiffusionModel
     from editor.models.transformer import BidirectionalTransformer, TransformerConfig
@@ -209,6 +225,7 @@ def _build(name: str, device: str, dtype_name: str, cuda_graphs: int, fuse: bool
         name=f"{name} (random weights)",
         use_chat_template=False,
     )
+    model.quantize_weights(quantize)  # after fusing, before the graphs (as `load_model` does)
     model.use_cuda_graphs(cuda_graphs)
     return model, network
 
@@ -291,6 +308,7 @@ def _measure(
     repeats: int,
     schedule: str,
     block_length: int,
+    quantize: str = "none",
 ) -> Figure:
     import torch
 
@@ -358,6 +376,8 @@ def _measure(
         bytes=moved,
         ceiling_fraction=None if ceiling is None else round(ceiling, 4),
         extrapolated_from_steps=extrapolated,
+        quantize=quantize,
+        weight_mb=round(model.weight_bytes / 2**20, 1),
         work=asdict(work),
         graph_replays=replays,
     )
@@ -402,6 +422,12 @@ def _peak(
 @click.option(
     "--cuda-graphs", default=None, type=int, help="CUDA graphs kept per model; 0: none [default: EDITOR_CUDA_GRAPHS]"
 )
+@click.option(
+    "--quantize",
+    "quantizations",
+    default="none",
+    help="comma-separated: none, int8, fp8 (each model built once per setting; fp8: GPUs of compute capability 8.9+)",
+)
 @click.option("--no-fuse", is_flag=True, help="keep q/k/v and gate/up unfused (random-weight models; as served: fused)")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write all figures here")
 def engine(
@@ -422,6 +448,7 @@ def engine(
     peak_bandwidth: float | None,
     threads: int | None,
     cuda_graphs: int | None,
+    quantizations: str,
     no_fuse: bool,
     json_path: str | None,
 ) -> None:
@@ -429,12 +456,19 @@ def engine(
     import torch
 
     from editor.models.native import default_dtype, dtype_text
+    from editor.models.quantize import QUANTIZE_CHOICES, QuantizeError
     from editor.settings import Settings
 
     if threads:
         torch.set_num_threads(threads)
     if cuda_graphs is None:
         cuda_graphs = Settings().cuda_graphs
+    settings_to_run = [q.strip() for q in quantizations.split(",") if q.strip()]
+    for quantize in settings_to_run:
+        if quantize not in QUANTIZE_CHOICES:
+            raise click.BadParameter(
+                f"{quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}", param_hint="--quantize"
+            )
 
     dtype_name = dtype_name or dtype_text(default_dtype(device, None))
     dtype_bytes = torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
@@ -449,11 +483,15 @@ def engine(
     if peak is not None:
         click.echo(f"ceiling assumes {peak[0] / 1e12:.1f} TFLOP/s and {peak[1] / 1e9:.0f} GB/s")
     click.echo(
-        f"{'model':28} {'mode':7} {'batch':>5} {'tok/step':>8} {'steps':>5} {'tok/s':>9} {'ms/step':>8} "
+        f"{'model':28} {'weights':7} {'mode':7} {'batch':>5} {'tok/step':>8} {'steps':>5} {'tok/s':>9} {'ms/step':>8} "
         f"{'peak MB':>8} {'TFLOP':>8} {'GB':>8} {'ceiling':>7}"
     )
-    for name in models:
-        model, network = _build(name, device, dtype_name, cuda_graphs, fuse=not no_fuse)
+    for name, quantize in [(name, quantize) for name in models for quantize in settings_to_run]:
+        try:
+            model, network = _build(name, device, dtype_name, cuda_graphs, fuse=not no_fuse, quantize=quantize)
+        except QuantizeError as error:
+            raise click.ClickException(str(error)) from error
+        fp8_peak = peak if peak is None or quantize != "fp8" else (peak[0] * FP8_FLOPS_FACTOR, peak[1])
         for rate in [int(r) for r in per_step.split(",")]:
             steps = max(1, tokens // rate)
             for batch in [int(b) for b in batches.split(",")]:
@@ -470,18 +508,20 @@ def engine(
                         steps=steps,
                         device=device,
                         dtype_bytes=dtype_bytes,
-                        peak=peak,
+                        peak=fp8_peak,
                         max_steps=naive_max_steps if mode == "naive" else None,
                         repeats=repeats,
                         schedule=schedule,
                         block_length=block_length,
+                        quantize=quantize,
                     )
                     figures.append(figure)
                     ceiling = "-" if figure.ceiling_fraction is None else f"{figure.ceiling_fraction:.0%}"
                     click.echo(
-                        f"{figure.model[:28]:28} {mode:7} {batch:>5} {figure.tokens_per_step:>8.2f} {figure.steps:>5} "
-                        f"{figure.tokens_per_s:>9.1f} {figure.ms_per_step:>8.2f} {figure.peak_memory_mb:>8.0f} "
-                        f"{figure.flops / 1e12:>8.2f} {figure.bytes / 1e9:>8.2f} {ceiling:>7}"
+                        f"{figure.model[:28]:28} {quantize:7} {mode:7} {batch:>5} {figure.tokens_per_step:>8.2f} "
+                        f"{figure.steps:>5} {figure.tokens_per_s:>9.1f} {figure.ms_per_step:>8.2f} "
+                        f"{figure.peak_memory_mb:>8.0f} {figure.flops / 1e12:>8.2f} {figure.bytes / 1e9:>8.2f} "
+                        f"{ceiling:>7}"
                     )
         del model, network
         if device.startswith("cuda"):

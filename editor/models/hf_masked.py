@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 from editor.models.base import SpecialIds
 from editor.models.native import ModelLoadError, default_dtype
+from editor.models.quantize import quantize_linears, weight_bytes
 
 
 def special_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -53,6 +54,18 @@ class MaskedLMAdapter:
         self.special = SpecialIds(mask=tokenizer.mask_token_id, pad=pad, bos=bos, eos=tokenizer.eos_token_id)
         output = model.get_output_embeddings()
         self.vocab_size = int(output.weight.shape[0]) if output is not None else int(model.config.vocab_size)
+        self.quantize = "none"  # how the linear weights are stored (`quantize_weights`)
+
+    def quantize_weights(self, mode: str) -> None:
+        """Store the encoder's linear layers as `mode` ('none', 'int8', 'fp8'; editor.models.quantize);
+        the output head keeps its precision."""
+        quantize_linears(self.model, mode, keep=(self.model.get_output_embeddings(),))
+        self.quantize = mode
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in memory (quantized weights counted as stored)."""
+        return weight_bytes(self.model)
 
     @classmethod
     def load(

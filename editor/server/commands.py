@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from editor.cli_options import quantize_option
 from editor.settings import Settings
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def _check_model(settings: Settings) -> None:
 @click.option("--model", help="model directory or Hugging Face id [default: the bundled model]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps [default: auto]")
 @click.option("--no-migrate", is_flag=True, help="do not upgrade the database; refuse to start if it is behind")
+@quantize_option
 @click.option(
     "--replicas",
     type=click.IntRange(min=1),
@@ -90,6 +92,7 @@ def serve(
     model: str | None,
     device: str | None,
     no_migrate: bool,
+    quantize: str | None,
     replicas: int | None,
     address: str | None,
     log_level: str,
@@ -104,7 +107,9 @@ def serve(
 
     from editor.server.app import create_app
 
-    settings = _settings(host=host, port=port, model=model, device=device, replicas=replicas, ray_address=address)
+    settings = _settings(
+        host=host, port=port, model=model, device=device, quantize=quantize, replicas=replicas, ray_address=address
+    )
     if address is not None and settings.replicas is None:
         raise click.UsageError("--address goes with --replicas (or EDITOR_REPLICAS)")
     try:

@@ -322,7 +322,9 @@ class Readiness(BaseModel):
     model: str | None = Field(description="the loaded model, once loaded")
     model_note: str | None = Field(None, description="why the loaded model is not the one asked for, if it is not")
     model_placement: str | None = Field(
-        None, description="where the model runs and in which dtype, e.g. 'cpu, bfloat16' (the device's default)"
+        None,
+        description="where the model runs, in which dtype, and how its weights are stored with their size in "
+        "memory, e.g. 'cpu, bfloat16, weights 270.0 MB' or 'cuda:0, bfloat16, int8 weights 8,634.0 MB'",
     )
     model_error: str | None = None
     database: Literal["ok", "unreachable"]

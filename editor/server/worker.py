@@ -48,7 +48,7 @@ from editor.filling import (
 )
 from editor.judging import judge_for
 from editor.models.base import DiffusionModel
-from editor.models.loading import load_configured, model_dtype_text
+from editor.models.loading import load_configured, model_dtype_text, model_weights_text
 from editor.options import FillCancelled, SamplerOptions
 from editor.sampler import SamplerRun, StepEvent, effective_steps, row_seed
 from editor.server.limits import FillTimedOut, LimitExceeded
@@ -423,7 +423,9 @@ class ModelWorker:
         if self.model is None:
             return None
         dtype = model_dtype_text(self.model)
-        return str(self.model.device) if dtype == "unknown" else f"{self.model.device}, {dtype}"
+        weights = model_weights_text(self.model)
+        placement = str(self.model.device) if dtype == "unknown" else f"{self.model.device}, {dtype}"
+        return placement if weights is None else f"{placement}, {weights}"
 
     @property
     def model_note(self) -> str | None:
