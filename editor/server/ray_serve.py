@@ -30,12 +30,14 @@ import ray.exceptions
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
+from editor.chat import Instruction
 from editor.document import Document, DocumentError
 from editor.options import FillCancelled, SamplerOptions
 from editor.ray_cluster import connect, use_gpus
 from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.server.worker import (
     BackgroundWork,
+    CanvasReshape,
     FillJob,
     JobState,
     ModelLoader,
@@ -58,9 +60,10 @@ class RemoteFill:
 
     documents: list[Document]
     options: SamplerOptions
-    instruction: str | None
+    instruction: Instruction | None
     stream: bool
     keep_trace: bool
+    reshape: CanvasReshape | None = None
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -98,6 +101,7 @@ class FillReplica:
                 instruction=request.instruction,
                 stream=request.stream,
                 keep_trace=request.keep_trace,
+                reshape=request.reshape,
             )
         except (QueueFull, WorkerUnavailable) as error:
             yield ("error", error)
@@ -270,9 +274,10 @@ class RayBackend:
         documents: Sequence[Document],
         options: SamplerOptions,
         *,
-        instruction: str | None = None,
+        instruction: Instruction | None = None,
         stream: bool = False,
         keep_trace: bool | None = None,
+        reshape: CanvasReshape | None = None,
     ) -> FillJob:
         handle = self._check_open()
         job = FillJob.submitted(
@@ -280,7 +285,7 @@ class RayBackend:
         )
         loop = job.loop
         call = handle.options(stream=True).fill.remote(
-            RemoteFill(job.documents, options, instruction, stream, job.keep_trace)
+            RemoteFill(job.documents, options, instruction, stream, job.keep_trace, reshape)
         )
 
         def cancel_call() -> None:
