@@ -5,6 +5,7 @@ as the client's exception class."""
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -334,12 +335,12 @@ def test_auth_size_queue_and_shutdown_errors_are_the_clients_exception_classes(
         def long_fill(steps: int) -> None:
             httpx.post(
                 f"{base}/v1/completions",
-                json={"model": name, "prompt": "x", "max_tokens": 200, "editor": {"steps": steps}},
+                json={"model": name, "prompt": "x", "max_tokens": 60, "editor": {"steps": steps}},
                 headers={"Authorization": "Bearer s3cret"},
                 timeout=120,
             )
 
-        threads = [threading.Thread(target=long_fill, args=(steps,)) for steps in (200, 199)]
+        threads = [threading.Thread(target=long_fill, args=(steps,)) for steps in (60, 59)]
         for thread in threads:
             thread.start()
             time.sleep(0.5)
@@ -381,3 +382,29 @@ def test_the_openapi_document_lists_the_v1_routes(server: str) -> None:
         assert path in paths
     streamed = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
     assert set(streamed) == {"application/json", "text/event-stream"}
+
+
+def test_a_conversation_goes_through_the_chat_template_or_the_plain_framing(tiny_model: Any) -> None:
+    from editor.chat import ChatMessage, Conversation, plain_framing
+    from editor.models.native import NativeDiffusionModel
+
+    talk = Conversation((ChatMessage("system", "Be brief."), ChatMessage("user", "Hi [MASK 2]")))
+    tokenizer = tiny_model.tokenizer
+    prefix, suffix = tiny_model.frame(talk)  # the tiny tokenizer has no chat template
+    assert not tiny_model.use_chat_template
+    assert prefix[0] == tiny_model.special.bos and suffix == []
+    assert tokenizer.decode(prefix[1:]) == plain_framing(talk.messages)
+    assert plain_framing(talk.messages) == "System: Be brief.\n\nUser: Hi [MASK 2]\n\nAssistant:"
+
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    chat_model = NativeDiffusionModel(
+        tiny_model.network, templated, tiny_model.special, logits_shifted=False, name="chat", use_chat_template=True
+    )
+    prefix, _ = chat_model.frame(talk)
+    assert templated.decode(prefix) == "<system>Be brief.\n<user>Hi [MASK 2]\n<assistant>"
+    single, _ = chat_model.frame("Fill it in.")  # an instruction is still one user turn
+    assert templated.decode(single) == "<user>Fill it in.\n<assistant>"

@@ -31,7 +31,7 @@ from editor import __version__
 from editor.batch.runner import record_rules
 from editor.batch.schema import CHARS_PER_TOKEN, SchemaError, template_from_schema
 from editor.batch.template import RecordDocument, RecordError, TemplateError
-from editor.chat import ChatMessage, Conversation, Instruction, Role
+from editor.chat import PLAIN_LABELS, ChatMessage, Conversation, Instruction, Role
 from editor.document import Document, MaskSpan
 from editor.filling import FillResult
 from editor.options import SamplerOptions
@@ -68,6 +68,8 @@ SSE = "text/event-stream"
 MASKED = "░"  # a still-masked token in a snapshot
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 JSON_OBJECT_KEY = "answer"  # response_format json_object: {"answer": "..."} (docs/openai.md)
+# A chat answer ends where the model starts another turn of the plain framing, as at an end of turn.
+TURN_STOPS = [f"\n{PLAIN_LABELS[role]}:" for role in ("user", "system")]
 FinishReason = Literal["stop", "length"]
 
 
@@ -233,7 +235,7 @@ class OpenAIService:
             prompts=[""] * data.n,
             suffix="",
             options=options,
-            stops=data.stops,
+            stops=[*data.stops, *TURN_STOPS],
             per_prompt=data.n,
             snapshots=bool(data.editor and data.editor.snapshots),
             include_usage=bool(data.stream_options and data.stream_options.include_usage),
@@ -245,6 +247,7 @@ class OpenAIService:
             document = Document((MaskSpan(0, 1, plan.max_tokens),))
             plan.instruction = Conversation(tuple(messages))
         else:
+            plan.stops = []
             if data.stop is not None:
                 raise OpenAIRequestError(
                     "stop cannot cut a JSON answer (it would no longer parse): leave stop out with response_format "
@@ -371,7 +374,7 @@ class OpenAIService:
                 ],
                 **common,
             )
-            return completion.model_dump(mode="json", exclude_none=False)
+            return dump(completion)
         chat = ChatCompletion(
             choices=[
                 ChatChoice(index=i, message=ChatMessageOut(content=a.text), finish_reason=a.finish_reason)
@@ -379,7 +382,7 @@ class OpenAIService:
             ],
             **common,
         )
-        return chat.model_dump(mode="json")
+        return dump(chat)
 
     def tokenizer(self) -> Any:
         """A private copy of the model's tokenizer for decoding streamed prefixes (a fast tokenizer
@@ -611,7 +614,7 @@ class ChunkWriter:
                 choices=[ChatChunkChoice(index=row, delta=delta, finish_reason=finish, editor=extras)],
                 **self._base(),
             )
-        return line(body.model_dump(mode="json", exclude_none=True))
+        return line(dump(body))
 
     def closing(self, usage: Usage, extras: ResponseExtras) -> bytes:
         """The last chunk, with no choices: `usage` (stream_options.include_usage) and our extras."""
@@ -621,7 +624,25 @@ class ChunkWriter:
             if self.plan.kind == "completion"
             else ChatCompletionChunk(choices=[], **self._base(), **payload)
         )
-        return line(model.model_dump(mode="json", exclude_none=True))
+        return line(dump(model))
+
+
+_OPTIONAL_KEYS = frozenset({"editor", "usage", "role", "content"})
+
+
+def dump(body: Any) -> dict[str, Any]:
+    """A response model as OpenAI writes it: `finish_reason` and `logprobs` always present (null
+    until known), our `editor` extension, `usage` and a delta's `role`/`content` only when set."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if not (v is None and k in _OPTIONAL_KEYS)}
+        if isinstance(value, list):
+            return [clean(item) for item in value]
+        return value
+
+    result: dict[str, Any] = clean(body.model_dump(mode="json"))
+    return result
 
 
 def line(data: dict[str, Any] | str) -> bytes:

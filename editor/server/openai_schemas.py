@@ -8,9 +8,9 @@ such as LangChain send by default) is accepted; any other value is a 400 naming 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from editor.options import SamplerOptions
 
@@ -47,7 +47,8 @@ class StreamOptions(_Request):
     include_usage: bool = Field(False, strict=True, description="a last chunk with `usage` and no choices")
 
 
-Stop = str | list[str] | None
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None
 
 
 class _Common(_Request):
@@ -70,16 +71,6 @@ class _Common(_Request):
     logit_bias: dict[str, Any] | None = Field(None, description="not supported: only null or {}")
     presence_penalty: float | None = Field(None, description="not supported: only null or 0")
     frequency_penalty: float | None = Field(None, description="not supported: only null or 0")
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: Stop) -> Stop:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        if any(not stop or len(stop) > MAX_STOP_CHARS for stop in stops):
-            raise ValueError(f"each stop sequence has 1 to {MAX_STOP_CHARS} characters")
-        return value
 
     @property
     def stops(self) -> list[str]:
@@ -110,7 +101,7 @@ class ChatMessageIn(_Request):
 
 
 class JsonSchemaFormat(_Request):
-    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    name: str = Field(max_length=64, description="the answer format's name (not shown to the model)")
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema", description="a JSON Schema (docs/batch.md lists the keywords)")
     strict: bool | None = Field(None, description="accepted either way: every answer is valid by construction")
