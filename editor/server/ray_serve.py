@@ -33,7 +33,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from editor.chat import Instruction
 from editor.document import Document, DocumentError
 from editor.options import FillCancelled, SamplerOptions
-from editor.ray_cluster import connect, use_gpus
+from editor.ray_cluster import connect, started_local_ray, stop_local_ray, use_gpus
 from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.server.worker import (
     BackgroundWork,
@@ -179,7 +179,8 @@ class RayBackend:
         """Connect to Ray here, deploy the replicas in a thread (they load their models there)."""
         if self._thread is not None:
             return
-        self._own_ray = connect(self.settings.ray_address)
+        # `editor serve` connects first (in the main thread): the Ray it started is still ours to stop.
+        self._own_ray = connect(self.settings.ray_address) or started_local_ray()
         self._thread = threading.Thread(target=self._deploy, name="editor-ray-deploy", daemon=True)
         self._thread.start()
 
@@ -217,7 +218,7 @@ class RayBackend:
             log.exception("cannot remove the Serve application")
         if self._own_ray and not self.settings.ray_address:
             serve.shutdown()
-            ray.shutdown()
+            stop_local_ray()
 
     # -- state --
 
