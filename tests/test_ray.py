@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import ray
 import torch
@@ -169,6 +170,30 @@ def test_fills_land_on_both_replicas_and_each_stores_one_revision(served: tuple[
         and ready["model_placement"].startswith("cpu, float32, weights ")
     )
     assert client.post("/api/v1/tokenize", json={"text": "Dear customer"}).json()["count"] >= 2
+
+
+def test_openai_chat_with_a_json_schema_runs_on_the_replicas(served: tuple[Client, RayBackend]) -> None:
+    """The /v1 API reaches the replicas too: the schema's number rules and the conversation travel
+    pickled with the fill, and the answer validates; a stream adds up to the same answer."""
+    client, _ = served
+    schema = {"type": "object", "properties": {"count": {"type": "integer"}, "size": {"enum": ["S", "M", "L"]}}}
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "An order."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": schema}},
+        "seed": 5,
+    }
+    answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    value = json.loads(answer.json()["choices"][0]["message"]["content"])
+    jsonschema.validate(value, schema)
+    assert answer.json()["usage"]["prompt_tokens"] > 0
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as stream:
+        lines = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    deltas = [c["delta"].get("content") or "" for chunk in lines[:-1] for c in json.loads(chunk)["choices"]]
+    assert "".join(deltas) == answer.json()["choices"][0]["message"]["content"]
 
 
 def test_a_fill_with_a_seed_matches_the_in_process_worker(
