@@ -253,6 +253,21 @@ def test_a_stream_adds_up_to_the_plain_answer(client: Client, model_id: str, sch
     assert chunks[-1].choices == [] and chunks[-1].usage == plain_chat.usage
 
 
+def test_a_stream_never_sends_text_from_a_stop_sequence_on(client: Client, model_id: str) -> None:
+    extra = {"editor": {"schedule": "left-to-right"}}
+    arguments: dict[str, Any] = {"model": model_id, "prompt": "Some words:", "max_tokens": 16, "seed": 4}
+    text = client.completions.create(**arguments, extra_body=extra).choices[0].text
+    for stop in (text[6:9], text[10:11]):  # a stop sequence that the fill writes, longer and shorter
+        assert stop and stop in text
+        plain = client.completions.create(**arguments, stop=[stop, "never written here"], extra_body=extra)
+        assert plain.choices[0].text == text[: text.find(stop)] and plain.choices[0].finish_reason == "stop"
+        stream = client.completions.create(
+            **arguments, stop=[stop, "never written here"], extra_body=extra, stream=True
+        )
+        texts, reasons, _ = _stream_text(stream, "completion")
+        assert texts == {0: plain.choices[0].text} and reasons == {0: "stop"}
+
+
 def test_a_json_schema_stream_ends_with_the_plain_answer_and_snapshots_show_the_steps(
     client: Client, model_id: str
 ) -> None:
@@ -408,3 +423,60 @@ def test_a_conversation_goes_through_the_chat_template_or_the_plain_framing(tiny
     assert templated.decode(prefix) == "<system>Be brief.\n<user>Hi [MASK 2]\n<assistant>"
     single, _ = chat_model.frame("Fill it in.")  # an instruction is still one user turn
     assert templated.decode(single) == "<user>Fill it in.\n<assistant>"
+
+
+class CharTokenizer:
+    """One token per character (id = code point), 0 the end token: every prefix state shows up."""
+
+    all_special_ids = (0,)
+
+    def decode(self, ids: list[int], clean_up_tokenization_spaces: bool = False) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("order", ["left-to-right", "right-to-left", "shuffled"])
+@pytest.mark.parametrize(
+    ("written", "stops"),
+    [
+        ("sunny day.\nUser: and more", ["\nUser:", "\nSystem:"]),  # a stop shorter than the longest
+        ("ab cd ef gh", ["d e", "zzzzzzzzzz"]),
+        ("trailing spaces   ", []),
+        ("stop at the very end!!", ["!!"]),
+    ],
+)
+def test_streamed_prefixes_add_up_to_the_answer_in_any_commit_order(order: str, written: str, stops: list[str]) -> None:
+    import random
+
+    from editor.document import Document, MaskSpan
+    from editor.options import SamplerOptions
+    from editor.server.openai_api import Plan, PrefixTracker, cut_at_stop
+    from editor.server.worker import CommitInfo, StepUpdate
+
+    length = len(written) + 3  # the span's tail: end tokens, dropped
+    ids = [ord(ch) for ch in written] + [0] * 3
+    plan = Plan(
+        kind="completion",
+        model="m",
+        documents=[Document(("Say: ", MaskSpan(0, 1, length)))],
+        prompts=["Say:"],
+        suffix="",
+        options=SamplerOptions(candidates=1),
+        stops=stops,
+        max_tokens=length,
+    )
+    offsets = list(range(length))
+    if order == "right-to-left":
+        offsets.reverse()
+    elif order == "shuffled":
+        random.Random(3).shuffle(offsets)
+    tracker = PrefixTracker(plan, CharTokenizer())
+    sent = ""
+    for step, offset in enumerate(offsets):
+        commit = CommitInfo(0, 0, None, offset, offset, ids[offset], chr(ids[offset]), 0.5)
+        for _, delta, _ in tracker.add(StepUpdate(step, [commit], length - step - 1)):
+            sent += delta
+    final = cut_at_stop(written.rstrip(" "), stops)[0]  # the rendered span sheds trailing spaces
+    assert final.startswith(sent)  # nothing sent is ever taken back
+    assert sent + tracker.rest(0, final) == final
+    if order == "left-to-right" and final.strip():
+        assert sent  # text arrives before the end

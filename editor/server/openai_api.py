@@ -547,9 +547,11 @@ class PrefixTracker:
             text = text.removeprefix(" ")  # the prompt's own space, handed to the fill
         if self.plan.kind == "chat" or not prompt or prompt.endswith("\n"):
             text = text.lstrip(" ")  # a fill at the start of a line carries no leading space
-        text = text.rstrip(" \ufffd")
-        text = text[: len(text) - self.hold] if self.hold else text
-        text, _ = cut_at_stop(text, self.plan.stops)
+        # Final: what comes before the first stop found, and before the last `hold` characters
+        # (a stop may begin there and end in text not yet final: an earlier match than the one
+        # found, or the first), without trailing spaces or a partial character.
+        final = cut_at_stop(text, self.plan.stops)[0][: max(0, len(text) - self.hold)]
+        text = final.rstrip(" \ufffd")
         if not text.startswith(choice.sent) or len(text) <= len(choice.sent):
             return ""
         delta, choice.sent = text[len(choice.sent) :], text
