@@ -224,6 +224,7 @@ def _stream_text(chunks: Any, kind: str) -> tuple[dict[int, str], dict[int, str]
 def test_a_stream_adds_up_to_the_plain_answer(client: Client, model_id: str, schedule: str) -> None:
     extra = {"editor": {"schedule": schedule}}
     arguments: dict[str, Any] = {"model": model_id, "prompt": "A list of fruit:", "max_tokens": 12, "seed": 9, "n": 2}
+    arguments["echo"] = schedule == "confidence"  # the prompt comes first, then the completion
     plain = client.completions.create(**arguments, extra_body=extra)
     texts, reasons, chunks = _stream_text(
         client.completions.create(**arguments, stream=True, extra_body=extra), "completion"

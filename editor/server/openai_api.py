@@ -551,7 +551,7 @@ class PrefixTracker:
         # (a stop may begin there and end in text not yet final: an earlier match than the one
         # found, or the first), without trailing spaces or a partial character.
         final = cut_at_stop(text, self.plan.stops)[0][: max(0, len(text) - self.hold)]
-        text = final.rstrip(" \ufffd")
+        text = (prompt if self.plan.echo else "") + final.rstrip(" \ufffd")
         if not text.startswith(choice.sent) or len(text) <= len(choice.sent):
             return ""
         delta, choice.sent = text[len(choice.sent) :], text
@@ -659,9 +659,12 @@ async def chunks(service: OpenAIService, plan: Plan, job: FillJob, request: str)
     completed = False
     try:
         tracker = PrefixTracker(plan, service.tokenizer())
-        if plan.kind == "chat":
-            for row in range(len(plan.documents)):
+        for row in range(len(plan.documents)):
+            if plan.kind == "chat":
                 yield writer.chunk(row, "", role=True)
+            elif plan.echo:  # the prompt is final from the start
+                tracker.choices[row].sent = plan.prompts[row]
+                yield writer.chunk(row, plan.prompts[row])
         async for update in job.steps():
             for row, delta, snapshot in tracker.add(update):
                 yield writer.chunk(row, delta, snapshot=snapshot, step=update.step)

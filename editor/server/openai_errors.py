@@ -66,6 +66,8 @@ def rewrite(status: int, body: dict[str, Any], headers: dict[str, str]) -> tuple
         message = "; ".join(_problem(p) for p in problems if isinstance(p, dict)) or message
     if status == 422:
         status, code = 400, "invalid_value"
+    if status == 404 and message == "Not Found":  # no such route (an unknown model says which)
+        message = "no such route: this server has GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
     if body.get("request_id"):
         message += f" (request id {body['request_id']})"
     return status, envelope(message, status, param=param, code=code), headers
