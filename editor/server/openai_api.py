@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, Schema
+from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIType, Schema
 from litestar.params import JSONBody, PathParameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_413_REQUEST_ENTITY_TOO_LARGE
@@ -34,11 +34,13 @@ from editor.batch.template import RecordDocument, RecordError, TemplateError
 from editor.chat import PLAIN_LABELS, ChatMessage, Conversation, Instruction, Role
 from editor.document import Document, MaskSpan
 from editor.filling import FillResult
-from editor.options import SamplerOptions
+from editor.options import MIN_TEMPERATURE, SamplerOptions
 from editor.server.backend import FillBackend
 from editor.server.errors import error_body
 from editor.server.openai_errors import OpenAIRequestError, request_error, rewrite
 from editor.server.openai_schemas import (
+    MAX_STOP,
+    MAX_STOP_CHARS,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -776,7 +778,31 @@ async def _answer(request: AnyRequest, openai: OpenAIService, plan: Plan, *, str
 
 
 def refine_openapi(openapi: OpenAPI) -> None:
-    """The streamed answer's media type beside the JSON one, so the document says what is sent."""
+    """The document as the server checks: the streamed answer's media type beside the JSON one,
+    and the union fields whose constraints Litestar's generator drops (`stop`, `temperature`)."""
+    stop_text = Schema(type=OpenAPIType.STRING, min_length=1, max_length=MAX_STOP_CHARS)
+    stop = Schema(
+        one_of=[
+            stop_text,
+            Schema(type=OpenAPIType.ARRAY, items=stop_text, max_items=MAX_STOP),
+            Schema(type=OpenAPIType.NULL),
+        ],
+        description=f"up to {MAX_STOP} strings; the answer ends before the first one found",
+    )
+    temperature = Schema(
+        one_of=[
+            Schema(const=0),
+            Schema(type=OpenAPIType.NUMBER, minimum=MIN_TEMPERATURE, maximum=2),
+            Schema(type=OpenAPIType.NULL),
+        ],
+        description=f"0 picks the most likely token, else at least {MIN_TEMPERATURE}; default: the model's own",
+    )
+    schemas = openapi.components.schemas or {}
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        request = schemas.get(name)
+        if isinstance(request, Schema) and request.properties:
+            request.properties["stop"] = stop
+            request.properties["temperature"] = temperature
     for path in ("/v1/completions", "/v1/chat/completions"):
         item = (openapi.paths or {}).get(path)
         operation = item.post if item is not None else None
@@ -785,7 +811,7 @@ def refine_openapi(openapi: OpenAPI) -> None:
         if content is not None:
             content[SSE] = OpenAPIMediaType(
                 schema=Schema(
-                    type="string",  # type: ignore[arg-type]
+                    type=OpenAPIType.STRING,
                     description="`data: {chunk}` lines (chat.completion.chunk or text_completion objects), "
                     "then `data: [DONE]`",
                 )

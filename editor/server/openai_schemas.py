@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from editor.options import SamplerOptions
+from editor.options import MIN_PROBABILITY, SamplerOptions
 
 MAX_STOP = 4  # stop sequences, as OpenAI allows
 MAX_STOP_CHARS = 200
@@ -60,7 +60,7 @@ class _Common(_Request):
     temperature: float | None = Field(
         None, ge=0, le=2, description="0 picks the most likely token; default: the model's own sampler default"
     )
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
+    top_p: float | None = Field(None, ge=MIN_PROBABILITY, le=1, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the answer (also reported in `editor.seed`)")
     stop: Stop = Field(None, description=f"up to {MAX_STOP} strings; the answer ends before the first one found")
     stream: bool = Field(False, strict=True, description="answer with server-sent chunks (docs/openai.md)")
@@ -244,6 +244,8 @@ class OpenAIErrorOut(BaseModel):
 
 
 __all__ = [
+    "MAX_STOP",
+    "MAX_STOP_CHARS",
     "ChatChoice",
     "ChatChunkChoice",
     "ChatCompletion",
