@@ -161,7 +161,8 @@ def test_chat_answers_the_messages(client: Client, model_id: str) -> None:
     assert answer.usage is not None and answer.usage.completion_tokens <= 10
 
 
-def test_json_schema_answers_are_valid_against_the_schema(client: Client, model_id: str) -> None:
+@pytest.mark.parametrize("view", ["prose", "json"])
+def test_json_schema_answers_are_valid_against_the_schema(client: Client, model_id: str, view: str) -> None:
     for seed in range(3):
         answer = client.chat.completions.create(
             model=model_id,
@@ -172,6 +173,7 @@ def test_json_schema_answers_are_valid_against_the_schema(client: Client, model_
             },
             seed=seed,
             temperature=1.0,
+            extra_body={"editor": {"view": view}},  # how the model sees the fields; JSON comes back either way
         )
         content = answer.choices[0].message.content
         assert content is not None
