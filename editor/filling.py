@@ -24,6 +24,7 @@ from editor.canvas import (
     must_tokens,
     render,
 )
+from editor.chat import Instruction
 from editor.constraints import VocabularyRules
 from editor.document import Document, DocumentError
 from editor.judging import Judge, judge_for
@@ -87,7 +88,7 @@ def prepare_canvas(
     model: DiffusionModel,
     document: Document,
     *,
-    instruction: str | None = None,
+    instruction: Instruction | None = None,
     max_canvas_tokens: int | None = None,
     max_choice_tokens: int | None = None,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,

@@ -146,6 +146,12 @@ class Settings(BaseSettings):
     max_record_chars: int = Field(100_000, ge=1, description="characters in one input record (JSONL line)")
     max_batch_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="size of a POST /api/v1/batches body")
 
+    # The OpenAI-compatible API under /v1 (docs/openai.md).
+    max_choices: int = Field(16, ge=1, description="choices one /v1 request may ask for (n times the prompts)")
+    chat_max_tokens: int = Field(
+        256, ge=1, description="/v1/chat/completions: the answer's token bound when the request sets no max_tokens"
+    )
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:

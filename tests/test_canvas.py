@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from editor.canvas import build_canvas, encode, render
+from editor.chat import Instruction
 from editor.document import Document, DocumentError, MaskSpan
 from editor.filling import FillResult, fill_documents
 from editor.models import DiffusionModel
@@ -37,7 +38,7 @@ class Biased:
             logits[:, position, token_id] += value
         return logits
 
-    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+    def frame(self, instruction: Instruction | None = None) -> tuple[list[int], list[int]]:
         return self.base.frame(instruction)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from editor.benchmarks.fills import repeated_trigrams
 from editor.canvas import encode
+from editor.chat import Instruction
 from editor.filling import fill_canvases, fill_documents, prepare_canvas, vocabulary_rules
 from editor.judging import CausalJudge, SelfJudge, judge_for
 from editor.models import DiffusionModel, aligned_logits
@@ -97,7 +98,7 @@ class Favouring:
         logits[..., self.favourites] += 12.0
         return logits
 
-    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+    def frame(self, instruction: Instruction | None = None) -> tuple[list[int], list[int]]:
         return self.base.frame(instruction)
 
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import ray
 import torch
@@ -106,12 +108,31 @@ def wait_until_running(backend: RayBackend, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-def test_editor_serve_replicas_serves_and_stops_on_sigterm(tmp_path: Path, api_model_dir: Path) -> None:
+def marked_processes(mark: str) -> dict[int, str]:
+    """pid -> command line of every process whose environment holds `TEST_PROCESS_MARK=mark`:
+    a process started with it and everything it started (Ray's processes inherit the driver's
+    environment), however they were re-parented; other tests' processes never match."""
+    found: dict[int, str] = {}
+    needle = f"TEST_PROCESS_MARK={mark}".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def test_editor_serve_replicas_serves_and_stops_on_sigterm_leaving_no_ray_process(
+    tmp_path: Path, api_model_dir: Path
+) -> None:
     """The command as users run it: Ray starts with the server, the fill runs on the replica, and
-    SIGTERM stops the server, the replica and the local Ray."""
+    SIGTERM stops the server, the replica and the local Ray with every process it started (Ray's
+    dashboard and runtime env agents outlived the server before, orphaned)."""
     port = free_port()
+    mark = uuid.uuid4().hex
     env = {key: value for key, value in os.environ.items() if not key.startswith("EDITOR_")}
-    env["EDITOR_DATABASE_URL"] = f"sqlite:///{tmp_path / 'serve.db'}"
+    env |= {"EDITOR_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}", "TEST_PROCESS_MARK": mark}
     command = [sys.executable, "-m", "editor", "serve", "--port", str(port), "--device", "cpu"]
     command += ["--model", str(api_model_dir), "--replicas", "1", "--log-level", "warning"]
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -120,12 +141,18 @@ def test_editor_serve_replicas_serves_and_stops_on_sigterm(tmp_path: Path, api_m
         answer = httpx.post(f"http://127.0.0.1:{port}/api/v1/fill", json={"document": SHORT}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert answer.headers["x-editor-replica"]
+        serving = list(marked_processes(mark).values())  # the mark reaches Ray's processes, agents included
+        assert any("raylet" in line for line in serving) and any("agent" in line.lower() for line in serving), serving
     finally:
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=90)[0].decode(errors="replace")
     assert server.returncode in (0, -signal.SIGTERM), output  # as without Ray (tests/test_shutdown.py)
     assert "1 Ray Serve replica(s)" in output
     assert "Deleting app ['editor']" in output  # the app's shutdown removed the replica
+    deadline = time.monotonic() + 10  # a process that has been told to stop may take a moment
+    while (left := marked_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == {}, f"Ray processes outlived the server: {left}"
 
 
 def test_fills_land_on_both_replicas_and_each_stores_one_revision(served: tuple[Client, RayBackend]) -> None:
@@ -143,6 +170,30 @@ def test_fills_land_on_both_replicas_and_each_stores_one_revision(served: tuple[
         and ready["model_placement"].startswith("cpu, float32, weights ")
     )
     assert client.post("/api/v1/tokenize", json={"text": "Dear customer"}).json()["count"] >= 2
+
+
+def test_openai_chat_with_a_json_schema_runs_on_the_replicas(served: tuple[Client, RayBackend]) -> None:
+    """The /v1 API reaches the replicas too: the schema's number rules and the conversation travel
+    pickled with the fill, and the answer validates; a stream adds up to the same answer."""
+    client, _ = served
+    schema = {"type": "object", "properties": {"count": {"type": "integer"}, "size": {"enum": ["S", "M", "L"]}}}
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "An order."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": schema}},
+        "seed": 5,
+    }
+    answer = client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    value = json.loads(answer.json()["choices"][0]["message"]["content"])
+    jsonschema.validate(value, schema)
+    assert answer.json()["usage"]["prompt_tokens"] > 0
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as stream:
+        lines = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    deltas = [c["delta"].get("content") or "" for chunk in lines[:-1] for c in json.loads(chunk)["choices"]]
+    assert "".join(deltas) == answer.json()["choices"][0]["message"]["content"]
 
 
 def test_a_fill_with_a_seed_matches_the_in_process_worker(

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from editor.canvas import Canvas, encode, must_tokens
+from editor.chat import Instruction
 from editor.document import DocumentError, Must
 from editor.filling import fill_documents, prepare_canvas, vocabulary_rules
 from editor.models import DiffusionModel, aligned_logits
@@ -63,7 +64,7 @@ class Probe:
         self.outputs.append(logits.detach().clone().cpu())
         return logits
 
-    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+    def frame(self, instruction: Instruction | None = None) -> tuple[list[int], list[int]]:
         return self.base.frame(instruction)
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "parse_input_line",
     "read_done_ids",
     "read_input",
+    "record_rules",
     "run_records",
 ]
 
@@ -203,7 +204,7 @@ class BatchFiller:
         except DocumentError as error:
             code = "too_long" if "canvas" in error.message else "invalid_record"
             raise RecordError(code, str(error)) from error
-        return _Prepared(order, document, json_number_rules(canvas, document.number_spans))
+        return _Prepared(order, document, record_rules(canvas, document))
 
     def _run(self, batch: list[_Prepared], records: Sequence[InputRecord]) -> list[tuple[_Prepared, RecordResult]]:
         """Fill one batch; out of memory splits it in halves (down to one row, then an error)."""
@@ -227,6 +228,13 @@ class BatchFiller:
             tokens = sum(len(span.token_ids) for span in fill.spans)
             outcome.append((item, RecordResult(custom_id, output=output, spans=spans, tokens=tokens)))
         return outcome
+
+
+def record_rules(canvas: Canvas, document: RecordDocument) -> Canvas:
+    """A record's canvas with the rules its template adds to the document's own (the JSON-number
+    rules of its number values). Also the chat API's `reshape` of a schema answer, so both keep
+    the same guarantees."""
+    return json_number_rules(canvas, document.number_spans)
 
 
 def json_number_rules(canvas: Canvas, spans: frozenset[int]) -> Canvas:

@@ -40,6 +40,7 @@ from typing import Any
 import click
 
 from editor.benchmarks.options import schedule_options
+from editor.chat import Instruction
 
 SHAPES: dict[str, dict[str, Any]] = {
     # SmolLM2-135M (the default model's base), Dream-v0-7B (Qwen2.5-7B), LLaDA-8B: their published configs.
@@ -133,7 +134,7 @@ class CountingModel:
     def device(self) -> Any:
         return self._model.device
 
-    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+    def frame(self, instruction: Instruction | None = None) -> tuple[list[int], list[int]]:
         return self._model.frame(instruction)
 
     def forward_logits(self, input_ids: Any, attention_mask: Any) -> Any:

@@ -8,6 +8,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from editor.chat import Instruction
+
 
 @dataclass(frozen=True)
 class SpecialIds:
@@ -43,9 +45,11 @@ class DiffusionModel(Protocol):
         as the model produces them (still shifted for a shifted model)."""
         ...
 
-    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+    def frame(self, instruction: Instruction | None = None) -> tuple[list[int], list[int]]:
         """The ids that go before and after the document canvas: a beginning-of-text token, a
-        chat template for instruct models, `[CLS]`/`[SEP]` for BERT-like models."""
+        chat template for instruct models, `[CLS]`/`[SEP]` for BERT-like models. A `Conversation`
+        goes through the chat template (or `editor.chat.plain_framing`) and the canvas is the
+        assistant's answer."""
         ...
 
 

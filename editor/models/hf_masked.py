@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+from editor.chat import Conversation, Instruction, plain_framing
 from editor.models.base import SpecialIds
 from editor.models.native import ModelLoadError, default_dtype
 from editor.models.quantize import quantize_linears, weight_bytes
@@ -105,8 +106,14 @@ class MaskedLMAdapter:
             mask = attention_mask.to(self.device).long()
             return self.model(input_ids=ids, attention_mask=mask).logits.float()
 
-    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
-        # Masked LMs have no instruction format; the instruction is ignored.
+    def frame(self, instruction: Instruction | None = None) -> tuple[list[int], list[int]]:
+        # Masked LMs have no instruction format: an instruction is ignored, a conversation (the
+        # chat API) is written out in the plain framing after [CLS].
+        if isinstance(instruction, Conversation):
+            text = plain_framing(instruction.messages)
+            return list(self._prefix) + list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), list(
+                self._suffix
+            )
         return list(self._prefix), list(self._suffix)
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from editor.chat import Conversation, Instruction, plain_framing
 from editor.models.base import CanvasCache, SpecialIds
 from editor.models.graphs import DEFAULT_MAX_GRAPHS, DEFAULT_MAX_SLABS, WindowGraphs
 from editor.models.quantize import quantize_linears, weight_bytes
@@ -410,11 +411,17 @@ class NativeDiffusionModel:
             return torch.arange(length, device=input_ids.device).expand(batch, length)
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def frame(self, instruction: str | None = None) -> tuple[list[int], list[int]]:
+    def frame(self, instruction: Instruction | None = None) -> tuple[list[int], list[int]]:
         if not self.use_chat_template:
-            bos = self.special.bos if self.bos_in_base_frame else None
-            return ([bos] if bos is not None else []), []
-        messages = [{"role": "user", "content": instruction or DEFAULT_INSTRUCTION}]
+            bos = [self.special.bos] if self.special.bos is not None and self.bos_in_base_frame else []
+            if isinstance(instruction, Conversation):  # no template: the documented plain framing
+                text = plain_framing(instruction.messages)
+                return bos + list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), []
+            return bos, []
+        if isinstance(instruction, Conversation):
+            messages = instruction.as_dicts()
+        else:
+            messages = [{"role": "user", "content": instruction or DEFAULT_INSTRUCTION}]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert isinstance(text, str)
         prefix = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

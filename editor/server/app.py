@@ -20,6 +20,7 @@ from editor.server.backend import FillBackend
 from editor.server.batches import BatchRunner, BatchService, batch_controller
 from editor.server.controllers import CONTROLLERS, HealthController
 from editor.server.errors import EXCEPTION_HANDLERS
+from editor.server.openai_api import OpenAIController, OpenAIService, refine_openapi
 from editor.server.openapi import OfflineSwagger, refine
 from editor.server.pages import page_handlers, template_config
 from editor.server.protection import RequestGuard, add_headers
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None, *, worker: FillBackend | None =
     security: list[dict[str, list[str]]] | None = [{BEARER: []}] if guard else None
     api = Router(
         path="/",
-        route_handlers=[*CONTROLLERS, batch_controller(settings)],
+        route_handlers=[*CONTROLLERS, batch_controller(settings), OpenAIController],
         guards=[guard] if guard else [],
         security=security,
     )
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None, *, worker: FillBackend | None =
             "batches": provide(batches),
             "batch_store": provide(batch_store),
             "tokens": provide(TokenCounter(worker, settings.max_document_chars)),
+            "openai": provide(OpenAIService(settings, worker)),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         middleware=[RequestGuard(settings.hosts_allowed())],
@@ -101,7 +103,7 @@ def create_app(settings: Settings | None = None, *, worker: FillBackend | None =
             path="/schema",
             description="Constrained and infilling text editing on masked diffusion language models. "
             "Documents use [MASK n] spans (see docs/language.md). Limits, cross-site rules and request "
-            "ids: docs/security.md.",
+            "ids: docs/security.md. Under /v1, an OpenAI-compatible API (docs/openai.md).",
             render_plugins=[OfflineSwagger("/schema")],
             components=Components(
                 security_schemes={BEARER: SecurityScheme(type="http", scheme="bearer")} if guard else None
@@ -110,6 +112,7 @@ def create_app(settings: Settings | None = None, *, worker: FillBackend | None =
         request_max_body_size=4 * settings.max_document_chars + _BODY_SLACK,  # UTF-8 is at most 4 bytes a char
     )
     refine(app.openapi_schema, max_steps=settings.max_steps)  # built once here, then served as refined
+    refine_openapi(app.openapi_schema)
     app.state.settings = settings
     app.state.worker = worker
     app.state.store = store

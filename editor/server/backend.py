@@ -12,9 +12,10 @@ import concurrent.futures
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from editor.chat import Instruction
 from editor.document import Document
 from editor.options import SamplerOptions
-from editor.server.worker import BackgroundWork, FillJob
+from editor.server.worker import BackgroundWork, CanvasReshape, FillJob
 
 
 @runtime_checkable
@@ -62,11 +63,13 @@ class FillBackend(Protocol):
         documents: Sequence[Document],
         options: SamplerOptions,
         *,
-        instruction: str | None = None,
+        instruction: Instruction | None = None,
         stream: bool = False,
         keep_trace: bool | None = None,
+        reshape: CanvasReshape | None = None,
     ) -> FillJob:
-        """Queue a fill; call on the event loop. Raises `QueueFull` or `WorkerUnavailable`."""
+        """Queue a fill; call on the event loop. Raises `QueueFull` or `WorkerUnavailable`.
+        `reshape` is applied to each canvas once laid out (it must be picklable)."""
 
     def submit_background(self, work: BackgroundWork) -> concurrent.futures.Future[Any]:
         """Low-priority work (`work(model)`, a piece of a batch job); `work` must be picklable."""

@@ -26,6 +26,7 @@ from editor.db.services import NotFound
 from editor.document import DocumentError
 from editor.options import FillCancelled
 from editor.server.limits import FillTimedOut, LimitExceeded
+from editor.server.openai_errors import OpenAIRequestError, is_v1, request_error, rewrite
 from editor.server.protection import request_id
 from editor.server.worker import QueueFull, WorkerUnavailable
 
@@ -66,6 +67,9 @@ def _describe(error: BaseException, request: str | None) -> tuple[int, dict[str,
 
 
 def handle(request: Request[Any, Any, Any], error: Exception) -> Response[dict[str, Any]]:
+    if isinstance(error, OpenAIRequestError):
+        status, body, headers = request_error(error)
+        return Response(body, status_code=status, headers=headers)
     status, body, headers = error_body(error, request=request_id(request.scope))
     if status == HTTP_413_REQUEST_ENTITY_TOO_LARGE and not isinstance(error, LimitExceeded):
         limit = _body_limit(request)
@@ -74,6 +78,8 @@ def handle(request: Request[Any, Any, Any], error: Exception) -> Response[dict[s
             if limit == request.app.request_max_body_size
             else ""
         )
+    if is_v1(request.url.path):  # the OpenAI-compatible API answers in OpenAI's shape
+        status, body, headers = rewrite(status, body, headers)
     return Response(body, status_code=status, headers=headers)
 
 

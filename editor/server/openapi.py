@@ -23,7 +23,7 @@ from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIType, Operat
 from litestar.static_files import create_static_files_router
 from pydantic import BaseModel
 
-from editor.options import MIN_TEMPERATURE
+from editor.options import MIN_TEMPERATURE, SamplerOptions
 from editor.server.schemas import StepEvent
 
 ASSETS = "/assets"  # under the schema path
@@ -204,8 +204,10 @@ def refine(openapi: OpenAPI, *, max_steps: int | None = None) -> OpenAPI:
         for patch_field in patch.properties.values():
             _drop_null(patch_field)
         patch.min_properties = 1
-    options = schemas.get("SamplerOptions")
-    if isinstance(options, Schema) and options.properties:
+    for name in [name for name, model in _models().items() if issubclass(model, SamplerOptions)]:
+        options = schemas.get(name)  # SamplerOptions, and the /v1 API's EditorOptions
+        if not (isinstance(options, Schema) and options.properties):
+            continue
         steps = options.properties.get("steps")
         if isinstance(steps, Schema) and max_steps is not None:
             steps.maximum = max_steps  # the server's max_steps setting

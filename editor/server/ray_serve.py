@@ -30,12 +30,14 @@ import ray.exceptions
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 
+from editor.chat import Instruction
 from editor.document import Document, DocumentError
 from editor.options import FillCancelled, SamplerOptions
-from editor.ray_cluster import connect, use_gpus
+from editor.ray_cluster import connect, started_local_ray, stop_local_ray, use_gpus
 from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.server.worker import (
     BackgroundWork,
+    CanvasReshape,
     FillJob,
     JobState,
     ModelLoader,
@@ -58,9 +60,10 @@ class RemoteFill:
 
     documents: list[Document]
     options: SamplerOptions
-    instruction: str | None
+    instruction: Instruction | None
     stream: bool
     keep_trace: bool
+    reshape: CanvasReshape | None = None
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -98,6 +101,7 @@ class FillReplica:
                 instruction=request.instruction,
                 stream=request.stream,
                 keep_trace=request.keep_trace,
+                reshape=request.reshape,
             )
         except (QueueFull, WorkerUnavailable) as error:
             yield ("error", error)
@@ -175,7 +179,8 @@ class RayBackend:
         """Connect to Ray here, deploy the replicas in a thread (they load their models there)."""
         if self._thread is not None:
             return
-        self._own_ray = connect(self.settings.ray_address)
+        # `editor serve` connects first (in the main thread): the Ray it started is still ours to stop.
+        self._own_ray = connect(self.settings.ray_address) or started_local_ray()
         self._thread = threading.Thread(target=self._deploy, name="editor-ray-deploy", daemon=True)
         self._thread.start()
 
@@ -213,7 +218,7 @@ class RayBackend:
             log.exception("cannot remove the Serve application")
         if self._own_ray and not self.settings.ray_address:
             serve.shutdown()
-            ray.shutdown()
+            stop_local_ray()
 
     # -- state --
 
@@ -270,9 +275,10 @@ class RayBackend:
         documents: Sequence[Document],
         options: SamplerOptions,
         *,
-        instruction: str | None = None,
+        instruction: Instruction | None = None,
         stream: bool = False,
         keep_trace: bool | None = None,
+        reshape: CanvasReshape | None = None,
     ) -> FillJob:
         handle = self._check_open()
         job = FillJob.submitted(
@@ -280,7 +286,7 @@ class RayBackend:
         )
         loop = job.loop
         call = handle.options(stream=True).fill.remote(
-            RemoteFill(job.documents, options, instruction, stream, job.keep_trace)
+            RemoteFill(job.documents, options, instruction, stream, job.keep_trace, reshape)
         )
 
         def cancel_call() -> None:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 
 from editor.canvas import Canvas
+from editor.chat import Instruction
 from editor.document import Document
 from editor.filling import (
     FillResult,
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 ModelLoader = Callable[[], DiffusionModel]
 BackgroundWork = Callable[[DiffusionModel], Any]
+# Applied to each canvas once it is laid out (picklable for Ray: a module-level function or a
+# partial of one); e.g. the JSON-number rules of a schema's answer (docs/openai.md).
+CanvasReshape = Callable[[Canvas], Canvas]
 
 
 class QueueFull(RuntimeError):
@@ -121,6 +125,7 @@ class JobOutcome:
     queued_s: float  # waiting in the queue
     fill_s: float  # laying out canvases and sampling
     total_s: float
+    prompt_tokens: list[int] = field(default_factory=list)  # per document: canvas positions outside its spans
 
 
 @dataclass(frozen=True)
@@ -155,11 +160,12 @@ class FillJob:
 
     documents: list[Document]
     options: SamplerOptions
-    instruction: str | None
+    instruction: Instruction | None
     max_canvas_tokens: int | None
     stream: bool
     keep_trace: bool
     loop: asyncio.AbstractEventLoop
+    reshape: CanvasReshape | None = None
     id: int = field(default_factory=lambda: next(_job_ids))
     state: JobState = "queued"
     steps_done: int = 0
@@ -182,9 +188,10 @@ class FillJob:
         documents: Sequence[Document],
         options: SamplerOptions,
         *,
-        instruction: str | None,
+        instruction: Instruction | None,
         stream: bool,
         keep_trace: bool | None,
+        reshape: CanvasReshape | None = None,
     ) -> FillJob:
         """A new job on the running event loop, with the limits and trace default of `settings`."""
         return cls(
@@ -195,6 +202,7 @@ class FillJob:
             stream=stream,
             keep_trace=settings.keep_step_trace if keep_trace is None else keep_trace,
             loop=asyncio.get_running_loop(),
+            reshape=reshape,
         )
 
     def __post_init__(self) -> None:
@@ -456,9 +464,10 @@ class ModelWorker:
         documents: Sequence[Document],
         options: SamplerOptions,
         *,
-        instruction: str | None = None,
+        instruction: Instruction | None = None,
         stream: bool = False,
         keep_trace: bool | None = None,
+        reshape: CanvasReshape | None = None,
     ) -> FillJob:
         """Queue a fill; call on the event loop. Raises `QueueFull` or `WorkerUnavailable`."""
         if self._stopping.is_set():
@@ -468,7 +477,13 @@ class ModelWorker:
         if self.model is not None:  # else settled when the job is laid out
             options = with_candidates(self.model, options)
         job = FillJob.submitted(
-            self.settings, documents, options, instruction=instruction, stream=stream, keep_trace=keep_trace
+            self.settings,
+            documents,
+            options,
+            instruction=instruction,
+            stream=stream,
+            keep_trace=keep_trace,
+            reshape=reshape,
         )
         self._queue.put(job, self._retry_after)
         return job
@@ -694,6 +709,7 @@ class ModelWorker:
             queued_s=job.started_at - job.submitted_at,
             fill_s=finished - job.started_at,
             total_s=finished - job.submitted_at,
+            prompt_tokens=[len(c.ids) - sum(layout.length for layout in c.spans) for c in job.canvases],
         )
         self._close(job, "done", outcome=outcome)
 
@@ -738,6 +754,8 @@ class ModelWorker:
                     )
                     for document in job.documents
                 ]
+            if job.reshape is not None:
+                job.canvases = [job.reshape(canvas) for canvas in job.canvases]
             self._check_work(job)
         except FillCancelled:
             self._close_stopped(job)
@@ -833,6 +851,7 @@ class ModelWorker:
 
 __all__ = [
     "BackgroundWork",
+    "CanvasReshape",
     "CommitInfo",
     "FillJob",
     "JobOutcome",
