@@ -23,7 +23,7 @@ from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIType, Operat
 from litestar.static_files import create_static_files_router
 from pydantic import BaseModel
 
-from editor.options import MIN_TEMPERATURE, SamplerOptions
+from editor.options import MIN_TEMPERATURE, REFERENCE_SCHEDULES, SamplerOptions
 from editor.server.schemas import StepEvent
 
 ASSETS = "/assets"  # under the schema path
@@ -187,6 +187,24 @@ def _integer_parameters(openapi: OpenAPI) -> None:
                     schema.maximum = _exact_bound(schema.maximum)
 
 
+def _reference_schedules() -> list[Schema | Reference]:
+    """A reference sampler takes only its own schedules (`SamplerOptions`' cross-field rule): no
+    reference, or each reference with its schedules (an absent schedule is "confidence", which
+    every reference has)."""
+    variants: list[Schema | Reference] = [
+        Schema(schema_not=Schema(required=["reference"])),
+        Schema(properties={"reference": Schema(type=OpenAPIType.NULL)}, required=["reference"]),
+    ]
+    for reference, schedules in REFERENCE_SCHEDULES.items():
+        variants.append(
+            Schema(
+                properties={"reference": Schema(const=reference), "schedule": Schema(enum=list(schedules))},
+                required=["reference"],
+            )
+        )
+    return variants
+
+
 def refine(openapi: OpenAPI, *, max_steps: int | None = None) -> OpenAPI:
     """Make the generated document match the server's behaviour (see the module docstring)."""
     _integer_parameters(openapi)
@@ -215,6 +233,7 @@ def refine(openapi: OpenAPI, *, max_steps: int | None = None) -> OpenAPI:
             prop = options.properties.get(field)
             if isinstance(prop, Schema):
                 prop.any_of = [Schema(const=0), Schema(minimum=MIN_TEMPERATURE)]
+        options.any_of = _reference_schedules()
     step_schema = StepEvent.model_json_schema(ref_template="#/components/schemas/{model}")
     for name, definition in step_schema.pop("$defs", {}).items():
         schemas.setdefault(name, definition)
