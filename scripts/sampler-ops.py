@@ -26,6 +26,8 @@ from editor.models.loading import load_model
 from editor.options import SamplerOptions
 from editor.sampler import SamplerRun
 
+# Operations that only make a new view of a tensor: no kernel on a GPU.
+VIEWS = {"view", "unsqueeze", "squeeze", "select", "slice", "flatten", "expand", "t", "transpose", "alias", "detach"}
 WAITS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
 
 
@@ -100,6 +102,7 @@ def main() -> None:
             counter.counting = False
             per_step.append(dict(counter.ops))
     totals = [sum(step.values()) for step in per_step]
+    kernels = [sum(count for name, count in step.items() if name not in VIEWS) for step in per_step]
     waits = [sum(count for name, count in step.items() if name in WAITS) for step in per_step]
     overall: Counter[str] = Counter()
     for step in per_step:
@@ -109,6 +112,7 @@ def main() -> None:
         "steps": len(per_step),
         "ops_per_step_median": sorted(totals)[len(totals) // 2],
         "ops_per_step_min_max": [min(totals), max(totals)],
+        "kernel_ops_per_step_median": sorted(kernels)[len(kernels) // 2],  # views left out
         "host_waits_per_step_median": sorted(waits)[len(waits) // 2],
         "host_waits_total": sum(waits),
         "top_ops_per_step": {name: round(count / len(per_step), 1) for name, count in overall.most_common(25)},
