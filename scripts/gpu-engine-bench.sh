@@ -8,8 +8,9 @@
 # only its own slot; a failed setting is retried once without CUDA graphs at batch 1 and 16.
 #
 # Run from the repository root on the device machine:  OUT=... bash scripts/gpu-engine-bench.sh
-# Writes $OUT/engine-<setting>.json (figures), $OUT/engine-<setting>.log, $OUT/env.txt and
-# $OUT/fill-tiny-<setting>.json (the load path's smoke test).
+# Writes $OUT/engine-<setting>.json (figures), $OUT/engine-<setting>.log, $OUT/env.txt,
+# $OUT/fill-tiny-<setting>.json (the load path's smoke test) and $OUT/engine-none-rule-off.json
+# (batch 1 with the sampler's no-repeat rule off, when time is left).
 #
 # The device image has torch but neither torchao nor some of editor's own dependencies. Carry them
 # as wheels in .whl/ (name .whl in the call's `carry`); this script installs whatever .whl/ holds:
@@ -71,4 +72,11 @@ for setting in none int8 fp8; do
             --json "$OUT/engine-$setting-eager.json" 2>&1 | tee "$OUT/engine-$setting-eager.log"
     fi
 done
+# The no-repeat rule's cost on the GPU step (default no_repeat_ngram 3 in the runs above; the H200
+# figures of results/engine-bench.md predate the rule): bf16, batch 1, the rule off.
+if [ "$SECONDS" -lt "$RETRY_UNTIL_S" ]; then
+    echo "== none, batch 1, no_repeat_ngram 0 ($(date -u +%H:%M:%S))"
+    timeout 60 "$PYTHON" -m editor "${COMMON[@]}" --batch 1 --quantize none --no-repeat-ngram 0 \
+        --json "$OUT/engine-none-rule-off.json" 2>&1 | tee "$OUT/engine-none-rule-off.log"
+fi
 echo "== done ($(date -u +%H:%M:%S))"
