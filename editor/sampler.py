@@ -300,41 +300,35 @@ def forbid_repeated_ngrams_(
     2 * window + 1 positions around each candidate: [B, M, K] comparisons and a scatter of -inf,
     never [B, M, L] or [B, M, V] tensors, so a 4,000-token canvas costs what a short one does per
     candidate. Returns logits."""
-    width = ids.shape[1]
-    band = torch.arange(-window, window + 1, device=ids.device)  # [K]
-    at = candidates[..., None] + band  # [B, M, K] the occurrence's place q of each band slot
+    # Every place the rule compares, gathered at once: D = 2n - 1 shifts around the candidate p and
+    # around each occurrence q; slot s (the candidate's place in the n-gram) uses shifts -s..n-1-s
+    # but 0. About 40 operations a call whatever n is (a loop over slots and shifts made ~3,000 a
+    # step at n = 3: each one a kernel launch on a GPU).
+    width, device = ids.shape[1], ids.device
+    band = torch.arange(-window, window + 1, device=device)  # [K]
+    shifts = torch.arange(1 - n, n, device=device)  # [D]
+    slots = torch.arange(n, device=device)[:, None]  # [n, 1]
+    uses = (shifts >= -slots) & (shifts <= n - 1 - slots) & (shifts != 0)  # [n, D]
+    code = ids * 4 + known.long() * 2 + free.long()  # [B, L] token, known and written in one gather
 
-    def look(values: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """values [B, L] at q + offset for every band slot: ([B, M, K], whether on the canvas)."""
-        where = at + offset
-        inside = (where >= 0) & (where < width)
-        flat = where.clamp(0, width - 1).flatten(1)  # [B, M * K]
-        return values.gather(1, flat).view(at.shape), inside
+    def look(places: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The token, known, written and on-canvas at `places` [B, ...] (clamped onto the canvas)."""
+        values = code.gather(1, places.clamp(0, width - 1).flatten(1)).view(places.shape)
+        inside = (places >= 0) & (places < width)
+        return values >> 2, (values & 2) != 0, (values & 1) != 0, inside
 
-    own, on_canvas = look(ids, 0)  # [B, M, K] the token an occurrence would ban
-    own_known, _ = look(known, 0)
-    base = on_canvas & own_known & (band != 0)
-    found = torch.zeros_like(base)
-    for slot in range(n):
-        offsets = [k - slot for k in range(n) if k != slot]
-        match = base
-        has_letter = lettered[own]
-        written, _ = look(free, 0)
-        # An occurrence holding the candidate's own position is the n-gram being written, not an
-        # earlier one (it matters when the position already holds a token: a step's commits checked again).
-        holds_candidate = torch.zeros_like(base)
-        for offset in offsets:
-            mine, inside = neighbours(ids, candidates, offset)  # [B, M]
-            mine_known = inside & known.gather(1, (candidates + offset).clamp(0, width - 1))
-            theirs, theirs_inside = look(ids, offset)
-            theirs_known, _ = look(known, offset)
-            theirs_free, _ = look(free, offset)
-            match = match & mine_known[..., None] & (theirs == mine[..., None])
-            match = match & theirs_known & theirs_inside
-            has_letter = has_letter | lettered[mine][..., None]
-            written = written | (theirs_free & theirs_inside)
-            holds_candidate |= (band + offset) == 0
-        found |= match & has_letter & written & ~holds_candidate
+    theirs, theirs_known, theirs_free, theirs_inside = look((candidates[..., None] + band)[..., None] + shifts)
+    mine, mine_known, _, mine_inside = look(candidates[..., None] + shifts)  # [B, M, D]
+    own = theirs[..., n - 1]  # [B, M, K] the token an occurrence would ban (shift 0)
+    base = theirs_inside[..., n - 1] & theirs_known[..., n - 1] & (band != 0)  # [B, M, K]
+    agrees = (mine_inside & mine_known)[:, :, None] & (theirs == mine[:, :, None]) & theirs_known & theirs_inside
+    match = base[..., None] & (agrees[..., None, :] | ~uses).all(dim=-1)  # [B, M, K, n]
+    has_letter = lettered[own][..., None] | (lettered[mine][:, :, None] & uses).any(dim=-1)[:, :, None]
+    written = theirs_free[..., n - 1, None] | ((theirs_free & theirs_inside)[..., None, :] & uses).any(dim=-1)
+    # An occurrence holding the candidate's own position is the n-gram being written, not an
+    # earlier one (it matters when the position already holds a token: a step's commits checked again).
+    holds_candidate = (((band[:, None] + shifts) == 0)[:, None] & uses).any(dim=-1)  # [K, n]
+    found = (match & has_letter & written & ~holds_candidate).any(dim=-1)  # [B, M, K]
     block = torch.where(found, float("-inf"), float("inf")).to(logits.dtype)  # [B, M, K]
     return logits.scatter_reduce_(2, own, block, reduce="amin")
 

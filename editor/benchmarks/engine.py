@@ -310,6 +310,7 @@ def _measure(
     schedule: str,
     block_length: int,
     quantize: str = "none",
+    no_repeat_ngram: int | None = None,
 ) -> Figure:
     import torch
 
@@ -324,6 +325,7 @@ def _measure(
         block_length=block_length,
         cache=mode != "naive",
         cache_refresh_every=refresh,
+        **({} if no_repeat_ngram is None else {"no_repeat_ngram": no_repeat_ngram}),
     )
     vocabulary = _OpenVocabulary(network.config.vocab_size, model.special.mask)
     rows = _rows(batch, context, tokens, network.config.vocab_size, seed=batch)
@@ -429,6 +431,12 @@ def _peak(
     default="none",
     help="comma-separated: none, int8, fp8 (each model built once per setting; fp8: GPUs of compute capability 8.9+)",
 )
+@click.option(
+    "--no-repeat-ngram",
+    default=None,
+    type=click.IntRange(min=0, max=8),
+    help="the sampler's no_repeat_ngram (0: off) [default: the sampler's default]",
+)
 @click.option("--no-fuse", is_flag=True, help="keep q/k/v and gate/up unfused (random-weight models; as served: fused)")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write all figures here")
 def engine(
@@ -450,6 +458,7 @@ def engine(
     threads: int | None,
     cuda_graphs: int | None,
     quantizations: str,
+    no_repeat_ngram: int | None,
     no_fuse: bool,
     json_path: str | None,
 ) -> None:
@@ -515,6 +524,7 @@ def engine(
                         schedule=schedule,
                         block_length=block_length,
                         quantize=quantize,
+                        no_repeat_ngram=no_repeat_ngram,
                     )
                     figures.append(figure)
                     ceiling = "-" if figure.ceiling_fraction is None else f"{figure.ceiling_fraction:.0%}"
@@ -540,6 +550,7 @@ def engine(
             "block_length": block_length if schedule == "blocks" else None,
             "cuda_graphs": cuda_graphs if device.startswith("cuda") else 0,
             "fused_projections": not no_fuse,
+            "no_repeat_ngram": no_repeat_ngram,
             "assumed_peak_flops": None if peak is None else peak[0],
             "assumed_peak_bandwidth": None if peak is None else peak[1],
             "figures": [asdict(f) for f in figures],
