@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         description="admit queued fills into the running batch at each step and hand each fill back when its "
         "rows are done; false: a batch runs to its end before the next starts",
     )
+    if_match: Literal["never", "browsers", "always"] = Field(
+        "browsers",
+        description="which PUT, PATCH and DELETE of a document must send If-Match (its ETag) or get 428: "
+        "'browsers' (requests with Origin or Sec-Fetch-Mode: a web page's, which must not overwrite another "
+        "tab's text unseen), 'always', or 'never'; an If-Match that is sent is always checked (412 when stale)",
+    )
     keep_step_trace: bool = Field(True, description="store each revision's step trace (for replay)")
     torch_threads: int = Field(
         0,

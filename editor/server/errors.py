@@ -14,6 +14,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.status_codes import (
     HTTP_404_NOT_FOUND,
+    HTTP_412_PRECONDITION_FAILED,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_429_TOO_MANY_REQUESTS,
@@ -22,7 +23,7 @@ from litestar.status_codes import (
     HTTP_504_GATEWAY_TIMEOUT,
 )
 
-from editor.db.services import NotFound
+from editor.db.services import NotFound, StaleVersion
 from editor.document import DocumentError
 from editor.options import FillCancelled
 from editor.server.limits import FillTimedOut, LimitExceeded
@@ -49,6 +50,9 @@ def _describe(error: BaseException, request: str | None) -> tuple[int, dict[str,
         return error.status, {"status_code": error.status, "detail": str(error)}, {}
     if isinstance(error, NotFound):
         return HTTP_404_NOT_FOUND, {"status_code": 404, "detail": str(error)}, {}
+    if isinstance(error, StaleVersion):
+        stale = {"status_code": 412, "detail": str(error), "current_version": error.current}
+        return HTTP_412_PRECONDITION_FAILED, stale, {"ETag": f'"{error.current}"'}
     if isinstance(error, QueueFull):
         headers = {"Retry-After": str(error.retry_after)}
         return HTTP_429_TOO_MANY_REQUESTS, {"status_code": 429, "detail": str(error)}, headers

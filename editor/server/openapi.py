@@ -205,9 +205,20 @@ def _reference_schedules() -> list[Schema | Reference]:
     return variants
 
 
+def _header_parameters(openapi: OpenAPI) -> None:
+    """An optional header is absent or a string, never null (If-Match: `str | None` in Python)."""
+    for item in (openapi.paths or {}).values():
+        for operation in (item.get, item.put, item.post, item.patch, item.delete):
+            for parameter in (operation.parameters or []) if operation is not None else []:
+                schema = getattr(parameter, "schema", None)
+                if getattr(parameter, "param_in", None) == "header" and isinstance(schema, Schema):
+                    _drop_null(schema)
+
+
 def refine(openapi: OpenAPI, *, max_steps: int | None = None) -> OpenAPI:
     """Make the generated document match the server's behaviour (see the module docstring)."""
     _integer_parameters(openapi)
+    _header_parameters(openapi)
     components = openapi.components
     schemas: dict[str, Any] = components.schemas or {}
     for name, model in _models().items():

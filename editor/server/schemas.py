@@ -149,6 +149,7 @@ class DocumentSummary(BaseModel):
     updated_at: datetime
     revision_count: int
     latest_revision: int | None
+    version: int = Field(description="counted up by each change of title or source; the ETag, for If-Match")
 
     @classmethod
     def from_info(cls, info: DocumentInfo) -> DocumentSummary:
@@ -160,6 +161,7 @@ class DocumentSummary(BaseModel):
             updated_at=d.updated_at,
             revision_count=info.revision_count,
             latest_revision=info.latest_revision,
+            version=d.version,
         )
 
 
