@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "sqlite:///editor.db", description="SQLAlchemy URL; default: editor.db in the working directory"
     )
+    database_busy_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="SQLite: how long a write waits for another writer's lock before the request is answered 503",
+    )
     model: str | None = Field(
         None, description="'default', 'tiny', a model directory or a Hugging Face id; None = 'default'"
     )
@@ -90,6 +96,12 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(
         5.0, gt=0, allow_inf_nan=False, description="after SIGTERM, how long to wait for responses to finish"
+    )
+    worker_restarts: int = Field(
+        3,
+        ge=0,
+        description="times in ten minutes a model worker thread that died is replaced; beyond that /ready answers "
+        "503 and fills are refused, so that a supervisor restarts the process",
     )
     queue_size: int = Field(32, ge=1, description="fills waiting for the worker; beyond this requests get 429")
     batch_window_ms: float = Field(5.0, ge=0, description="how long the worker waits to gather a batch")
