@@ -62,6 +62,9 @@ def main() -> None:
     if isinstance(report, StatefulReport):
         lines += [f"- scenarios (sequences of up to 12 linked calls): {report.scenarios}"]
         lines += [f"- acknowledged but lost: {len(report.lost)}"]
+        lines += [
+            f"- batches of sequences hypothesis gave up replaying (flaky on a live server): {len(report.restarts)}"
+        ]
         lines += [f"- calls to {operation}: {count}" for operation, count in report.operations.most_common()]
         lines += [f"- lost: {entry}" for entry in report.lost]
     lines += [f"- 5xx: {entry}" for entry in report.server_errors]
@@ -80,7 +83,12 @@ def main() -> None:
             "statuses": {str(status): count for status, count in sorted(report.statuses.items())},
         }
         if isinstance(report, StatefulReport):
-            figures |= {"scenarios": report.scenarios, "lost": report.lost, "operations": dict(report.operations)}
+            figures |= {
+                "scenarios": report.scenarios,
+                "lost": report.lost,
+                "operations": dict(report.operations),
+                "hypothesis_restarts": len(report.restarts),
+            }
         args.json_path.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
 
 
