@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "sqlite:///editor.db", description="SQLAlchemy URL; default: editor.db in the working directory"
     )
+    database_busy_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="SQLite: how long a write waits for another writer's lock before the request is answered 503",
+    )
     model: str | None = Field(
         None, description="'default', 'tiny', a model directory or a Hugging Face id; None = 'default'"
     )
@@ -91,12 +97,24 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         5.0, gt=0, allow_inf_nan=False, description="after SIGTERM, how long to wait for responses to finish"
     )
+    worker_restarts: int = Field(
+        3,
+        ge=0,
+        description="times in ten minutes a model worker thread that died is replaced; beyond that /ready answers "
+        "503 and fills are refused, so that a supervisor restarts the process",
+    )
     queue_size: int = Field(32, ge=1, description="fills waiting for the worker; beyond this requests get 429")
     batch_window_ms: float = Field(5.0, ge=0, description="how long the worker waits to gather a batch")
     continuous_batching: bool = Field(
         True,
         description="admit queued fills into the running batch at each step and hand each fill back when its "
         "rows are done; false: a batch runs to its end before the next starts",
+    )
+    if_match: Literal["never", "browsers", "always"] = Field(
+        "browsers",
+        description="which PUT, PATCH and DELETE of a document must send If-Match (its ETag) or get 428: "
+        "'browsers' (requests with Origin or Sec-Fetch-Mode: a web page's, which must not overwrite another "
+        "tab's text unseen), 'always', or 'never'; an If-Match that is sent is always checked (412 when stale)",
     )
     keep_step_trace: bool = Field(True, description="store each revision's step trace (for replay)")
     torch_threads: int = Field(

@@ -87,3 +87,63 @@ def test_sigterm_cancels_running_fills_and_exits_promptly(tmp_path: Path, api_mo
         assert db.execute("SELECT count(*) FROM revisions").fetchone()[0] == 0
         assert db.execute("SELECT count(*) FROM revision_spans").fetchone()[0] == 0
         assert db.execute("SELECT count(*) FROM documents").fetchone()[0] == 1
+
+
+def start_server(tmp_path: Path, api_model_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDITOR_")}
+    env |= {
+        "EDITOR_DATABASE_URL": f"sqlite:///{tmp_path / 'editor.db'}",
+        "EDITOR_BATCH_CHUNK_ROWS": "1",  # one record at a time, so SIGTERM finds the job part done
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "editor", "serve", "--port", str(port), "--model", str(api_model_dir)]
+    return subprocess.Popen(
+        [*command, "--device", "cpu"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def test_sigterm_during_a_batch_job_and_the_job_resumes_after_a_restart(tmp_path: Path, api_model_dir: Path) -> None:
+    """Records stored before SIGTERM stay stored, once each; a restarted server takes the job up at
+    once (the stopping server released its claim) and finishes exactly the records left."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    records = [{"id": f"r{n}", "topic": f"topic {n}"} for n in range(40)]
+    template = {"id": "{id}", "line": "About {topic}: [MASK 24]"}
+    process = start_server(tmp_path, api_model_dir, port)
+    try:
+        wait_ready(base, process)
+        job = httpx.post(f"{base}/api/v1/batches", json={"template": template, "records": records}).json()
+        deadline = time.monotonic() + 120
+        while (status := httpx.get(f"{base}/api/v1/batches/{job['id']}").json())["completed"] < 3:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read().decode() if process.stdout else ""
+    assert process.returncode in (0, -signal.SIGTERM), output
+    with sqlite3.connect(tmp_path / "editor.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        done_before = db.execute("SELECT line, output FROM batch_records WHERE status = 'done'").fetchall()
+        assert 3 <= len(done_before) < len(records), "SIGTERM should find the job part done"
+        assert db.execute("SELECT status, runner FROM batch_jobs").fetchone() == ("running", None)  # claim released
+
+    process = start_server(tmp_path, api_model_dir, port)
+    try:
+        wait_ready(base, process)
+        deadline = time.monotonic() + 240
+        while (status := httpx.get(f"{base}/api/v1/batches/{job['id']}").json())["status"] != "done":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        lines = [json.loads(line) for line in httpx.get(f"{base}/api/v1/batches/{job['id']}/results").text.splitlines()]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+    assert (status["completed"], status["failed"], status["pending"]) == (len(records), 0, 0)
+    assert [line["custom_id"] for line in lines] == [r["id"] for r in records]  # each once, in order
+    with sqlite3.connect(tmp_path / "editor.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        kept = dict(db.execute("SELECT line, output FROM batch_records WHERE status = 'done'").fetchall())
+    assert all(kept[line] == output for line, output in done_before)  # nothing stored before was redone

@@ -68,11 +68,13 @@ def revision(text_: str = "Hi there.", *, spans: list[SpanFill] | None = None, *
 def test_upgrade_creates_every_table_and_downgrade_removes_them(url: str) -> None:
     assert migrate.current_revision(url) is None
     applied = migrate.upgrade(url)
-    assert [step.revision for step in applied] == ["0001", "0002", "0003"] and "initial schema" in applied[0].message
+    assert [step.revision for step in applied] == ["0001", "0002", "0003", "0004"] and "initial schema" in applied[
+        0
+    ].message
     assert tables(url) == TABLES
     assert migrate.is_current(url) and migrate.upgrade(url) == []  # idempotent
     undone = migrate.downgrade(url, "base")
-    assert [step.revision for step in undone] == ["0003", "0002", "0001"]
+    assert [step.revision for step in undone] == ["0004", "0003", "0002", "0001"]
     assert tables(url) == set() and migrate.current_revision(url) is None
     assert migrate.upgrade(url) and tables(url) == TABLES  # and back up again
 
@@ -112,9 +114,9 @@ def test_db_commands_upgrade_show_and_downgrade(url: str, tmp_path: Path, monkey
     assert "up to date" in runner.invoke(db, ["--database-url", url, "current"]).output
     assert "Nothing to do" in runner.invoke(db, ["--database-url", url, "upgrade"]).output
     result = runner.invoke(db, ["--database-url", url, "downgrade"])  # one step
-    assert result.exit_code == 0 and "Undid 0003" in result.output and tables(url) == TABLES
+    assert result.exit_code == 0 and "Undid 0004" in result.output and tables(url) == TABLES
     result = runner.invoke(db, ["--database-url", url, "downgrade", "--revision", "base"])
-    assert result.exit_code == 0 and "Undid 0002 (" in result.output and "0001 (initial" in result.output
+    assert result.exit_code == 0 and "Undid 0003 (" in result.output and "0001 (initial" in result.output
     assert tables(url) == set()
     monkeypatch.setenv("EDITOR_DATABASE_URL", url)  # the URL also comes from the settings
     assert "Applied 0001" in runner.invoke(db, ["upgrade", "--revision", "0001"]).output
@@ -152,7 +154,8 @@ def test_an_existing_database_upgrades_to_span_alternatives(url: str) -> None:
     store = Store(make_session_factory(make_engine(url)))
     (span,) = store.get_revision(1, 1).spans
     assert span.to_fill().alternatives == [] and span.score is None and span.text == "there"
-    assert migrate.downgrade(url, "0002")[0].revision == "0003"  # and back: the span stays
+    assert store.get_document(1).document.version == 1  # documents from before versions start at 1
+    assert [step.revision for step in migrate.downgrade(url, "0002")] == ["0004", "0003"]  # and back: the span stays
     engine = make_engine(url)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT text FROM revision_spans")).scalars().all() == ["there"]

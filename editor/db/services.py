@@ -26,6 +26,20 @@ class NotFound(LookupError):
         self.what = what
 
 
+class StaleVersion(Exception):
+    """A write named a document version (If-Match) that is no longer the current one; the API
+    answers 412 with the current version, and nothing is written."""
+
+    def __init__(self, document_id: int, expected: int, current: int) -> None:
+        super().__init__(
+            f"document {document_id} is at version {current}, not {expected}: someone else changed it "
+            "since you read it; read it again (GET) and reapply your change"
+        )
+        self.document_id = document_id
+        self.expected = expected
+        self.current = current
+
+
 @dataclass(frozen=True)
 class DocumentInfo:
     """A document with its revision count and latest revision number."""
@@ -109,29 +123,44 @@ class Store:
         with read_session(self.sessions) as session:
             return _document_info(session, document_id)
 
-    def update_document(self, document_id: int, *, title: str | None = None, source: str | None = None) -> DocumentInfo:
+    def update_document(
+        self,
+        document_id: int,
+        *,
+        title: str | None = None,
+        source: str | None = None,
+        expected_version: int | None = None,
+    ) -> DocumentInfo:
+        """Change title and/or source and count the version up. With `expected_version`, raise
+        StaleVersion (writing nothing) unless the document is still at that version."""
         with write_session(self.sessions) as session:
-            document = _document(session, document_id)
+            document = _document(session, document_id, lock=True)
+            _check_version(document, expected_version)
             if title is not None:
                 document.title = title
             if source is not None:
                 document.source = source
             document.updated_at = utcnow()  # also when nothing changed: the client did write
+            document.version += 1
             session.flush()
             return _document_info(session, document_id)
 
-    def delete_document(self, document_id: int) -> None:
-        """Delete a document with all its revisions."""
+    def delete_document(self, document_id: int, *, expected_version: int | None = None) -> None:
+        """Delete a document with all its revisions (StaleVersion as in `update_document`)."""
         with write_session(self.sessions) as session:
-            session.delete(_document(session, document_id))
+            document = _document(session, document_id, lock=True)
+            _check_version(document, expected_version)
+            session.delete(document)
 
     # -- revisions --
 
-    def add_revision(self, document_id: int, new: NewRevision) -> Revision:
+    def add_revision(self, document_id: int, new: NewRevision, *, expected_version: int | None = None) -> Revision:
         """Store a fill as the document's next revision. Raises NotFound if the document (or the
-        named parent revision) is gone, in which case nothing is stored."""
+        named parent revision) is gone, StaleVersion if `expected_version` is given and the
+        document has moved on since; in either case nothing is stored."""
         with write_session(self.sessions) as session:
-            _document(session, document_id, lock=True)  # concurrent fills of a document number in turn
+            # Concurrent fills of a document number in turn.
+            _check_version(_document(session, document_id, lock=True), expected_version)
             latest = session.scalar(select(func.max(Revision.number)).where(Revision.document_id == document_id))
             parent_number = new.parent_number if new.parent_number is not None else latest
             parent = _revision(session, document_id, parent_number) if parent_number is not None else None
@@ -199,6 +228,11 @@ def _document(session: Session, document_id: int, *, lock: bool = False) -> Docu
     return document
 
 
+def _check_version(document: Document, expected: int | None) -> None:
+    if expected is not None and document.version != expected:
+        raise StaleVersion(document.id, expected, document.version)
+
+
 def _document_info(session: Session, document_id: int) -> DocumentInfo:
     document = _document(session, document_id)
     count, latest = session.execute(
@@ -214,4 +248,4 @@ def _revision(session: Session, document_id: int, number: int) -> Revision:
     return revision
 
 
-__all__ = ["DocumentInfo", "NewRevision", "NotFound", "Page", "Store"]
+__all__ = ["DocumentInfo", "NewRevision", "NotFound", "Page", "StaleVersion", "Store"]

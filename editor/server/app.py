@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, *, worker: FillBackend | None =
     """
     settings = settings or Settings()
     worker = worker or default_backend(settings)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, busy_timeout_s=settings.database_busy_timeout_s)
     store = Store(make_session_factory(engine))
     fills = FillService(settings, worker, store)
     batch_store = BatchStore(store.sessions)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -218,6 +221,68 @@ def current(url: str) -> None:
     now, head = migrate.current_revision(url), migrate.head_revision(url)
     state = "up to date" if now == head else "behind: run `editor db upgrade`"
     click.echo(f"{url}: at {now or 'none (empty)'}, newest is {head} ({state})")
+
+
+@db.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.pass_obj
+def export_command(url: str, file: str) -> None:
+    """Write every document, revision, batch job and record to FILE as JSON Lines (- for stdout).
+    Safe on a live server: it reads one consistent snapshot. docs/operations.md."""
+    from editor.db import backup, migrate
+    from editor.db.engine import make_engine, make_session_factory
+
+    schema = migrate.current_revision(url)
+    if schema is None:
+        raise click.ClickException(f"{url} has no tables: nothing to export (is the URL right?)")
+    engine = make_engine(url)
+    try:
+        sessions = make_session_factory(engine)
+        if file == "-":
+            counts = backup.export(sessions, sys.stdout, schema=schema)
+        else:
+            counts = _export_to_file(Path(file), lambda out: backup.export(sessions, out, schema=schema))
+    finally:
+        engine.dispose()
+    click.echo(f"Exported {counts} to {file}.", err=file == "-")
+
+
+def _export_to_file(path: Path, write: Callable[[IO[str]], Any]) -> Any:
+    """Write through a temporary file renamed into place, so FILE is never a partial backup."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("w", encoding="utf-8") as out:
+            result = write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return result
+
+
+@db.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.pass_obj
+def import_command(url: str, file: IO[str]) -> None:
+    """Restore FILE (from `editor db export`) into an empty database, upgrading its schema first.
+    One transaction: a bad line (named with its number) imports nothing. docs/operations.md."""
+    from editor.db import backup, migrate
+    from editor.db.engine import make_engine, make_session_factory
+
+    try:
+        migrate.upgrade(url)
+    except migrate.MigrationError as error:
+        raise click.ClickException(str(error)) from error
+    engine = make_engine(url)
+    try:
+        counts = backup.import_(make_session_factory(engine), file)
+    except backup.BackupError as error:
+        raise click.ClickException(f"{file.name}: {error}; nothing was imported") from error
+    finally:
+        engine.dispose()
+    click.echo(f"Imported {counts} into {url}.")
 
 
 __all__ = ["db", "prepare_database", "serve"]

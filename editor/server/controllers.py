@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from litestar import Controller, Request, Response, delete, get, patch, post, put
 from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
-from litestar.params import JSONBody, PathParameter, QueryParameter
+from litestar.params import HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_201_CREATED,
@@ -16,7 +16,7 @@ from litestar.status_codes import (
 )
 
 from editor.canvas import split_literals
-from editor.db.services import Store
+from editor.db.services import DocumentInfo, StaleVersion, Store
 from editor.document import DocumentError
 from editor.server.backend import FillBackend
 from editor.server.errors import LimitExceeded, error_body
@@ -67,7 +67,9 @@ from editor.server.streaming import (
     wants_stream,
 )
 from editor.server.tokens import TokenCounter
+from editor.server.versions import IF_MATCH_HELP, IF_MATCH_PATTERN, etag, expected_version
 from editor.server.worker import FillJob
+from editor.settings import Settings
 
 AnyRequest = Request[Any, Any, Any]
 # Explicit parameter markers (Litestar 2.25 style): path, query, body and injected dependencies.
@@ -86,9 +88,17 @@ SpanKey = Annotated[
     ),
 ]
 
+# The pattern is for the schema only: a value outside it gets our own 400, which says what to send.
+IfMatch = Annotated[
+    str | None,
+    HeaderParameter(
+        name="If-Match", max_length=200, description=IF_MATCH_HELP, schema_extra={"pattern": IF_MATCH_PATTERN}
+    ),
+]
 Fills = NamedDependency[FillService]
 Storage = NamedDependency[Store]
 Worker = NamedDependency[FillBackend]
+Configured = NamedDependency[Settings]
 Tokens = NamedDependency[TokenCounter]
 SSE = "text/event-stream"
 
@@ -99,9 +109,11 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
         403: "cross-origin request: the Origin header names another site",
         404: "unknown document, revision or span",
         409: "locked spans need a revision of the current source to keep",
+        412: "If-Match names an older version: someone changed the document since (current version in the body)",
         413: "the document or the request body is over its size limit (the message states the limit)",
         415: "the body is not application/json",
         422: "the document has a mistake (with line and column) or the fill is over a limit (named)",
+        428: "If-Match is required for this write (setting if_match): send the document's ETag",
         429: "the fill queue is full; see Retry-After",
         503: "the model is not available, or the server is shutting down; see Retry-After",
         504: "the fill ran past its time budget (fill_timeout_s) and was cancelled",
@@ -140,6 +152,10 @@ async def _new_revision_response(
     return Response(body, status_code=HTTP_201_CREATED, headers=headers)
 
 
+def _document_response(info: DocumentInfo, status: int = HTTP_200_OK) -> Response[DocumentOut]:
+    return Response(DocumentOut.from_info(info), status_code=status, headers=etag(info.document.version))
+
+
 def _location(document_id: int, number: int) -> dict[str, str]:
     return {"Location": f"/api/v1/documents/{document_id}/revisions/{number}"}
 
@@ -170,11 +186,11 @@ class DocumentController(Controller):
     path = "/api/v1/documents"
     tags = ("documents",)
 
-    @post("/", responses=_errors(*CHANGE_ERRORS, 413, 422))
-    async def create(self, data: JSONBody[DocumentCreate], store: Storage, fills: Fills) -> DocumentOut:
-        """Create a document. Its source must parse (mistakes are 422 with line and column)."""
+    @post("/", status_code=HTTP_201_CREATED, responses=_errors(*CHANGE_ERRORS, 413, 422))
+    async def create(self, data: JSONBody[DocumentCreate], store: Storage, fills: Fills) -> Response[DocumentOut]:
+        """Create a document (version 1). Its source must parse (mistakes are 422 with line and column)."""
         fills.parse(data.source)
-        return DocumentOut.from_info(await in_thread(store.create_document, data.title, data.source))
+        return _document_response(await in_thread(store.create_document, data.title, data.source), HTTP_201_CREATED)
 
     @get("/")
     async def list_documents(
@@ -187,38 +203,68 @@ class DocumentController(Controller):
         )
 
     @get("/{document_id:int}", responses=_errors(401, 404))
-    async def read(self, document_id: DocumentId, store: Storage) -> DocumentOut:
-        """One document with its source."""
-        return DocumentOut.from_info(await in_thread(store.get_document, document_id))
+    async def read(self, document_id: DocumentId, store: Storage) -> Response[DocumentOut]:
+        """One document with its source; its version is also the `ETag` header (for If-Match)."""
+        return _document_response(await in_thread(store.get_document, document_id))
 
-    @put("/{document_id:int}", responses=_errors(*CHANGE_ERRORS, 404, 413, 422))
+    @put("/{document_id:int}", responses=_errors(*CHANGE_ERRORS, 404, 412, 413, 422, 428))
     async def replace(
-        self, document_id: DocumentId, data: JSONBody[DocumentReplace], store: Storage, fills: Fills
-    ) -> DocumentOut:
-        """Replace a document's title and source. Existing revisions keep the source they filled."""
+        self,
+        request: AnyRequest,
+        document_id: DocumentId,
+        data: JSONBody[DocumentReplace],
+        store: Storage,
+        fills: Fills,
+        settings: Configured,
+        if_match: IfMatch = None,
+    ) -> Response[DocumentOut]:
+        """Replace a document's title and source (the version goes up by one). With If-Match, only
+        if the document is still at that version (else 412). Existing revisions keep the source
+        they filled."""
+        expected = expected_version(if_match, request, settings, required=True)
         fills.parse(data.source)
-        info = await in_thread(lambda: store.update_document(document_id, title=data.title, source=data.source))
-        return DocumentOut.from_info(info)
+        info = await in_thread(
+            lambda: store.update_document(document_id, title=data.title, source=data.source, expected_version=expected)
+        )
+        return _document_response(info)
 
-    @patch("/{document_id:int}", responses=_errors(*CHANGE_ERRORS, 404, 413, 422))
+    @patch("/{document_id:int}", responses=_errors(*CHANGE_ERRORS, 404, 412, 413, 422, 428))
     async def update(
-        self, document_id: DocumentId, data: JSONBody[DocumentPatch], store: Storage, fills: Fills
-    ) -> DocumentOut:
-        """Change a document's title, source or both."""
+        self,
+        request: AnyRequest,
+        document_id: DocumentId,
+        data: JSONBody[DocumentPatch],
+        store: Storage,
+        fills: Fills,
+        settings: Configured,
+        if_match: IfMatch = None,
+    ) -> Response[DocumentOut]:
+        """Change a document's title, source or both (the version goes up by one; If-Match as for PUT)."""
+        expected = expected_version(if_match, request, settings, required=True)
         if data.source is not None:
             fills.parse(data.source)
-        info = await in_thread(lambda: store.update_document(document_id, title=data.title, source=data.source))
-        return DocumentOut.from_info(info)
+        info = await in_thread(
+            lambda: store.update_document(document_id, title=data.title, source=data.source, expected_version=expected)
+        )
+        return _document_response(info)
 
-    @delete("/{document_id:int}", status_code=HTTP_204_NO_CONTENT, responses=_errors(*CHANGE_ERRORS, 404))
-    async def remove(self, document_id: DocumentId, store: Storage) -> None:
-        """Delete a document and all of its revisions."""
-        await in_thread(store.delete_document, document_id)
+    @delete("/{document_id:int}", status_code=HTTP_204_NO_CONTENT, responses=_errors(*CHANGE_ERRORS, 404, 412, 428))
+    async def remove(
+        self,
+        request: AnyRequest,
+        document_id: DocumentId,
+        store: Storage,
+        settings: Configured,
+        if_match: IfMatch = None,
+    ) -> None:
+        """Delete a document and all of its revisions (If-Match as for PUT)."""
+        expected = expected_version(if_match, request, settings, required=True)
+        await in_thread(lambda: store.delete_document(document_id, expected_version=expected))
 
     @post(
         "/{document_id:int}/fill",
         status_code=HTTP_201_CREATED,
-        responses=_fill_responses(201, RevisionOut, "the new revision") | _errors(404, 409),
+        responses=_fill_responses(201, RevisionOut, "the new revision") | _errors(404, 409, 412),
     )
     async def fill(
         self,
@@ -226,26 +272,34 @@ class DocumentController(Controller):
         document_id: DocumentId,
         fills: Fills,
         store: Storage,
+        settings: Configured,
         data: JSONBody[DocumentFillRequest | None] = None,
         stream_query: StreamQuery = None,
+        if_match: IfMatch = None,
     ) -> Response[Any]:
         """Fill the document's current source and store the result as its next revision (whose
         parent is the previous latest revision). With `lock`, the locked spans keep the text that
-        `revision` (default: the latest) gave them and only the others are filled. Nothing is
-        stored if the fill fails."""
+        `revision` (default: the latest) gave them and only the others are filled. With If-Match,
+        the document must be at that version when the fill starts and when it is stored (else
+        412). Nothing is stored if the fill fails."""
         data = data or DocumentFillRequest()
+        expected = expected_version(if_match, request, settings, required=False)
         info = await in_thread(store.get_document, document_id)
+        if expected is not None and info.document.version != expected:
+            raise StaleVersion(document_id, expected, info.document.version)
         source = info.document.source
         document = fills.parse(source)
         stream = wants_stream(request, body_flag=data.stream, query_flag=stream_query)
         instruction = data.instruction or fills.settings.instruction
         if data.lock:
-            return await self._fill_with_locks(request, document_id, info, data, fills, store, stream=stream)
+            return await self._fill_with_locks(
+                request, document_id, info, data, fills, store, stream=stream, expected=expected
+            )
         job = fills.submit(document, data.options, data.instruction, stream=stream, trace=data.trace)
 
         async def finish(outcome: Any) -> dict[str, Any]:
             new = new_revision(outcome.results[0], outcome, source=source, instruction=instruction)
-            return await store_revision(store, document_id, new, trace=data.trace)
+            return await store_revision(store, document_id, new, trace=data.trace, expected_version=expected)
 
         return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
 
@@ -259,6 +313,7 @@ class DocumentController(Controller):
         store: Store,
         *,
         stream: bool,
+        expected: int | None,
     ) -> Response[Any]:
         number = data.revision or info.latest_revision
         if number is None:
@@ -282,7 +337,7 @@ class DocumentController(Controller):
 
         async def finish(outcome: Any) -> dict[str, Any]:
             new = refilled(revision, targets, outcome, instruction)
-            return await store_revision(store, document_id, new, trace=data.trace)
+            return await store_revision(store, document_id, new, trace=data.trace, expected_version=expected)
 
         return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
 
@@ -328,7 +383,7 @@ class RevisionController(Controller):
     @post(
         "/revisions/{number:int}/spans/{key:str}/regenerate",
         status_code=HTTP_201_CREATED,
-        responses=_fill_responses(201, RevisionOut, "the new revision") | _errors(404),
+        responses=_fill_responses(201, RevisionOut, "the new revision") | _errors(404, 412),
     )
     async def regenerate(
         self,
@@ -338,13 +393,17 @@ class RevisionController(Controller):
         key: SpanKey,
         fills: Fills,
         store: Storage,
+        settings: Configured,
         data: JSONBody[RegenerateRequest | None] = None,
         stream_query: StreamQuery = None,
+        if_match: IfMatch = None,
     ) -> Response[Any]:
         """Refill one span (by name or 0-based index) with every other span pinned to this
         revision's text; stored as a new revision whose parent is this one. Options default to
-        this revision's, with a fresh seed."""
+        this revision's, with a fresh seed. With If-Match, stored only if the document is still at
+        that version (else 412)."""
         data = data or RegenerateRequest()
+        expected = expected_version(if_match, request, settings, required=False)
         revision = await in_thread(store.get_revision, document_id, number)
         original = fills.parse(revision.source)
         span = find_span(original, key, f"revision {number} of document {document_id}")
@@ -356,7 +415,7 @@ class RevisionController(Controller):
 
         async def finish(outcome: Any) -> dict[str, Any]:
             new = regenerated(revision, span.index, outcome, instruction)
-            return await store_revision(store, document_id, new, trace=data.trace)
+            return await store_revision(store, document_id, new, trace=data.trace, expected_version=expected)
 
         return await _new_revision_response(fills, request, job, finish, stream=stream, document_id=document_id)
 
@@ -365,20 +424,30 @@ class RevisionController(Controller):
         status_code=HTTP_201_CREATED,
         responses={
             201: ResponseSpec(RevisionOut, description="the new revision", generate_examples=False),
-            **_errors(*CHANGE_ERRORS, 404, 422),
+            **_errors(*CHANGE_ERRORS, 404, 412, 422),
         },
     )
     async def choose(
-        self, document_id: DocumentId, number: Number, key: SpanKey, data: JSONBody[ChooseRequest], store: Storage
+        self,
+        request: AnyRequest,
+        document_id: DocumentId,
+        number: Number,
+        key: SpanKey,
+        data: JSONBody[ChooseRequest],
+        store: Storage,
+        settings: Configured,
+        if_match: IfMatch = None,
     ) -> Response[RevisionOut]:
         """Give one span (by name or 0-based index) the text of one of its `alternatives` (other
         judged candidates' fills) without running the model; stored as a new revision whose parent
         is this one, with this revision's model, options and seed and 0 steps. The replaced text
-        takes the chosen one's place among the span's alternatives; later spans move with the text."""
+        takes the chosen one's place among the span's alternatives; later spans move with the text.
+        If-Match as for regenerate."""
+        expected = expected_version(if_match, request, settings, required=False)
         revision = await in_thread(store.get_revision, document_id, number)
         where = f"revision {number} of document {document_id}"
         new = chosen(revision, stored_span(revision, key, where), data.alternative, where)
-        stored = await in_thread(store.add_revision, document_id, new)
+        stored = await in_thread(lambda: store.add_revision(document_id, new, expected_version=expected))
         return Response(
             RevisionOut.from_revision(stored),
             status_code=HTTP_201_CREATED,

@@ -14,21 +14,24 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.status_codes import (
     HTTP_404_NOT_FOUND,
+    HTTP_412_PRECONDITION_FAILED,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_429_TOO_MANY_REQUESTS,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
     HTTP_504_GATEWAY_TIMEOUT,
+    HTTP_507_INSUFFICIENT_STORAGE,
 )
 
-from editor.db.services import NotFound
+from editor.db.engine import DatabaseFault, fault_of
+from editor.db.services import NotFound, StaleVersion
 from editor.document import DocumentError
 from editor.options import FillCancelled
 from editor.server.limits import FillTimedOut, LimitExceeded
 from editor.server.openai_errors import OpenAIRequestError, is_v1, request_error, rewrite
 from editor.server.protection import request_id
-from editor.server.worker import QueueFull, WorkerUnavailable
+from editor.server.worker import ModelFailed, QueueFull, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +52,22 @@ def _describe(error: BaseException, request: str | None) -> tuple[int, dict[str,
         return error.status, {"status_code": error.status, "detail": str(error)}, {}
     if isinstance(error, NotFound):
         return HTTP_404_NOT_FOUND, {"status_code": 404, "detail": str(error)}, {}
+    if isinstance(error, StaleVersion):
+        stale = {"status_code": 412, "detail": str(error), "current_version": error.current}
+        return HTTP_412_PRECONDITION_FAILED, stale, {"ETag": f'"{error.current}"'}
     if isinstance(error, QueueFull):
         headers = {"Retry-After": str(error.retry_after)}
         return HTTP_429_TOO_MANY_REQUESTS, {"status_code": 429, "detail": str(error)}, headers
     if isinstance(error, FillTimedOut):
         return HTTP_504_GATEWAY_TIMEOUT, {"status_code": 504, "detail": str(error)}, {}
+    if isinstance(error, ModelFailed):  # the model's own error stays in the log, under the request id
+        cause = error.__cause__ or error
+        log.error("the model failed (request %s): %s", request or "-", cause, exc_info=cause)
     if isinstance(error, WorkerUnavailable | FillCancelled):
         return HTTP_503_SERVICE_UNAVAILABLE, {"status_code": 503, "detail": str(error)}, {"Retry-After": "5"}
+    fault = fault_of(error)
+    if fault is not None:
+        return _database_fault(fault, error, request)
     if isinstance(error, HTTPException) and error.status_code < HTTP_500_INTERNAL_SERVER_ERROR:
         body: dict[str, Any] = {"status_code": error.status_code, "detail": error.detail}
         if error.extra:
@@ -64,6 +76,42 @@ def _describe(error: BaseException, request: str | None) -> tuple[int, dict[str,
     log.error("unexpected error (request %s): %s", request or "-", error, exc_info=error)
     detail = "internal server error" + (f"; quote request id {request} when reporting it" if request else "")
     return HTTP_500_INTERNAL_SERVER_ERROR, {"status_code": 500, "detail": detail}, {}
+
+
+_FAULTS = {
+    DatabaseFault.FULL: (
+        HTTP_507_INSUFFICIENT_STORAGE,
+        "the database has no room left (disk or size limit full)",
+        "free space on the server's disk, then retry",
+    ),
+    DatabaseFault.READ_ONLY: (
+        HTTP_503_SERVICE_UNAVAILABLE,
+        "the database is read-only (its file, directory or mount cannot be written)",
+        "the operator must make it writable; reading still works",
+    ),
+    DatabaseFault.BUSY: (
+        HTTP_503_SERVICE_UNAVAILABLE,
+        "the database is busy: another writer held its lock for longer than database_busy_timeout_s",
+        "retry in a moment",
+    ),
+    DatabaseFault.UNAVAILABLE: (
+        HTTP_503_SERVICE_UNAVAILABLE,
+        "the database cannot be reached",
+        "retry in a moment",
+    ),
+}
+
+
+def _database_fault(
+    fault: DatabaseFault, error: BaseException, request: str | None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """A database fault: 507 or 503 with what happened; every write is one transaction, so the
+    request stored nothing (and what was stored before is intact)."""
+    status, what, advice = _FAULTS[fault]
+    log.error("database %s (request %s): %s", fault.value, request or "-", getattr(error, "orig", error))
+    detail = f"{what}; nothing was stored by this request: {advice}"
+    headers = {} if fault is DatabaseFault.READ_ONLY else {"Retry-After": "5"}
+    return status, {"status_code": status, "detail": detail, "database": fault.value}, headers
 
 
 def handle(request: Request[Any, Any, Any], error: Exception) -> Response[dict[str, Any]]:

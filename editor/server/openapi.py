@@ -7,7 +7,9 @@ offline and under our Content-Security-Policy.
 `refine` fills in what Litestar's generator leaves out, so the document says what the server
 does: `additionalProperties: false` on request bodies whose model forbids extra keys, PATCH
 fields that are optional but never null, the "0 or at least the floor" rule of the
-temperatures, and the `text/event-stream` answer of the fill routes with its event shapes.
+temperatures, the `text/event-stream` answer of the fill routes with its event shapes, and
+links between operations (a created document's id and ETag to its reads, edits and fills; a
+revision's number to regenerate, choose and diff; a batch job's id to its status and results).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from litestar import Request, Router
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import OpenAPI, OpenAPIMediaType, OpenAPIType, Operation, Reference, Schema
+from litestar.openapi.spec import Link, OpenAPI, OpenAPIMediaType, OpenAPIType, Operation, Reference, Schema
 from litestar.static_files import create_static_files_router
 from pydantic import BaseModel
 
@@ -205,9 +207,89 @@ def _reference_schedules() -> list[Schema | Reference]:
     return variants
 
 
+def _header_parameters(openapi: OpenAPI) -> None:
+    """An optional header is absent or a string, never null (If-Match: `str | None` in Python)."""
+    for item in (openapi.paths or {}).values():
+        for operation in (item.get, item.put, item.post, item.patch, item.delete):
+            for parameter in (operation.parameters or []) if operation is not None else []:
+                schema = getattr(parameter, "schema", None)
+                if getattr(parameter, "param_in", None) == "header" and isinstance(schema, Schema):
+                    _drop_null(schema)
+
+
+# OpenAPI links: which response feeds which next call (clients and schemathesis' stateful mode
+# follow them: create -> fill -> revisions -> regenerate / choose / diff -> edit -> delete).
+_DOCUMENT = {"document_id": "$response.body#/id"}
+_VERSIONED = _DOCUMENT | {"header.If-Match": "$response.header.ETag"}
+_REVISION = {"document_id": "$response.body#/document_id", "number": "$response.body#/number"}
+_AFTER_DOCUMENT = {
+    "ReadDocument": ("ApiV1DocumentsDocumentIdRead", _DOCUMENT),
+    "EditDocument": ("ApiV1DocumentsDocumentIdUpdate", _VERSIONED),
+    "ReplaceDocument": ("ApiV1DocumentsDocumentIdReplace", _VERSIONED),
+    "DeleteDocument": ("ApiV1DocumentsDocumentIdRemove", _VERSIONED),
+    "FillDocument": ("ApiV1DocumentsDocumentIdFillFill", _VERSIONED),
+    "ListRevisions": ("ApiV1DocumentsDocumentIdRevisionsListRevisions", _DOCUMENT),
+}
+_AFTER_REVISION = {
+    "ReadRevision": ("ApiV1DocumentsDocumentIdRevisionsNumberRead", _REVISION),
+    "RegenerateFirstSpan": (
+        "ApiV1DocumentsDocumentIdRevisionsNumberSpansKeyRegenerateRegenerate",
+        _REVISION | {"key": "0"},
+    ),
+    "ChooseForFirstSpan": ("ApiV1DocumentsDocumentIdRevisionsNumberSpansKeyChooseChoose", _REVISION | {"key": "0"}),
+    "DiffWithItself": (
+        "ApiV1DocumentsDocumentIdDiffDiff",
+        {
+            "document_id": "$response.body#/document_id",
+            "from": "$response.body#/number",
+            "to": "$response.body#/number",
+        },
+    ),
+    "FillAgain": ("ApiV1DocumentsDocumentIdFillFill", {"document_id": "$response.body#/document_id"}),
+    "DeleteTheDocument": ("ApiV1DocumentsDocumentIdRemove", {"document_id": "$response.body#/document_id"}),
+}
+_AFTER_BATCH = {
+    "ReadBatch": ("ApiV1BatchesBatchIdRead", {"batch_id": "$response.body#/id"}),
+    "BatchResults": ("ApiV1BatchesBatchIdResultsResults", {"batch_id": "$response.body#/id"}),
+    "CancelBatch": ("ApiV1BatchesBatchIdCancelCancel", {"batch_id": "$response.body#/id"}),
+}
+LINKS: dict[tuple[str, str], dict[str, tuple[str, dict[str, str]]]] = {
+    ("ApiV1DocumentsCreate", "201"): _AFTER_DOCUMENT,
+    ("ApiV1DocumentsDocumentIdRead", "200"): _AFTER_DOCUMENT,
+    ("ApiV1DocumentsDocumentIdUpdate", "200"): _AFTER_DOCUMENT,
+    ("ApiV1DocumentsDocumentIdReplace", "200"): _AFTER_DOCUMENT,
+    ("ApiV1DocumentsDocumentIdFillFill", "201"): _AFTER_REVISION,
+    ("ApiV1DocumentsDocumentIdRevisionsNumberSpansKeyRegenerateRegenerate", "201"): _AFTER_REVISION,
+    ("ApiV1DocumentsDocumentIdRevisionsNumberSpansKeyChooseChoose", "201"): _AFTER_REVISION,
+    ("ApiV1DocumentsDocumentIdRevisionsNumberRead", "200"): _AFTER_REVISION,
+    ("ApiV1BatchesCreate", "202"): _AFTER_BATCH,
+}
+
+
+def _links(openapi: OpenAPI) -> None:
+    operations = {
+        operation.operation_id: operation
+        for item in (openapi.paths or {}).values()
+        for operation in (item.get, item.put, item.post, item.patch, item.delete)
+        if operation is not None
+    }
+    for (source, status), links in LINKS.items():
+        operation = operations.get(source)
+        response = (operation.responses or {}).get(status) if operation is not None else None
+        if response is None or not hasattr(response, "links"):
+            continue
+        response.links = {
+            name: Link(operation_id=target, parameters=parameters)
+            for name, (target, parameters) in links.items()
+            if target in operations
+        }
+
+
 def refine(openapi: OpenAPI, *, max_steps: int | None = None) -> OpenAPI:
     """Make the generated document match the server's behaviour (see the module docstring)."""
     _integer_parameters(openapi)
+    _header_parameters(openapi)
+    _links(openapi)
     components = openapi.components
     schemas: dict[str, Any] = components.schemas or {}
     for name, model in _models().items():

@@ -15,6 +15,7 @@ from editor.options import SamplerOptions
 from editor.server.worker import JobOutcome
 
 MAX_TITLE = 200
+MAX_ID = 2**63 - 1  # the databases' largest integer: a larger revision number is a 400, not a 500
 
 
 class _Request(BaseModel):
@@ -48,6 +49,7 @@ class DocumentFillRequest(FillParameters):
     revision: int | None = Field(
         None,
         ge=1,
+        le=MAX_ID,
         description="the revision whose fills `lock` keeps (default: the latest); its source must be "
         "the document's current source",
     )
@@ -149,6 +151,7 @@ class DocumentSummary(BaseModel):
     updated_at: datetime
     revision_count: int
     latest_revision: int | None
+    version: int = Field(description="counted up by each change of title or source; the ETag, for If-Match")
 
     @classmethod
     def from_info(cls, info: DocumentInfo) -> DocumentSummary:
@@ -160,6 +163,7 @@ class DocumentSummary(BaseModel):
             updated_at=d.updated_at,
             revision_count=info.revision_count,
             latest_revision=info.latest_revision,
+            version=d.version,
         )
 
 

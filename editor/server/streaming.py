@@ -153,8 +153,12 @@ def fill_body(outcome: JobOutcome, *, trace: bool) -> dict[str, Any]:
     return FillOut.from_outcome(outcome.results[0], outcome, trace=trace).model_dump(mode="json")
 
 
-async def store_revision(store: Store, document_id: int, new: NewRevision, *, trace: bool) -> dict[str, Any]:
-    revision = await in_thread(store.add_revision, document_id, new)
+async def store_revision(
+    store: Store, document_id: int, new: NewRevision, *, trace: bool, expected_version: int | None = None
+) -> dict[str, Any]:
+    """Store a fill as a revision; with `expected_version` (If-Match), only if the document is still
+    at that version (else StaleVersion, and nothing is stored)."""
+    revision = await in_thread(lambda: store.add_revision(document_id, new, expected_version=expected_version))
     return RevisionOut.from_revision(revision, trace=trace).model_dump(mode="json")
 
 

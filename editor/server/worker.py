@@ -67,6 +67,10 @@ BackgroundWork = Callable[[DiffusionModel], Any]
 CanvasReshape = Callable[[Canvas], Canvas]
 
 
+WATCH_INTERVAL_S = 0.2  # how often the watchdog looks at the worker thread
+RESTART_WINDOW_S = 600.0  # restarts counted against `worker_restarts` within this window
+
+
 class QueueFull(RuntimeError):
     """The queue is at capacity; the client should retry after `retry_after` seconds."""
 
@@ -80,6 +84,11 @@ class QueueFull(RuntimeError):
 
 class WorkerUnavailable(RuntimeError):
     """The model could not be loaded, or the worker is shutting down."""
+
+
+class ModelFailed(WorkerUnavailable):
+    """The model raised during a fill (a bug, memory running out): that batch's fills fail with
+    503, nothing of them is stored, and the worker goes on with the next fills."""
 
 
 @dataclass(frozen=True)
@@ -388,6 +397,8 @@ class ModelWorker:
         # piece at a time, so an interactive fill waits for at most one piece.
         self._background: deque[tuple[BackgroundWork, concurrent.futures.Future[Any]]] = deque()
         self._background_ran_at = time.perf_counter()  # when a piece of background work last ran
+        self._restarts: deque[float] = deque()  # when the watchdog restarted a dead worker thread
+        self.gave_up = False  # the thread died more often than `worker_restarts` allows
 
     # -- lifecycle --
 
@@ -397,6 +408,49 @@ class ModelWorker:
             return
         self._thread = threading.Thread(target=self._run, name="editor-model-worker", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch, name="editor-worker-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Notice the worker thread dying (something it did not catch: a BaseException, a bug in
+        the loop itself) while the server runs: fail the fills it held with 503 (nothing of them
+        was stored) and start a new thread on the loaded model, at most `worker_restarts` times in
+        ten minutes. Beyond that `ready` stays false, /ready answers 503 and fills are refused, so
+        that a supervisor restarts the process."""
+        while not self._stopping.is_set():
+            thread = self._thread
+            if thread is None:
+                return
+            thread.join(WATCH_INTERVAL_S)
+            if thread.is_alive() or self._stopping.is_set():
+                continue
+            if self.model is None:
+                return  # the model never loaded: load_error says why, and there is nothing to restart
+            self._fail_running(
+                WorkerUnavailable("the model worker stopped unexpectedly during this fill; nothing was stored: retry")
+            )
+            self._fail_background(WorkerUnavailable("the model worker stopped unexpectedly: retry"))
+            now = time.monotonic()
+            self._restarts.append(now)
+            while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
+                self._restarts.popleft()
+            if len(self._restarts) > self.settings.worker_restarts:
+                log.critical(
+                    "the model worker died %d times in %d s: not restarting it; /ready reports not ready "
+                    "(restart the server)",
+                    len(self._restarts),
+                    RESTART_WINDOW_S,
+                )
+                self.gave_up = True
+                for job in self._queue.drain():
+                    self._close(job, "failed", error=WorkerUnavailable("the model worker has stopped"))
+                return
+            log.error(
+                "the model worker thread died; starting a new one (%d in the last %d s)",
+                len(self._restarts),
+                RESTART_WINDOW_S,
+            )
+            self._thread = threading.Thread(target=self._run, name="editor-model-worker", daemon=True)
+            self._thread.start()
 
     def shut_down(self) -> None:
         """Refuse new and queued jobs and cancel running ones at their next step, without waiting
@@ -420,7 +474,8 @@ class ModelWorker:
 
     @property
     def ready(self) -> bool:
-        return self._loaded.is_set() and self.model is not None and not self._stopping.is_set()
+        alive = self._thread is not None and self._thread.is_alive()
+        return self._loaded.is_set() and self.model is not None and not self._stopping.is_set() and alive
 
     @property
     def model_name(self) -> str | None:
@@ -474,6 +529,8 @@ class ModelWorker:
             raise WorkerUnavailable("the server is shutting down")
         if self.load_error is not None:
             raise WorkerUnavailable(f"the model failed to load: {self.load_error}")
+        if self.gave_up:
+            raise WorkerUnavailable("the model worker has stopped after repeated failures; the server needs a restart")
         if self.model is not None:  # else settled when the job is laid out
             options = with_candidates(self.model, options)
         job = FillJob.submitted(
@@ -529,6 +586,9 @@ class ModelWorker:
 
     def _run(self) -> None:
         use_torch_threads(self.settings.torch_threads)
+        if self.model is not None:  # a restart after the thread died: the model is still loaded
+            self._serve()
+            return
         try:
             self.model = self._loader()
             log.info("model %s loaded (%s)", self.model.name, self.model_placement)
@@ -543,6 +603,16 @@ class ModelWorker:
             return
         finally:
             self._loaded.set()
+        self._serve()
+
+    def _serve(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            log.critical("the model worker thread is dying", exc_info=True)
+            raise
+
+    def _loop(self) -> None:
         while not self._stopping.is_set():
             if self._background and time.perf_counter() - self._background_ran_at >= self.settings.batch_max_wait_s:
                 self._run_background()  # batch jobs are not starved by a steady stream of fills
@@ -557,8 +627,13 @@ class ModelWorker:
                 self._admit()
                 self._advance()
             except Exception as error:
-                log.exception("the worker failed on a batch")
-                self._fail_running(error)
+                log.exception("the model failed on a batch")
+                failure = ModelFailed(
+                    f"the model failed during this fill ({type(error).__name__}); nothing was stored, and "
+                    "the server goes on: retry, and report it if it happens again"
+                )
+                failure.__cause__ = error  # logged with each request's id (editor.server.errors)
+                self._fail_running(failure)
         for job in self._running:  # the server is shutting down: stopped where they were
             if job.state in ("queued", "running"):
                 self._close_stopped(job)
@@ -856,6 +931,7 @@ __all__ = [
     "FillJob",
     "JobOutcome",
     "JobSummary",
+    "ModelFailed",
     "ModelWorker",
     "QueueFull",
     "StepUpdate",

@@ -11,19 +11,22 @@ export class ApiError extends Error {
   }
 }
 
-function headers(accept) {
+function headers(accept, version) {
   const result = { "Content-Type": "application/json", Accept: accept || "application/json" };
+  // The document version this write is based on: the server refuses it (412) if it is stale.
+  if (version !== undefined && version !== null) result["If-Match"] = `"${version}"`;
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) result.Authorization = `Bearer ${token}`;
   return result;
 }
 
 // fetch() on our own API. Writes always send JSON, which a cross-site form cannot.
-export async function request(path, { method = "GET", body, signal, accept } = {}) {
+// `version`: the document version (ETag) the write is based on, sent as If-Match.
+export async function request(path, { method = "GET", body, signal, accept, version } = {}) {
   for (let attempt = 0; attempt < 2; attempt += 1) {
     const response = await fetch(path, {
       method,
-      headers: headers(accept),
+      headers: headers(accept, version),
       body: body === undefined ? undefined : JSON.stringify(body),
       signal,
       credentials: "same-origin",

@@ -65,11 +65,17 @@ function startRename(entry, item, link) {
     const title = input.value.trim();
     if (save && title && title !== item.title) {
       try {
-        const updated = await json(`/api/v1/documents/${item.id}`, { method: "PATCH", body: { title } });
+        const updated = await json(`/api/v1/documents/${item.id}`, { method: "PATCH", body: { title }, version: item.version });
         item.title = updated.title;
+        item.version = updated.version;
         link.textContent = updated.title;
         toast("Renamed");
       } catch (error) {
+        if (error.status === 412) {
+          toast("Not renamed: the document was changed elsewhere meanwhile. The list is up to date now: try again.", "error");
+          await load();
+          return;
+        }
         toast(`Could not rename: ${error.message}`, "error");
       }
     }
@@ -89,11 +95,16 @@ function confirmDelete(item) {
   dialog.onclose = async () => {
     if (dialog.returnValue !== "delete") return;
     try {
-      await json(`/api/v1/documents/${item.id}`, { method: "DELETE" });
+      await json(`/api/v1/documents/${item.id}`, { method: "DELETE", version: item.version });
       toast(`Deleted “${item.title}”`);
       await load();
       search.focus();
     } catch (error) {
+      if (error.status === 412) {
+        toast(`Not deleted: “${item.title}” was changed elsewhere since the list was loaded. Look at it first.`, "error");
+        await load();
+        return;
+      }
       toast(`Could not delete: ${error.message}`, "error");
     }
   };

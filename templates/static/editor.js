@@ -17,6 +17,7 @@ import {
 } from "./common.js";
 
 const docId = Number(document.body.dataset.documentId);
+const CHECK_EVERY_MS = 15000; // how often a visible tab looks for changes made elsewhere
 const api = `/api/v1/documents/${docId}`;
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -50,11 +51,15 @@ const ui = {
   replaySpeed: $("replay-speed"),
   replaySpeedValue: $("replay-speed-value"),
   maskMode: $("mask-mode"),
+  conflict: $("conflict"),
+  conflictText: $("conflict-text"),
+  conflictTheirs: $("conflict-theirs"),
 };
 
 const state = {
-  doc: null,
+  doc: null, // the document as last read or written: its `version` goes with every write (If-Match)
   savedSource: null,
+  conflict: null, // the other version while a conflict is shown: no autosave until the writer chooses
   parse: null, // the last /parse answer for the source box
   parseSeq: 0,
   revisions: [], // summaries, newest first
@@ -167,21 +172,128 @@ const checkSource = debounce(async () => {
 
 const saveSource = debounce(async () => {
   const source = ui.source.value;
+  if (state.conflict) return; // the writer chooses first (the banner says so)
   if (source === state.savedSource) {
     setSaveStatus("Saved");
     return;
   }
   setSaveStatus("Saving…");
   try {
-    await json(api, { method: "PATCH", body: { source } });
+    await writeDocument({ source });
     state.savedSource = source;
     setSaveStatus(ui.source.value === source ? "Saved" : "Unsaved changes");
   } catch (error) {
+    if (error instanceof ApiError && error.status === 412) return; // the conflict banner explains
     setSaveStatus("Not saved", "warn");
     if (error instanceof ApiError && error.body.line) showParse({ valid: false, spans: [], literals: [], error: error.body });
     else toast(`Could not save: ${error.message}`, "error");
   }
 }, 500);
+
+// ----------------------------------------------------------------------------- versions
+
+class ConflictPending extends Error {
+  constructor() {
+    super("this document was changed elsewhere: choose which version to keep first");
+    this.status = 412;
+  }
+}
+
+// Every write names the version it is based on (If-Match). A 412 means another tab or person
+// saved in between: say so and let the writer choose; never overwrite their text unseen.
+async function writeDocument(body) {
+  if (state.conflict) throw new ConflictPending();
+  try {
+    state.doc = await json(api, { method: "PATCH", body, version: state.doc.version });
+    return state.doc;
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 412) await showConflict();
+    throw error;
+  }
+}
+
+function hasLocalChanges() {
+  return ui.source.value !== state.savedSource || ui.title.value.trim() !== state.doc.title;
+}
+
+async function showConflict() {
+  let theirs;
+  try {
+    theirs = await json(api);
+  } catch (error) {
+    toast(`This document was changed elsewhere, and reading it failed: ${error.message}`, "error");
+    return;
+  }
+  state.conflict = theirs;
+  ui.conflictText.textContent =
+    `This document was changed in another tab or by someone else (it is now at version ${theirs.version}) ` +
+    "while you were editing it here. Your text below is not saved yet.";
+  ui.conflictTheirs.textContent = theirs.source;
+  ui.conflict.hidden = false;
+  setSaveStatus("Not saved: changed elsewhere", "warn");
+}
+
+function showDocument(doc) {
+  state.doc = doc;
+  state.savedSource = doc.source;
+  ui.title.value = doc.title;
+  document.title = `${doc.title} · editor`;
+  ui.source.value = doc.source;
+  renderHighlight();
+}
+
+async function loadTheirs() {
+  showDocument(state.conflict);
+  state.conflict = null;
+  ui.conflict.hidden = true;
+  state.locks.clear();
+  setSaveStatus("Saved");
+  const parsed = await parseSource(state.doc.source);
+  if (parsed) showParse(parsed);
+  await loadRevisions();
+  toast(`Loaded version ${state.doc.version}`);
+}
+
+async function keepMine() {
+  // Mine becomes the next version, written on top of theirs knowingly (If-Match: their version).
+  state.doc = state.conflict;
+  state.conflict = null;
+  ui.conflict.hidden = true;
+  const source = ui.source.value;
+  const title = ui.title.value.trim() || state.doc.title;
+  try {
+    await writeDocument({ source, title });
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 412)) toast(`Could not save: ${error.message}`, "error");
+    return;
+  }
+  state.savedSource = source;
+  setSaveStatus("Saved");
+  toast(`Your text is saved as version ${state.doc.version}`);
+}
+
+// When this tab comes back to the front (and now and then while it is), look for changes made
+// elsewhere: with nothing unsaved here they are simply loaded; with unsaved text, the writer chooses.
+async function checkForChanges() {
+  if (document.hidden || state.conflict || state.busy || !state.doc) return;
+  let current;
+  try {
+    current = await json(api);
+  } catch {
+    return; // offline or restarting: the next save will tell
+  }
+  if (current.version === state.doc.version || state.conflict) return;
+  if (hasLocalChanges()) {
+    await showConflict();
+    return;
+  }
+  showDocument(current);
+  setSaveStatus("Saved");
+  const parsed = await parseSource(current.source);
+  if (parsed) showParse(parsed);
+  await loadRevisions();
+  toast(`Updated to version ${current.version}: it was changed in another tab or by someone else`);
+}
 
 function setSaveStatus(text, kind = "") {
   ui.saveStatus.textContent = text;
@@ -198,8 +310,8 @@ async function ensureSaved() {
     ui.parseError.focus();
     return null;
   }
-  if (source !== state.savedSource) {
-    await json(api, { method: "PATCH", body: { source } });
+  if (source !== state.savedSource || state.conflict) {
+    await writeDocument({ source });
     state.savedSource = source;
     setSaveStatus("Saved");
   }
@@ -440,7 +552,10 @@ async function streamFill(path, body, layout, kind) {
   const controller = startBusy(kind);
   const apply = renderLive(layout);
   try {
-    const response = await request(path, { method: "POST", body: { ...body, stream: true, trace: true }, signal: controller.signal, accept: "text/event-stream" });
+    // A fill of the document's source names the version it was saved as: if another tab changed
+    // the source meanwhile, the server refuses (412) rather than fill text this tab never showed.
+    const version = kind === "fill" ? state.doc.version : undefined;
+    const response = await request(path, { method: "POST", body: { ...body, stream: true, trace: true }, signal: controller.signal, accept: "text/event-stream", version });
     let result = null;
     for await (const message of events(response)) {
       if (message.event === "step") apply(message.data);
@@ -463,6 +578,10 @@ async function streamFill(path, body, layout, kind) {
     }
     endBusy("Failed");
     if (state.current) renderResult(state.current);
+    if (error instanceof ApiError && error.status === 412) {
+      await showConflict();
+      return;
+    }
     if (error instanceof ApiError && error.body.line) showParse({ valid: false, spans: [], literals: [], error: error.body });
     const wait = error.status === 429 ? " The model is busy: try again in a few seconds." : "";
     toast(`Fill failed: ${error.message}.${wait}`, "error");
@@ -475,7 +594,7 @@ async function fill() {
   try {
     parsed = await ensureSaved();
   } catch (error) {
-    toast(`Could not save: ${error.message}`, "error");
+    if (error.status !== 412) toast(`Could not save: ${error.message}`, "error");
     return;
   }
   if (!parsed) return;
@@ -746,9 +865,9 @@ async function restore() {
   const revision = state.current;
   if (!revision || state.busy) return;
   try {
-    await json(api, { method: "PATCH", body: { source: revision.source } });
+    await writeDocument({ source: revision.source });
   } catch (error) {
-    toast(`Could not restore: ${error.message}`, "error");
+    if (error.status !== 412) toast(`Could not restore: ${error.message}`, "error");
     return;
   }
   ui.source.value = revision.source;
@@ -949,11 +1068,11 @@ async function saveTitle() {
   }
   if (title === state.doc.title) return;
   try {
-    state.doc = await json(api, { method: "PATCH", body: { title } });
+    await writeDocument({ title });
     document.title = `${state.doc.title} · editor`;
     setSaveStatus("Saved");
   } catch (error) {
-    toast(`Could not rename: ${error.message}`, "error");
+    if (error.status !== 412) toast(`Could not rename: ${error.message}`, "error");
   }
 }
 
@@ -1023,6 +1142,11 @@ async function init() {
     ui.replaySpeedValue.textContent = `${ui.replaySpeed.value} steps/s`;
   });
   document.addEventListener("keydown", onKey);
+  $("conflict-reload").addEventListener("click", loadTheirs);
+  $("conflict-keep").addEventListener("click", keepMine);
+  document.addEventListener("visibilitychange", checkForChanges);
+  window.addEventListener("focus", checkForChanges);
+  setInterval(checkForChanges, CHECK_EVERY_MS);
 
   try {
     state.doc = await json(api);
