@@ -486,8 +486,9 @@ def sentence_cut_variants(model: DiffusionModel, canvas: Canvas, ids: Sequence[i
     """Copies of `ids`, each with one range span ended (end tokens from there on) right after one of
     the last `MAX_CUTS_PER_SPAN` sentence ends inside it that more of the fill follows, never before
     a pinned word or the span's least length. Where the text after the span opens with punctuation,
-    no sentence cut (it would double it: "shoe.. Your"), but a fill that ends in punctuation of its
-    own is offered without it ("on Monday.." reads "on Monday.")."""
+    the cuts fall just before one of the fill's own last stops instead (a cut after it would double
+    it: "shoe.. Your"), so "on Monday.." may read "on Monday." and "was not working. We will fix
+    it." may read "was not working."."""
     end_id, end_ids = model.special.end_ids[0], set(model.special.end_ids)
     variants: list[list[int]] = []
     for number, layout in enumerate(canvas.spans):
@@ -500,9 +501,13 @@ def sentence_cut_variants(model: DiffusionModel, canvas: Canvas, ids: Sequence[i
         kept = [offset for offset in range(layout.length) if ids[layout.start + offset] not in end_ids]
         following = canvas.literals[number + 1]
         if following[:1] and following[0] in PUNCTUATION:
-            last = kept[-1] if kept else -1
-            trailing = last >= earliest and words[last].strip() and not words[last].strip(PUNCTUATION + " ")
-            cuts = [last] if trailing else []
+            # The text after brings its own stop: end the fill just before one of its own stops
+            # ("that the code was not working. We will fix it" + "." -> "... not working.").
+            cuts = [
+                offset
+                for offset in kept
+                if offset >= earliest and words[offset].strip() and not words[offset].strip(PUNCTUATION + " ")
+            ][-MAX_CUTS_PER_SPAN:]
         else:
             cuts = [
                 offset
