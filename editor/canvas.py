@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from editor.constraints import Place, PositionRule, number_slot, token_allowed
 from editor.document import Document, DocumentError, MaskSpan, Must
+from editor.patterns import SpanConstraint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,6 +49,7 @@ class Canvas:
     rules: list[PositionRule]
     spans: list[SpanLayout]
     literals: list[str]  # literal text between spans as written; len(spans) + 1 pieces
+    constraints: tuple[SpanConstraint, ...] = ()  # the pattern spans' automata (editor.patterns)
 
     @property
     def masked_positions(self) -> list[int]:
@@ -282,9 +284,15 @@ def _paragraph_edge(literal: str, *, at_end: bool) -> bool:
     return stripped.endswith("\n\n") if at_end else stripped.startswith("\n\n")
 
 
+def has_pattern(span: MaskSpan) -> bool:
+    """A re= span, or an `as=int|number` span with min=/max= (its range is a pattern too)."""
+    return span.pattern is not None or span.minimum is not None or span.maximum is not None
+
+
 def _check_musts_fit_class(span: MaskSpan) -> None:
-    """A must word is pinned as written, so it must itself be a value of the span's `as=` class."""
-    if span.value_class is None:
+    """A must word is pinned as written, so it must itself be a value of the span's `as=` class.
+    (In a pattern span the automaton checks the musts with the rest of the fill.)"""
+    if span.value_class is None or has_pattern(span):
         return
     for must in span.musts:
         if not token_allowed(must.text.lstrip(" "), span.value_class, "whole"):
@@ -301,6 +309,9 @@ def choice_tokens(tokenizer: PreTrainedTokenizerBase, option: str, joins_space: 
 
 
 def _position_rule(span: MaskSpan, layout: SpanLayout, offset: int) -> PositionRule:
+    if has_pattern(span):
+        # The pattern's automaton decides everything at these positions (editor.patterns).
+        return PositionRule(droppable=offset >= layout.min_tokens)
     place: Place = "body"
     if offset == 0:
         place = "first_spaced" if layout.joins_space else "first"
@@ -341,12 +352,19 @@ def render(
         kept, scores = _kept_tokens(layout, ids, confidences, end_ids)
         text = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
         following = canvas.literals[number + 1]
-        if layout.joins_space and (text[:1].isspace() or (not text and following[:1] in _CLOSES_EMPTY_SEAM)):
+        if has_pattern(layout.span):
+            # The fill is exactly what the pattern matched: a leading space the first token
+            # brought is the literal's (editor.patterns, `pre`), and nothing else is trimmed.
+            if layout.joins_space and text.startswith(" "):
+                text = text[1:]
+            elif layout.joins_space and not text and following[:1] in _CLOSES_EMPTY_SEAM:
+                literal = literal[:-1]
+        elif layout.joins_space and (text[:1].isspace() or (not text and following[:1] in _CLOSES_EMPTY_SEAM)):
             literal = literal[:-1]  # the fill brought its own space, or an empty fill must not leave two
         at_line_start = literal.endswith("\n") or (not literal and not pieces)
-        if at_line_start:
+        if at_line_start and not has_pattern(layout.span):
             text = text.lstrip(" ")  # no stray space at the start of a line
-        if following[:1].isspace():
+        if following[:1].isspace() and not has_pattern(layout.span):
             text = text.rstrip(" ")
         pieces.append(literal)
         length += len(literal)

@@ -1,0 +1,387 @@
+"""Pattern spans: a regular expression compiled to a character automaton (interegular), indexed
+against the model's vocabulary, and the exact per-step masks that keep every fill matching.
+
+Index (once per pattern and vocabulary, cached): each token's text is walked from every automaton
+state, vectorised over the vocabulary, giving `next[token, state]`; tokens with the same row form a
+class, so a mask is computed per class ([C] with C in the hundreds) and spread to the vocabulary
+with one gather. Two states are added: `dead` (no match possible) and `pre`, the start of a span
+whose literal's space it may bring (docs/language.md, Seams): from `pre` a token's one leading
+space is the literal's, and the rest of its text is walked from the automaton's start.
+
+Per step, for a span of L positions: each position is a relation between states ([n, n] bool): a
+committed token's transition, an end token in the droppable tail (`[MASK a-b]`) the identity, a
+masked position any token's. Forward reachability from the start and backward reachability from
+the accepting states (L small matrix products each way) give, for every masked position, exactly
+the tokens that some completion of the whole span accepts: committed tokens fixed, other masked
+positions free, any length the range allows. Whatever order the sampler commits in, the span
+stays completable; `PatternStep.settle` re-checks positions committed in the same step one after
+another (each was allowed alone, not necessarily together) and replaces a token that no longer
+fits with the best one that does.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import interegular
+import numpy as np
+import torch
+
+from editor.constraints import VocabularyRules
+from editor.regexes import compile_fsm
+
+__all__ = [
+    "PatternStep",
+    "SpanConstraint",
+    "TokenAutomaton",
+    "automaton_for",
+    "restrict_patterns_",
+]
+
+_PARTIAL_CHARACTER = "\ufffd"
+
+
+@dataclass(frozen=True, eq=False)
+class TokenAutomaton:
+    """A pattern indexed against one vocabulary. States 0..S-1 are the automaton's, S is `dead`,
+    S+1 is `pre`; n = S + 2."""
+
+    pattern: str
+    start: int
+    pre: int
+    dead: int
+    finals: torch.Tensor  # [n] bool
+    class_of: torch.Tensor  # [V] long, each token's class (excluded tokens: an all-dead class)
+    class_next: torch.Tensor  # [C, n] long, a class's next state from each state
+    free: torch.Tensor  # [n, n] float: s -> t when some token leads from s to t
+    end_ids: tuple[int, ...]
+    build_seconds: float
+
+    @property
+    def states(self) -> int:
+        return int(self.finals.shape[0])
+
+    def token_counts(self, joins_space: bool, limit: int) -> list[int]:
+        """The numbers of tokens (up to `limit`) that some fill matching the pattern can have."""
+        state = self._start_vector(joins_space)
+        counts = []
+        finals = self.finals.float()
+        for count in range(limit + 1):
+            if float(state @ finals) > 0:
+                counts.append(count)
+            state = ((state @ self.free) > 0).float()
+            if not state.any():
+                break
+        return counts
+
+    def _start_vector(self, joins_space: bool) -> torch.Tensor:
+        vector = torch.zeros(self.states)
+        vector[self.pre if joins_space else self.start] = 1.0
+        return vector
+
+
+@dataclass(frozen=True)
+class SpanConstraint:
+    """A pattern span on a canvas: positions start .. start+length-1, the ones from min_tokens on
+    droppable (they may hold an end token, which is dropped)."""
+
+    start: int
+    length: int
+    min_tokens: int
+    joins_space: bool
+    automaton: TokenAutomaton
+
+    def reach(self, tokens: Sequence[int], masked: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward [L+1, n] (states some reading of the first i positions can be in) and backward
+        [L+1, n] (states from which positions i.. can still end in an accepting state)."""
+        relations = [self._relation(offset, tokens[offset], masked[offset]) for offset in range(self.length)]
+        forward = torch.zeros(self.length + 1, self.automaton.states)
+        forward[0] = self.automaton._start_vector(self.joins_space)
+        for offset, relation in enumerate(relations):
+            forward[offset + 1] = ((forward[offset] @ relation) > 0).float()
+        backward = torch.zeros_like(forward)
+        backward[self.length] = self.automaton.finals.float()
+        for offset in range(self.length - 1, -1, -1):
+            backward[offset] = ((relations[offset] @ backward[offset + 1]) > 0).float()
+        return forward, backward
+
+    def feasible(self, tokens: Sequence[int], masked: Sequence[bool]) -> bool:
+        """Whether some completion of the masked positions matches."""
+        forward, _ = self.reach(tokens, masked)
+        return bool((forward[self.length] * self.automaton.finals).any())
+
+    def allowed(self, tokens: Sequence[int], masked: Sequence[bool], offsets: Sequence[int]) -> torch.Tensor:
+        """[K, V] bool: the tokens each masked offset may take so that the span stays completable."""
+        automaton = self.automaton
+        forward, backward = self.reach(tokens, masked)
+        index = torch.tensor(list(offsets), dtype=torch.long)
+        before = forward[index] > 0  # [K, n]
+        after = backward[index + 1] > 0  # [K, n]
+        # A class fits when, from some reachable state, its next state can still finish.
+        lands = after[:, automaton.class_next]  # [K, C, n]
+        classes = (lands & before[:, None, :]).any(dim=-1)  # [K, C]
+        result = classes[:, automaton.class_of]  # [K, V]
+        droppable = index >= self.min_tokens
+        if droppable.any() and automaton.end_ids:
+            stays = (before & after).any(dim=-1) & droppable  # an end token keeps the state
+            result[:, list(automaton.end_ids)] = stays[:, None]
+        return result
+
+    def _relation(self, offset: int, token: int, masked: bool) -> torch.Tensor:
+        automaton = self.automaton
+        droppable = offset >= self.min_tokens
+        if masked:
+            free = automaton.free
+            return torch.clamp(free + torch.eye(automaton.states), max=1.0) if droppable else free
+        if droppable and token in automaton.end_ids:
+            return torch.eye(automaton.states)
+        relation = torch.zeros(automaton.states, automaton.states)
+        if 0 <= token < automaton.class_of.shape[0]:
+            targets = automaton.class_next[automaton.class_of[token]]
+        else:
+            targets = torch.full((automaton.states,), automaton.dead, dtype=torch.long)
+        relation[torch.arange(automaton.states), targets] = 1.0
+        return relation
+
+
+# --- building the index -------------------------------------------------------------------------
+
+_cache: weakref.WeakKeyDictionary[VocabularyRules, dict[str, TokenAutomaton]] = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def automaton_for(pattern: str, vocabulary: VocabularyRules) -> TokenAutomaton:
+    """The pattern (already checked by `editor.regexes.checked_pattern`) indexed against the
+    vocabulary, built once per (pattern, vocabulary). Raises PatternError for what the automaton
+    compiler cannot express."""
+    with _cache_lock:
+        cached = _cache.setdefault(vocabulary, {}).get(pattern)
+    if cached is not None:
+        return cached
+    built = _build(pattern, vocabulary)
+    with _cache_lock:
+        _cache[vocabulary][pattern] = built
+    return built
+
+
+def _build(pattern: str, vocabulary: VocabularyRules) -> TokenAutomaton:
+    import time
+
+    started = time.perf_counter()
+    fsm = compile_fsm(pattern)
+    live, order = _live_states(fsm)
+    size = len(order)
+    dead, pre = size, size + 1
+    symbols = fsm.alphabet._symbol_mapping  # char -> symbol (and anything_else -> its symbol)
+    other = symbols[interegular.fsm.anything_else]
+    alphabet_size = max(symbols.values()) + 1
+    table = np.full((size + 2, alphabet_size), dead, dtype=np.int32)  # pre's row unused while walking
+    for state, moves in fsm.map.items():
+        if state in live:
+            for symbol, target in moves.items():
+                if target in live:
+                    table[order[state], symbol] = order[target]
+    texts = vocabulary.texts
+    usable = [
+        token_id
+        for token_id, text in enumerate(texts)
+        if text and _PARTIAL_CHARACTER not in text and token_id not in vocabulary.banned
+    ]
+    codes, lengths = _code_points([texts[t] for t in usable])
+    lookup = {ord(ch): symbol for ch, symbol in symbols.items() if isinstance(ch, str)}
+    unique, inverse = np.unique(codes, return_inverse=True)
+    mapped = np.array([lookup.get(int(code), other) for code in unique], dtype=np.int32)
+    symbol_grid = np.where(codes >= 0, mapped[inverse.reshape(codes.shape)], -1)  # [U, T]
+    states = np.broadcast_to(np.arange(size + 2, dtype=np.int32), (len(usable), size + 2)).copy()
+    states[:, pre] = dead  # filled below
+    _walk(table, states[:, :pre], symbol_grid, lengths)
+    # From `pre`: one leading space is the literal's; the rest is walked from the start.
+    start = order[fsm.initial] if fsm.initial in live else dead
+    from_pre = np.full((len(usable), 1), start, dtype=np.int32)
+    spaced = np.array([texts[t].startswith(" ") for t in usable], dtype=bool)
+    shifted = np.full_like(symbol_grid, -1)
+    shifted[:, :-1] = symbol_grid[:, 1:]
+    grid = np.where(spaced[:, None], shifted, symbol_grid)
+    _walk(table, from_pre, grid, lengths - spaced.astype(lengths.dtype))
+    states[:, pre] = from_pre[:, 0]
+    all_dead = np.full((1, size + 2), dead, dtype=np.int32)
+    rows, class_index = np.unique(np.concatenate([all_dead, states]), axis=0, return_inverse=True)
+    class_index = class_index.reshape(-1)
+    class_of = np.full(vocabulary.vocab_size, class_index[0], dtype=np.int64)
+    class_of[np.array(usable, dtype=np.int64)] = class_index[1:]
+    class_next = torch.from_numpy(rows.astype(np.int64))
+    n = size + 2
+    free = torch.zeros(n, n)
+    free[torch.arange(n)[None].expand(class_next.shape[0], n), class_next] = 1.0
+    free[:, dead] = 0.0  # a way into the dead state never helps
+    finals = torch.zeros(n, dtype=torch.bool)
+    for state in fsm.finals:
+        if state in live:
+            finals[order[state]] = True
+    if fsm.initial in live and fsm.initial in fsm.finals:
+        finals[pre] = True
+    return TokenAutomaton(
+        pattern=pattern,
+        start=start,
+        pre=pre,
+        dead=dead,
+        finals=finals,
+        class_of=torch.from_numpy(class_of),
+        class_next=class_next,
+        free=free,
+        end_ids=tuple(vocabulary.end_ids),
+        build_seconds=time.perf_counter() - started,
+    )
+
+
+def _live_states(fsm: interegular.FSM) -> tuple[set[Any], dict[Any, int]]:
+    """States that can still reach an accepting state, and their new numbers 0..S-1."""
+    incoming: dict[Any, set[Any]] = {}
+    for state, moves in fsm.map.items():
+        for target in moves.values():
+            incoming.setdefault(target, set()).add(state)
+    live = set(fsm.finals)
+    frontier = list(live)
+    while frontier:
+        state = frontier.pop()
+        for source in incoming.get(state, ()):
+            if source not in live:
+                live.add(source)
+                frontier.append(source)
+    ordered = sorted(live, key=lambda s: (s != fsm.initial, str(s)))
+    return live, {state: number for number, state in enumerate(ordered)}
+
+
+def _code_points(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """[U, T] code points (-1 past each text's end) and each text's length [U]."""
+    lengths = np.array([len(text) for text in texts], dtype=np.int64)
+    width = int(lengths.max()) if len(texts) else 1
+    codes = np.full((len(texts), max(width, 1)), -1, dtype=np.int64)
+    flat = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+    rows = np.repeat(np.arange(len(texts)), lengths)
+    columns = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    codes[rows, columns] = flat
+    return codes, lengths
+
+
+def _walk(table: np.ndarray, states: np.ndarray, symbols: np.ndarray, lengths: np.ndarray) -> None:
+    """Advance every token's states [U, k] through its symbols [U, T], in place; only the tokens
+    still running at a column are touched (the work is the vocabulary's total length times k)."""
+    for column in range(symbols.shape[1]):
+        running = np.nonzero(lengths > column)[0]
+        if not len(running):
+            break
+        states[running] = table[states[running], symbols[running, column][:, None]]
+
+
+# --- the sampler's hook ---------------------------------------------------------------------------
+
+
+class ConstrainedRow(Protocol):
+    constraints: Sequence[SpanConstraint]
+
+
+@dataclass
+class PatternStep:
+    """What `restrict_patterns_` worked out for one step: per (row, slot), the allowed mask it put
+    on the logits, so that `settle` can check the step's commits without a second pass."""
+
+    rows: Sequence[ConstrainedRow]
+    ids: torch.Tensor  # [B, L]
+    masked: torch.Tensor  # [B, L]
+    candidates: torch.Tensor  # [B, M]
+    masks: dict[tuple[int, int], torch.Tensor]  # (row, slot) -> [V] bool
+
+    def settle(
+        self,
+        logits: torch.Tensor,  # [B, M, V] the step's filtered logits
+        tokens: torch.Tensor,  # [B, M]
+        confidence: torch.Tensor,  # [B, M]
+        committed: torch.Tensor,  # [B, M] bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's tokens with every commit in a pattern span made to fit: commits are taken in
+        order of confidence, each checked with the ones before it in place."""
+        tokens, confidence = tokens.clone(), confidence.clone()
+        for row_number, row in enumerate(self.rows):
+            if not row.constraints:
+                continue
+            slots = committed[row_number].nonzero().flatten().tolist()
+            if not slots:
+                continue
+            positions = self.candidates[row_number].tolist()
+            chosen = tokens[row_number].tolist()
+            sure = confidence[row_number].tolist()
+            ids = self.ids[row_number].tolist()
+            masked = self.masked[row_number].tolist()
+            for constraint in row.constraints:
+                mine = [s for s in slots if constraint.start <= positions[s] < constraint.start + constraint.length]
+                mine.sort(key=lambda s: -sure[s])
+                span = slice(constraint.start, constraint.start + constraint.length)
+                span_ids, span_masked = ids[span], masked[span]
+                for turn, slot in enumerate(mine):
+                    offset = positions[slot] - constraint.start
+                    if turn == 0 and (row_number, slot) in self.masks:
+                        fits = self.masks[(row_number, slot)]
+                    else:
+                        fits = constraint.allowed(span_ids, span_masked, [offset])[0]
+                    token = chosen[slot]
+                    if not bool(fits[token]):
+                        token, probability = _best_fitting(logits[row_number, slot], fits.to(logits.device))
+                        tokens[row_number, slot] = token
+                        confidence[row_number, slot] = probability
+                    span_ids[offset], span_masked[offset] = token, False
+        return tokens, confidence
+
+
+def _best_fitting(logits: torch.Tensor, fits: torch.Tensor) -> tuple[int, float]:
+    """The most likely token of `fits` [V] under logits [V] (the first one if none is finite)."""
+    restricted = logits.masked_fill(~fits, float("-inf"))
+    if torch.isneginf(restricted).all():
+        restricted = fits.float().log()
+    token = int(restricted.argmax())
+    probability = float(torch.exp(restricted[token] - torch.logsumexp(restricted, dim=-1)))
+    return token, probability if math.isfinite(probability) else 0.0
+
+
+def restrict_patterns_(
+    logits: torch.Tensor,  # [B, M, V], changed in place
+    rows: Sequence[ConstrainedRow],
+    ids: torch.Tensor,  # [B, L]
+    masked: torch.Tensor,  # [B, L] bool
+    candidates: torch.Tensor,  # [B, M]
+) -> PatternStep | None:
+    """Disallow (-inf) at each masked candidate of a pattern span every token no matching
+    completion of its span could hold; None (and nothing done) when no row has a pattern span."""
+    if not any(row.constraints for row in rows):
+        return None
+    masks: dict[tuple[int, int], torch.Tensor] = {}
+    for row_number, row in enumerate(rows):
+        if not row.constraints:
+            continue
+        positions = candidates[row_number].tolist()
+        row_ids = ids[row_number].tolist()
+        row_masked = masked[row_number].tolist()
+        for constraint in row.constraints:
+            end = constraint.start + constraint.length
+            slots = [s for s, p in enumerate(positions) if constraint.start <= p < end and row_masked[p]]
+            slots = list(dict.fromkeys(slots))
+            if not slots:
+                continue
+            span = slice(constraint.start, end)
+            offsets = [positions[s] - constraint.start for s in slots]
+            allowed = constraint.allowed(row_ids[span], row_masked[span], offsets)
+            width = logits.shape[-1]
+            allowed = allowed[:, :width]
+            if allowed.shape[1] < width:
+                allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[1]))
+            allowed = allowed.to(logits.device)
+            index = torch.tensor(slots, dtype=torch.long, device=logits.device)
+            logits[row_number, index] = logits[row_number, index].masked_fill(~allowed, float("-inf"))
+            for slot, mask in zip(slots, allowed, strict=True):
+                masks[(row_number, slot)] = mask
+    return PatternStep(rows, ids, masked, candidates, masks)
