@@ -120,11 +120,14 @@ def tokens_carry_spaces(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.decode(encode(tokenizer, " a"), clean_up_tokenization_spaces=False).startswith(" ")
 
 
-def must_tokens(tokenizer: PreTrainedTokenizerBase, must: Must, offset: int, joins_space: bool) -> list[int]:
+def must_tokens(
+    tokenizer: PreTrainedTokenizerBase, must: Must, offset: int, joins_space: bool, *, as_written: bool = False
+) -> list[int]:
     """The pinned ids of a must word. Mid-span (or after a moved space) a word starts with a space,
-    as the model's own tokens would; a text that starts with a space or punctuation stays as is."""
+    as the model's own tokens would; a text that starts with a space or punctuation stays as is.
+    `as_written`: no space added (a pattern span, whose fill is exactly what the pattern matches)."""
     text = must.text
-    if text[:1].isalnum() and (offset > 0 or joins_space):
+    if text[:1].isalnum() and (offset > 0 or joins_space) and not as_written:
         text = " " + text
     return encode(tokenizer, text)
 
@@ -137,7 +140,7 @@ def place_fixed_musts(
     for must in span.musts:
         if must.offset is None:
             continue
-        ids = must_tokens(tokenizer, must, must.offset, joins_space)
+        ids = must_tokens(tokenizer, must, must.offset, joins_space, as_written=has_pattern(span))
         if must.offset + len(ids) > length:
             raise DocumentError(
                 f'must="{must.text}"@{must.offset} needs {len(ids)} tokens from offset {must.offset}, '
@@ -160,8 +163,13 @@ def place_fixed_musts(
 
 def check_free_musts_fit(span: MaskSpan, tokenizer: PreTrainedTokenizerBase, length: int, joins_space: bool) -> None:
     free = [m for m in span.musts if m.offset is None]
-    needed = sum(len(must_tokens(tokenizer, m, 1, joins_space)) for m in free)
-    needed += sum(len(must_tokens(tokenizer, m, m.offset, joins_space)) for m in span.musts if m.offset is not None)
+    plain = has_pattern(span)
+    needed = sum(len(must_tokens(tokenizer, m, 1, joins_space, as_written=plain)) for m in free)
+    needed += sum(
+        len(must_tokens(tokenizer, m, m.offset, joins_space, as_written=plain))
+        for m in span.musts
+        if m.offset is not None
+    )
     if free and needed > length:
         words = ", ".join(f'"{m.text}"' for m in span.musts)
         raise DocumentError(
@@ -258,7 +266,9 @@ def _lay_out_span(
     for must_index, must in enumerate(span.musts):
         offset = must_offsets.get((span.index, must_index))
         if must.offset is None and offset is not None:
-            for step, token_id in enumerate(must_tokens(tokenizer, must, offset, joins_space)):
+            for step, token_id in enumerate(
+                must_tokens(tokenizer, must, offset, joins_space, as_written=has_pattern(span))
+            ):
                 pinned[offset + step] = token_id
     return SpanLayout(span, start, length, span.min_tokens, pinned, joins_space)
 
@@ -286,7 +296,7 @@ def _paragraph_edge(literal: str, *, at_end: bool) -> bool:
 
 def has_pattern(span: MaskSpan) -> bool:
     """A re= span, or an `as=int|number` span with min=/max= (its range is a pattern too)."""
-    return span.pattern is not None or span.minimum is not None or span.maximum is not None
+    return bool(span.patterns) or span.minimum is not None or span.maximum is not None
 
 
 def _check_musts_fit_class(span: MaskSpan) -> None:

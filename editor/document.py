@@ -65,7 +65,7 @@ class MaskSpan:
     choices: tuple[str, ...] | None = None
     line: int = 1
     column: int = 1
-    pattern: str | None = None  # re="...": the whole fill matches this regular expression
+    patterns: tuple[str, ...] = ()  # re="..." (may repeat): the whole fill matches every one
     minimum: str | None = None  # as=int|number min=...: the least value (decimal text)
     maximum: str | None = None  # as=int|number max=...: the greatest value (decimal text)
 

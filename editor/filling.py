@@ -32,7 +32,7 @@ from editor.judging import Judge, judge_for
 from editor.models.base import DiffusionModel, aligned_logits
 from editor.options import FillCancelled, SamplerOptions
 from editor.patterns import SpanConstraint, automaton_for
-from editor.regexes import PatternError, span_regex
+from editor.regexes import PatternError, span_patterns
 from editor.sampler import CancelCheck, Row, StepCallback, StepEvent, pad_rows, row_seed, sample
 
 
@@ -62,6 +62,7 @@ class FillResult:
         }
 
 
+COUNT_SEARCH_TOKENS = 512  # how far a pattern's possible token counts are searched for an error message
 DEFAULT_BATCH_TOKENS = 16384  # canvas positions per forward pass when scoring choices
 CANDIDATE_TEMPERATURE = 0.7  # the sampled candidates beside a greedy first one
 # Candidates per fill when the options leave it open, by model name (measured: docs/sampler.md).
@@ -140,14 +141,13 @@ def span_constraints(model: DiffusionModel, canvas: Canvas) -> tuple[SpanConstra
         if not has_pattern(layout.span):
             continue
         try:
-            regex = span_regex(layout.span)
-            assert regex is not None
-            automaton = automaton_for(regex, vocabulary_rules(model))
+            automaton = automaton_for(span_patterns(layout.span), vocabulary_rules(model))
         except PatternError as error:
             raise _span_error(layout, str(error), "a regular expression in Python re syntax") from error
         constraint = SpanConstraint(layout.start, layout.length, layout.min_tokens, layout.joins_space, automaton)
-        counts = automaton.token_counts(layout.joins_space, layout.length + 1)
+        counts = automaton.token_counts(layout.joins_space, layout.length)
         if not any(layout.min_tokens <= count <= layout.length for count in counts):
+            counts = automaton.token_counts(layout.joins_space, COUNT_SEARCH_TOKENS)
             raise _span_error(layout, _needs(layout, counts), "a span length that the pattern can fill")
         found.append(constraint)
     return tuple(found)
@@ -170,10 +170,10 @@ def _pattern_layouts(canvas: Canvas) -> list[SpanLayout]:
 
 
 def _needs(layout: SpanLayout, counts: list[int]) -> str:
-    option = "re=" if layout.span.pattern is not None else "min=/max="
+    option = "re=" if layout.span.patterns else "min=/max="
     if not counts:
         return f"{option} matches no text this model's vocabulary can write"
-    if counts[-1] > layout.length:  # the count search stops past the span's own length
+    if counts[-1] == COUNT_SEARCH_TOKENS:  # the search stops there: no end in sight
         return f"{option} needs at least {counts[0]} tokens here"
     low, high = counts[0], counts[-1]
     return f"{option} needs {low} tokens here" if low == high else f"{option} needs {low} to {high} tokens here"
@@ -272,8 +272,8 @@ def _place_span_musts(
     # A word's tokens only differ between offset 0 and later offsets (the leading space).
     words = {
         i: (
-            must_tokens(model.tokenizer, musts[i], 0, layout.joins_space),
-            must_tokens(model.tokenizer, musts[i], 1, layout.joins_space),
+            must_tokens(model.tokenizer, musts[i], 0, layout.joins_space, as_written=has_pattern(layout.span)),
+            must_tokens(model.tokenizer, musts[i], 1, layout.joins_space, as_written=has_pattern(layout.span)),
         )
         for i in free
     }

@@ -26,7 +26,7 @@ _DIGITS = re.compile(r"[0-9]*")
 _WORD = re.compile(r"\w*")
 _VALUE = re.compile(r"[^ \]\n]*")  # an unquoted value ends at a space, ']' or the end of the line
 _OPTIONS = ("name", "must", "as", "choice", "re", "min", "max")
-_SINGLE_OPTIONS = ("name", "as", "choice", "re", "min", "max")  # must= may repeat; these may not
+_SINGLE_OPTIONS = ("name", "as", "choice", "min", "max")  # must= and re= may repeat; these may not
 _KNOWN_OPTIONS = "one of name=, must=, as=, choice=, re=, min=, max="
 _LENGTH_EXPECTED = "a length like 5 or 2-8, or choice=..."
 # `[mask`, `[Mask` or `[MASK3`: any spelling of the keyword, then digits or a non-word character.
@@ -154,8 +154,8 @@ def _render_span(span: MaskSpan) -> str:
         parts.append(f"min={span.minimum}")
     if span.maximum is not None:
         parts.append(f"max={span.maximum}")
-    if span.pattern is not None:
-        parts.append(f're="{_quote(span.pattern, pipes=False)}"')
+    for pattern in span.patterns:
+        parts.append(f're="{_quote(pattern, pipes=False)}"')
     return " ".join(parts) + "]"
 
 
@@ -272,7 +272,7 @@ class _TagParser:
         self.musts: list[Must] = []
         self.value_class: ValueClass | None = None
         self.choices: tuple[str, ...] | None = None
-        self.pattern: str | None = None
+        self.patterns: list[str] = []
         self.bounds: dict[str, tuple[str, int]] = {}  # "min"/"max" -> (value, where it was written)
         self.seen: set[str] = set()
 
@@ -304,7 +304,7 @@ class _TagParser:
 
     def check_value_options(self) -> None:
         """re= and min=/max= are checked once the whole tag is read (options come in any order)."""
-        if self.pattern is not None and self.value_class is not None:
+        if self.patterns and self.value_class is not None:
             raise self.error("re= cannot be combined with as=", self.start, "either re= or as=")
         if self.bounds and self.value_class not in ("int", "number"):
             key, (_, at) = next(iter(self.bounds.items()))
@@ -335,7 +335,7 @@ class _TagParser:
             choices=self.choices,
             line=line,
             column=column,
-            pattern=self.pattern,
+            patterns=tuple(self.patterns),
             minimum=self.bounds["min"][0] if "min" in self.bounds else None,
             maximum=self.bounds["max"][0] if "max" in self.bounds else None,
         )
@@ -486,7 +486,7 @@ class _TagParser:
             checked_pattern(pattern)
         except PatternError as error:
             raise self.error(f"re= {error}", quote, "a regular expression in Python re syntax") from error
-        self.pattern = pattern
+        self.patterns.append(pattern)
 
     def read_bound(self, key: str) -> None:
         at = self.pos
@@ -551,7 +551,7 @@ class _TagParser:
             raise self.error("choice= cannot be combined with must=", at, "either choice= or must=")
         if self.value_class is not None:
             raise self.error("choice= cannot be combined with as=", at, "either choice= or as=")
-        if self.pattern is not None or self.bounds:
+        if self.patterns or self.bounds:
             raise self.error("choice= cannot be combined with re=, min= or max=", at, "either choice= or re=")
 
     def read_quoted(self, key: str, *, split_pipes: bool) -> tuple[list[list[str]], list[int]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class TokenAutomaton:
     """A pattern indexed against one vocabulary. States 0..S-1 are the automaton's, S is `dead`,
     S+1 is `pre`; n = S + 2."""
 
-    pattern: str
+    patterns: tuple[str, ...]
     start: int
     pre: int
     dead: int
@@ -151,29 +152,29 @@ class SpanConstraint:
 
 # --- building the index -------------------------------------------------------------------------
 
-_cache: weakref.WeakKeyDictionary[VocabularyRules, dict[str, TokenAutomaton]] = weakref.WeakKeyDictionary()
+_cache: weakref.WeakKeyDictionary[VocabularyRules, dict[tuple[str, ...], TokenAutomaton]] = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
 
 
-def automaton_for(pattern: str, vocabulary: VocabularyRules) -> TokenAutomaton:
-    """The pattern (already checked by `editor.regexes.checked_pattern`) indexed against the
-    vocabulary, built once per (pattern, vocabulary). Raises PatternError for what the automaton
-    compiler cannot express."""
+def automaton_for(patterns: tuple[str, ...], vocabulary: VocabularyRules) -> TokenAutomaton:
+    """The strings matching every pattern (each already checked by
+    `editor.regexes.checked_pattern`) as one automaton indexed against the vocabulary, built once
+    per (patterns, vocabulary). Raises PatternError for what the automaton compiler cannot express."""
     with _cache_lock:
-        cached = _cache.setdefault(vocabulary, {}).get(pattern)
+        cached = _cache.setdefault(vocabulary, {}).get(patterns)
     if cached is not None:
         return cached
-    built = _build(pattern, vocabulary)
+    built = _build(patterns, vocabulary)
     with _cache_lock:
-        _cache[vocabulary][pattern] = built
+        _cache[vocabulary][patterns] = built
     return built
 
 
-def _build(pattern: str, vocabulary: VocabularyRules) -> TokenAutomaton:
-    import time
-
+def _build(patterns: tuple[str, ...], vocabulary: VocabularyRules) -> TokenAutomaton:
     started = time.perf_counter()
-    fsm = compile_fsm(pattern)
+    fsm = compile_fsm(patterns[0])
+    for pattern in patterns[1:]:
+        fsm = fsm & compile_fsm(pattern)
     live, order = _live_states(fsm)
     size = len(order)
     dead, pre = size, size + 1
@@ -226,7 +227,7 @@ def _build(pattern: str, vocabulary: VocabularyRules) -> TokenAutomaton:
     if fsm.initial in live and fsm.initial in fsm.finals:
         finals[pre] = True
     return TokenAutomaton(
-        pattern=pattern,
+        patterns=patterns,
         start=start,
         pre=pre,
         dead=dead,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import re
+import re._parser as sre_parse  # type: ignore[import-not-found]  # the parser `re` itself uses (3.11+)
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import interegular
 
@@ -26,7 +27,8 @@ __all__ = [
     "compile_fsm",
     "json_string_content",
     "number_pattern",
-    "span_regex",
+    "searched_pattern",
+    "span_patterns",
 ]
 
 
@@ -47,6 +49,16 @@ _UNSUPPORTED = {
 _EDGE_ANCHORS = {"AT_BEGINNING", "AT_BEGINNING_STRING", "AT_END", "AT_END_STRING"}
 
 
+def searched_pattern(source: str, filler: str) -> str:
+    """A JSON Schema `pattern` (found anywhere in the string unless anchored with ^ or $) as a
+    whole-string pattern: any run of `filler` characters stands in for an unanchored side."""
+    body = checked_pattern(source)
+    items = list(sre_parse.parse(source))
+    opened = bool(items) and str(items[0][0]) == "AT"
+    closed = len(items) > int(opened) and str(items[-1][0]) == "AT"
+    return ("" if opened else f"{filler}*") + f"(?:{body})" + ("" if closed else f"{filler}*")
+
+
 def checked_pattern(source: str) -> str:
     """`source` ready for the automaton compiler: valid Python `re` syntax, no feature an automaton
     cannot express, and edge anchors (`^...$`, `\\A...\\Z`) dropped since the whole fill matches
@@ -57,7 +69,6 @@ def checked_pattern(source: str) -> str:
         raise PatternError(f"invalid regular expression: {error}") from error
     if parsed.flags & ~(re.UNICODE | re.IGNORECASE):
         raise PatternError("flags other than (?i) are not supported in a pattern")
-    import re._parser as sre_parse  # type: ignore[import-not-found]  # the parser `re` itself uses (3.11+)
 
     tree = sre_parse.parse(source)
     items = list(tree)
@@ -87,18 +98,16 @@ def compile_fsm(pattern: str) -> interegular.FSM:
         raise PatternError(f"the pattern cannot be compiled to an automaton: {error}") from error
 
 
-def span_regex(span: MaskSpan) -> str | None:
-    """The regular expression a span's fill must match: its re=, or the range of an
-    `as=int|number` span with min=/max=; None for any other span."""
-    if span.pattern is not None:
-        return checked_pattern(span.pattern)
+def span_patterns(span: MaskSpan) -> tuple[str, ...]:
+    """The regular expressions a span's fill must all match: its re= patterns, or the range of an
+    `as=int|number` span with min=/max=; none for any other span."""
+    if span.patterns:
+        return tuple(checked_pattern(pattern) for pattern in span.patterns)
     if span.value_class in ("int", "number") and (span.minimum is not None or span.maximum is not None):
-        return number_pattern(
-            span.value_class == "int",
-            None if span.minimum is None else parse_bound(span.minimum),
-            None if span.maximum is None else parse_bound(span.maximum),
-        )
-    return None
+        low = None if span.minimum is None else parse_bound(span.minimum)
+        high = None if span.maximum is None else parse_bound(span.maximum)
+        return (number_pattern(span.value_class == "int", low, high),)
+    return ()
 
 
 def _refuse_unsupported(op: object, value: object) -> None:
@@ -397,3 +406,63 @@ def json_string_content(min_chars: int, max_chars: int | None) -> str:
     """Unescaped JSON-string characters, between min_chars and max_chars of them."""
     top = "" if max_chars is None else str(max_chars)
     return f"{JSON_STRING_CHAR}{{{min_chars},{top}}}"
+
+
+def length_bounds(patterns: tuple[str, ...]) -> tuple[int, int | None] | None:
+    """The fewest and most characters a string matching every pattern has (most: None when
+    unbounded); None when no string matches them all."""
+    fsm = compile_fsm(patterns[0])
+    for pattern in patterns[1:]:
+        fsm = fsm & compile_fsm(pattern)
+    moves = {state: set(targets.values()) for state, targets in fsm.map.items()}
+    live = set(fsm.finals)
+    changed = True
+    while changed:  # states that can still reach an accepting one
+        before = len(live)
+        live |= {state for state, targets in moves.items() if targets & live}
+        changed = len(live) != before
+    if fsm.initial not in live:
+        return None
+    graph = {state: moves.get(state, set()) & live for state in live}
+    shortest = {fsm.initial: 0}
+    frontier = [fsm.initial]
+    while frontier:  # breadth first: the fewest characters to each state
+        following = []
+        for state in frontier:
+            for target in graph[state]:
+                if target not in shortest:
+                    shortest[target] = shortest[state] + 1
+                    following.append(target)
+        frontier = following
+    fewest = min(shortest[state] for state in fsm.finals if state in shortest)
+    return fewest, _longest(fsm.initial, graph, set(fsm.finals))
+
+
+def _longest(initial: Any, graph: dict[Any, set[Any]], finals: set[Any]) -> int | None:
+    """The longest path from `initial` to an accepting state, None when a cycle makes it unbounded."""
+    order: list[Any] = []
+    state_of: dict[Any, int] = {}  # 1: on the stack, 2: done
+    stack: list[tuple[Any, list[Any]]] = [(initial, list(graph[initial]))]
+    state_of[initial] = 1
+    while stack:
+        node, pending = stack[-1]
+        if pending:
+            target = pending.pop()
+            mark = state_of.get(target)
+            if mark == 1:
+                return None
+            if mark is None:
+                state_of[target] = 1
+                stack.append((target, list(graph[target])))
+            continue
+        state_of[node] = 2
+        order.append(node)
+        stack.pop()
+    longest: dict[Any, int] = {}
+    for node in order:  # children before parents
+        tails = [longest[t] + 1 for t in graph[node] if t in longest]
+        if node in finals:
+            tails.append(0)
+        if tails:
+            longest[node] = max(tails)
+    return longest.get(initial)
