@@ -25,7 +25,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -193,25 +193,14 @@ def _build(patterns: tuple[str, ...], vocabulary: VocabularyRules) -> TokenAutom
         for token_id, text in enumerate(texts)
         if text and _PARTIAL_CHARACTER not in text and token_id not in vocabulary.banned
     ]
-    codes, lengths = _code_points([texts[t] for t in usable])
-    lookup = {ord(ch): symbol for ch, symbol in symbols.items() if isinstance(ch, str)}
-    unique, inverse = np.unique(codes, return_inverse=True)
-    mapped = np.array([lookup.get(int(code), other) for code in unique], dtype=np.int32)
-    symbol_grid = np.where(codes >= 0, mapped[inverse.reshape(codes.shape)], -1)  # [U, T]
-    states = np.broadcast_to(np.arange(size + 2, dtype=np.int32), (len(usable), size + 2)).copy()
-    states[:, pre] = dead  # filled below
-    _walk(table, states[:, :pre], symbol_grid, lengths)
-    # From `pre`: one leading space is the literal's; the rest is walked from the start.
     start = order[fsm.initial] if fsm.initial in live else dead
-    from_pre = np.full((len(usable), 1), start, dtype=np.int32)
-    spaced = np.array([texts[t].startswith(" ") for t in usable], dtype=bool)
-    shifted = np.full_like(symbol_grid, -1)
-    shifted[:, :-1] = symbol_grid[:, 1:]
-    grid = np.where(spaced[:, None], shifted, symbol_grid)
-    _walk(table, from_pre, grid, lengths - spaced.astype(lengths.dtype))
-    states[:, pre] = from_pre[:, 0]
+    lookup = {ord(ch): symbol for ch, symbol in symbols.items() if isinstance(ch, str)}
+    states = _token_states(table, [texts[t] for t in usable], lookup, other, start, pre, dead)
     all_dead = np.full((1, size + 2), dead, dtype=np.int32)
-    rows, class_index = np.unique(np.concatenate([all_dead, states]), axis=0, return_inverse=True)
+    table_rows = np.ascontiguousarray(np.concatenate([all_dead, states]))
+    as_bytes = table_rows.view(np.dtype((np.void, table_rows.dtype.itemsize * table_rows.shape[1]))).reshape(-1)
+    _, first_of_class, class_index = np.unique(as_bytes, return_index=True, return_inverse=True)
+    rows = table_rows[first_of_class]
     class_index = class_index.reshape(-1)
     class_of = np.full(vocabulary.vocab_size, class_index[0], dtype=np.int64)
     class_of[np.array(usable, dtype=np.int64)] = class_index[1:]
@@ -258,16 +247,38 @@ def _live_states(fsm: interegular.FSM) -> tuple[set[Any], dict[Any, int]]:
     return live, {state: number for number, state in enumerate(ordered)}
 
 
-def _code_points(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """[U, T] code points (-1 past each text's end) and each text's length [U]."""
-    lengths = np.array([len(text) for text in texts], dtype=np.int64)
-    width = int(lengths.max()) if len(texts) else 1
-    codes = np.full((len(texts), max(width, 1)), -1, dtype=np.int64)
-    flat = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-    rows = np.repeat(np.arange(len(texts)), lengths)
-    columns = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    codes[rows, columns] = flat
-    return codes, lengths
+def _token_states(
+    table: np.ndarray, texts: list[str], lookup: Mapping[int, int], other: int, start: int, pre: int, dead: int
+) -> np.ndarray:
+    """[U, n] the state each token leads to from each state (column `pre`: from the span's start,
+    its one leading space taken as the literal's). Tokens are grouped by length, and tokens that
+    read as the same symbols (and start with a space or not alike) are walked once: the work is
+    the number of distinct spellings times their length times n."""
+    lengths = np.fromiter((len(text) for text in texts), dtype=np.int64, count=len(texts))
+    flat = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    unique, inverse = np.unique(flat, return_inverse=True)
+    symbols = np.array([lookup.get(int(code), other) for code in unique], dtype=np.int32)[inverse.reshape(-1)]
+    firsts = np.cumsum(lengths) - lengths
+    spaced = np.fromiter((text.startswith(" ") for text in texts), dtype=np.int32, count=len(texts))
+    n = table.shape[0]
+    states = np.empty((len(texts), n), dtype=np.int32)
+    for length in np.unique(lengths).tolist():
+        members = np.nonzero(lengths == length)[0]
+        grid = symbols[firsts[members][:, None] + np.arange(length)]  # [m, length]
+        key = np.ascontiguousarray(np.concatenate([spaced[members][:, None], grid], axis=1))
+        rows = key.view(np.dtype((np.void, key.dtype.itemsize * key.shape[1]))).reshape(-1)
+        _, first, which = np.unique(rows, return_index=True, return_inverse=True)
+        distinct, leading = grid[first], spaced[members][first].astype(bool)
+        walked = np.broadcast_to(np.arange(n, dtype=np.int32), (len(first), n)).copy()
+        full = np.full(len(first), length, dtype=np.int64)
+        _walk(table, walked[:, :pre], distinct, full)
+        # From `pre`: one leading space is the literal's; the rest is walked from the start.
+        from_pre = np.full((len(first), 1), start, dtype=np.int32)
+        shifted = np.concatenate([distinct[:, 1:], np.full((len(first), 1), -1, dtype=np.int32)], axis=1)
+        _walk(table, from_pre, np.where(leading[:, None], shifted, distinct), full - leading)
+        walked[:, pre] = from_pre[:, 0]
+        states[members] = walked[which.reshape(-1)]
+    return states
 
 
 def _walk(table: np.ndarray, states: np.ndarray, symbols: np.ndarray, lengths: np.ndarray) -> None:
