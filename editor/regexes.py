@@ -93,9 +93,23 @@ def compile_fsm(pattern: str) -> interegular.FSM:
     """The character automaton of a checked pattern (cached: a template compiles the same few
     patterns for every record)."""
     try:
-        return interegular.parse_pattern(pattern).to_fsm()
+        return interegular.parse_pattern(_literal_escapes(pattern)).to_fsm()
     except Exception as error:  # interegular raises its own Unsupported and parse errors
         raise PatternError(f"the pattern cannot be compiled to an automaton: {error}") from error
+
+
+_CODE_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8}))")
+
+
+def _literal_escapes(pattern: str) -> str:
+    """`\\uXXXX` and `\\UXXXXXXXX` (which `re` and JSON Schema patterns use, and the automaton
+    compiler does not) written as the characters themselves."""
+
+    def character(match: re.Match[str]) -> str:
+        code = int(match.group(2) or match.group(3), 16)
+        return match.group(1) + re.escape(chr(code))
+
+    return _CODE_ESCAPE.sub(character, pattern)
 
 
 def span_patterns(span: MaskSpan) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from editor.models import DiffusionModel
 from editor.options import SamplerOptions
 from editor.parser import parse_document, render_document
 from editor.patterns import SpanConstraint, automaton_for
-from editor.regexes import FORMATS, PatternError, checked_pattern, number_pattern
+from editor.regexes import FORMATS, PatternError, checked_pattern, compile_fsm, number_pattern
 
 pytestmark = pytest.mark.usefixtures("tiny_one_thread")
 
@@ -259,9 +259,11 @@ def test_patterns_render_back_to_the_same_document() -> None:
     assert document.spans[0].patterns == ('[a-z"]+', "\\d")
 
 
-def test_anchors_at_the_edges_are_accepted() -> None:
+def test_anchors_at_the_edges_and_code_escapes_are_accepted() -> None:
     assert checked_pattern(r"^\d+$") == r"\d+"
     assert checked_pattern(r"\A[a-z]\Z") == "[a-z]"
+    fsm = compile_fsm(checked_pattern(r"caf\u00e9 [\u00e0-\u00ff]"))
+    assert fsm.accepts("café à") and not fsm.accepts("cafe a")
 
 
 # --------------------------------------------------------------------------- JSON Schema
