@@ -529,7 +529,12 @@ def unfinished_tails_cut(model: DiffusionModel, canvas: Canvas, ids: list[int]) 
     cut = list(ids)
     for number, layout in enumerate(canvas.spans):
         following = canvas.literals[number + 1]
-        if layout.min_tokens >= layout.length or layout.span.choices is not None or following[:1] not in ("", "\n"):
+        if (
+            layout.min_tokens >= layout.length
+            or layout.span.choices is not None
+            or has_pattern(layout.span)  # a cut fill could stop matching
+            or following[:1] not in ("", "\n")
+        ):
             continue
         words = [model.tokenizer.decode([token]) for token in ids[layout.start : layout.start + layout.length]]
         kept = [offset for offset in range(layout.length) if ids[layout.start + offset] not in end_ids]
@@ -568,8 +573,8 @@ def sentence_cut_variants(model: DiffusionModel, canvas: Canvas, ids: Sequence[i
     end_id, end_ids = model.special.end_ids[0], set(model.special.end_ids)
     variants: list[list[int]] = []
     for number, layout in enumerate(canvas.spans):
-        if layout.min_tokens >= layout.length or layout.span.choices is not None:
-            continue
+        if layout.min_tokens >= layout.length or layout.span.choices is not None or has_pattern(layout.span):
+            continue  # (a pattern span's fill, cut, could stop matching)
         earliest = max([layout.min_tokens, 1, *(offset + 1 for offset in layout.pinned)])
         words = [
             model.tokenizer.decode([token]) for token in ids[layout.start : layout.start + layout.length]

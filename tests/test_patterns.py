@@ -146,6 +146,19 @@ def test_property_every_fill_matches(
     assert re.fullmatch(pattern, result.spans[0].text), (pattern, schedule, result.text)
 
 
+@pytest.mark.parametrize("candidates", [1, 3])
+def test_judged_candidates_and_cuts_keep_pattern_fills_whole(tiny_model: DiffusionModel, candidates: int) -> None:
+    """Candidates are judged, mixed per span and cut at sentence ends: none of that may cut or
+    change a pattern span (spans that end a line, or the document, after a sentence stop)."""
+    source = 'Note: [MASK 2-12 re="[A-Z][a-z]+\\. [a-z]+ ok"]\nNext: [MASK 3-10 re="(ab\\. )+x"]'
+    for seed in range(3):
+        opts = SamplerOptions(seed=seed, candidates=candidates, temperature=1.0)
+        result = fill_documents(tiny_model, [parse_document(source)], opts)[0]
+        first, second = result.spans
+        assert re.fullmatch(r"[A-Z][a-z]+\. [a-z]+ ok", first.text), result.text
+        assert re.fullmatch(r"(ab\. )+x", second.text), result.text
+
+
 def test_must_words_stay_inside_the_pattern(tiny_model: DiffusionModel) -> None:
     source = 'Order [MASK 3-8 re="[A-Z]{2}-\\d+" must="7"] now and [MASK 4 re="(ab)+" must="ab"@2].'
     for schedule in SCHEDULES[:3]:
