@@ -21,6 +21,7 @@ fits with the best one that does.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -48,7 +49,7 @@ _PARTIAL_CHARACTER = "\ufffd"
 
 
 @dataclass(frozen=True, eq=False)
-class TokenAutomaton:
+class TokenAutomaton:  # (not slotted: `free_or_end` is cached on the instance)
     """A pattern indexed against one vocabulary. States 0..S-1 are the automaton's, S is `dead`,
     S+1 is `pre`; n = S + 2."""
 
@@ -66,6 +67,11 @@ class TokenAutomaton:
     @property
     def states(self) -> int:
         return int(self.finals.shape[0])
+
+    @functools.cached_property
+    def free_or_end(self) -> torch.Tensor:
+        """[n, n]: `free`, or staying put (an end token in a range's droppable tail)."""
+        return torch.clamp(self.free + torch.eye(self.states), max=1.0)
 
     def token_counts(self, joins_space: bool, limit: int) -> list[int]:
         """The numbers of tokens (up to `limit`) that some fill matching the pattern can have."""
@@ -99,16 +105,31 @@ class SpanConstraint:
 
     def reach(self, tokens: Sequence[int], masked: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward [L+1, n] (states some reading of the first i positions can be in) and backward
-        [L+1, n] (states from which positions i.. can still end in an accepting state)."""
-        relations = [self._relation(offset, tokens[offset], masked[offset]) for offset in range(self.length)]
-        forward = torch.zeros(self.length + 1, self.automaton.states)
-        forward[0] = self.automaton._start_vector(self.joins_space)
-        for offset, relation in enumerate(relations):
-            forward[offset + 1] = ((forward[offset] @ relation) > 0).float()
+        [L+1, n] (states from which positions i.. can still end in an accepting state). A masked
+        position is a product with the any-token relation [n, n]; a committed token a scatter
+        (forward) or a gather (backward) along its transition [n]; an end token in the droppable
+        tail leaves the states as they are."""
+        automaton = self.automaton
+        moves = [self._move(offset, tokens[offset], masked[offset]) for offset in range(self.length)]
+        forward = torch.zeros(self.length + 1, automaton.states)
+        forward[0] = automaton._start_vector(self.joins_space)
+        for offset, move in enumerate(moves):
+            if move is None:
+                forward[offset + 1] = forward[offset]
+            elif move.dim() == 2:
+                forward[offset + 1] = ((forward[offset] @ move) > 0).float()
+            else:
+                forward[offset + 1] = torch.zeros(automaton.states).index_add_(0, move, forward[offset]).clamp_(max=1.0)
         backward = torch.zeros_like(forward)
-        backward[self.length] = self.automaton.finals.float()
+        backward[self.length] = automaton.finals.float()
         for offset in range(self.length - 1, -1, -1):
-            backward[offset] = ((relations[offset] @ backward[offset + 1]) > 0).float()
+            move = moves[offset]
+            if move is None:
+                backward[offset] = backward[offset + 1]
+            elif move.dim() == 2:
+                backward[offset] = ((move @ backward[offset + 1]) > 0).float()
+            else:
+                backward[offset] = backward[offset + 1][move]
         return forward, backward
 
     def feasible(self, tokens: Sequence[int], masked: Sequence[bool]) -> bool:
@@ -133,21 +154,18 @@ class SpanConstraint:
             result[:, list(automaton.end_ids)] = stays[:, None]
         return result
 
-    def _relation(self, offset: int, token: int, masked: bool) -> torch.Tensor:
+    def _move(self, offset: int, token: int, masked: bool) -> torch.Tensor | None:
+        """A position as a step between states: [n, n] relation (masked), [n] next states (a
+        committed token), or None (an end token in the droppable tail: no change)."""
         automaton = self.automaton
         droppable = offset >= self.min_tokens
         if masked:
-            free = automaton.free
-            return torch.clamp(free + torch.eye(automaton.states), max=1.0) if droppable else free
+            return automaton.free_or_end if droppable else automaton.free
         if droppable and token in automaton.end_ids:
-            return torch.eye(automaton.states)
-        relation = torch.zeros(automaton.states, automaton.states)
+            return None
         if 0 <= token < automaton.class_of.shape[0]:
-            targets = automaton.class_next[automaton.class_of[token]]
-        else:
-            targets = torch.full((automaton.states,), automaton.dead, dtype=torch.long)
-        relation[torch.arange(automaton.states), targets] = 1.0
-        return relation
+            return automaton.class_next[automaton.class_of[token]]
+        return torch.full((automaton.states,), automaton.dead, dtype=torch.long)
 
 
 # --- building the index -------------------------------------------------------------------------
