@@ -266,7 +266,13 @@ class _Deriver:
             return ""
         if any(key in schema for key in ("pattern", "format", "minLength", "maxLength")):
             patterns = self.string_patterns(schema, where)
-            return _tag(self.pattern_span(patterns, where, DEFAULT_STRING_TOKENS, allow_empty=False))
+            tokens = None
+            if "pattern" not in schema and "format" not in schema:
+                # Free text: about CHARS_PER_TOKEN characters a token, as before (the /v1 API budgets
+                # max_tokens by it); the character limits themselves are exact.
+                most = DEFAULT_STRING_TOKENS if max_length is None else math.ceil(max_length / CHARS_PER_TOKEN)
+                tokens = max(1, most, math.ceil(min_length / CHARS_PER_TOKEN))
+            return _tag(self.pattern_span(patterns, where, DEFAULT_STRING_TOKENS, allow_empty=False, tokens=tokens))
         return _tag(MaskSpan(0, 1, DEFAULT_STRING_TOKENS))
 
     def number(self, schema: dict[str, Any], kind: str, where: str, path: str) -> Any:
@@ -276,16 +282,24 @@ class _Deriver:
         return _tag(self.pattern_span((self.number_regex(schema, kind, where),), where, NUMBER_TOKENS))
 
     def pattern_span(
-        self, patterns: tuple[str, ...], where: str, default: int, *, allow_empty: bool = True
+        self,
+        patterns: tuple[str, ...],
+        where: str,
+        default: int,
+        *,
+        allow_empty: bool = True,
+        tokens: int | None = None,
     ) -> MaskSpan:
         """A span whose fill matches every pattern, as long as the longest match (in characters,
-        each at least one token) or `default` tokens when unbounded."""
+        each at least one token), `default` tokens when unbounded, or `tokens` when given."""
         bounds = length_bounds(patterns)
         if bounds is None:
             raise SchemaError("no value satisfies this schema", path=where, expected="keywords that agree")
         fewest, most = bounds
         limit = self.limits.max_span_tokens
         high = min(limit, most if most is not None else max(default, fewest))
+        if tokens is not None:
+            high = min(limit, tokens)
         high = max(high, 1)
         low = 0 if fewest == 0 and allow_empty else 1
         return MaskSpan(0, min(low, high), high, patterns=patterns)
