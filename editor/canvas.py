@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from editor.constraints import Place, PositionRule, number_slot, token_allowed
 from editor.document import Document, DocumentError, MaskSpan, Must
+from editor.patterns import SpanConstraint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,6 +49,7 @@ class Canvas:
     rules: list[PositionRule]
     spans: list[SpanLayout]
     literals: list[str]  # literal text between spans as written; len(spans) + 1 pieces
+    constraints: tuple[SpanConstraint, ...] = ()  # the pattern spans' automata (editor.patterns)
 
     @property
     def masked_positions(self) -> list[int]:
@@ -118,11 +120,14 @@ def tokens_carry_spaces(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.decode(encode(tokenizer, " a"), clean_up_tokenization_spaces=False).startswith(" ")
 
 
-def must_tokens(tokenizer: PreTrainedTokenizerBase, must: Must, offset: int, joins_space: bool) -> list[int]:
+def must_tokens(
+    tokenizer: PreTrainedTokenizerBase, must: Must, offset: int, joins_space: bool, *, as_written: bool = False
+) -> list[int]:
     """The pinned ids of a must word. Mid-span (or after a moved space) a word starts with a space,
-    as the model's own tokens would; a text that starts with a space or punctuation stays as is."""
+    as the model's own tokens would; a text that starts with a space or punctuation stays as is.
+    `as_written`: no space added (a pattern span, whose fill is exactly what the pattern matches)."""
     text = must.text
-    if text[:1].isalnum() and (offset > 0 or joins_space):
+    if text[:1].isalnum() and (offset > 0 or joins_space) and not as_written:
         text = " " + text
     return encode(tokenizer, text)
 
@@ -135,7 +140,7 @@ def place_fixed_musts(
     for must in span.musts:
         if must.offset is None:
             continue
-        ids = must_tokens(tokenizer, must, must.offset, joins_space)
+        ids = must_tokens(tokenizer, must, must.offset, joins_space, as_written=has_pattern(span))
         if must.offset + len(ids) > length:
             raise DocumentError(
                 f'must="{must.text}"@{must.offset} needs {len(ids)} tokens from offset {must.offset}, '
@@ -158,8 +163,13 @@ def place_fixed_musts(
 
 def check_free_musts_fit(span: MaskSpan, tokenizer: PreTrainedTokenizerBase, length: int, joins_space: bool) -> None:
     free = [m for m in span.musts if m.offset is None]
-    needed = sum(len(must_tokens(tokenizer, m, 1, joins_space)) for m in free)
-    needed += sum(len(must_tokens(tokenizer, m, m.offset, joins_space)) for m in span.musts if m.offset is not None)
+    plain = has_pattern(span)
+    needed = sum(len(must_tokens(tokenizer, m, 1, joins_space, as_written=plain)) for m in free)
+    needed += sum(
+        len(must_tokens(tokenizer, m, m.offset, joins_space, as_written=plain))
+        for m in span.musts
+        if m.offset is not None
+    )
     if free and needed > length:
         words = ", ".join(f'"{m.text}"' for m in span.musts)
         raise DocumentError(
@@ -256,7 +266,9 @@ def _lay_out_span(
     for must_index, must in enumerate(span.musts):
         offset = must_offsets.get((span.index, must_index))
         if must.offset is None and offset is not None:
-            for step, token_id in enumerate(must_tokens(tokenizer, must, offset, joins_space)):
+            for step, token_id in enumerate(
+                must_tokens(tokenizer, must, offset, joins_space, as_written=has_pattern(span))
+            ):
                 pinned[offset + step] = token_id
     return SpanLayout(span, start, length, span.min_tokens, pinned, joins_space)
 
@@ -282,9 +294,15 @@ def _paragraph_edge(literal: str, *, at_end: bool) -> bool:
     return stripped.endswith("\n\n") if at_end else stripped.startswith("\n\n")
 
 
+def has_pattern(span: MaskSpan) -> bool:
+    """A re= span, or an `as=int|number` span with min=/max= (its range is a pattern too)."""
+    return bool(span.patterns) or span.minimum is not None or span.maximum is not None
+
+
 def _check_musts_fit_class(span: MaskSpan) -> None:
-    """A must word is pinned as written, so it must itself be a value of the span's `as=` class."""
-    if span.value_class is None:
+    """A must word is pinned as written, so it must itself be a value of the span's `as=` class.
+    (In a pattern span the automaton checks the musts with the rest of the fill.)"""
+    if span.value_class is None or has_pattern(span):
         return
     for must in span.musts:
         if not token_allowed(must.text.lstrip(" "), span.value_class, "whole"):
@@ -301,6 +319,9 @@ def choice_tokens(tokenizer: PreTrainedTokenizerBase, option: str, joins_space: 
 
 
 def _position_rule(span: MaskSpan, layout: SpanLayout, offset: int) -> PositionRule:
+    if has_pattern(span):
+        # The pattern's automaton decides everything at these positions (editor.patterns).
+        return PositionRule(droppable=offset >= layout.min_tokens)
     place: Place = "body"
     if offset == 0:
         place = "first_spaced" if layout.joins_space else "first"
@@ -341,12 +362,19 @@ def render(
         kept, scores = _kept_tokens(layout, ids, confidences, end_ids)
         text = tokenizer.decode(kept, clean_up_tokenization_spaces=False)
         following = canvas.literals[number + 1]
-        if layout.joins_space and (text[:1].isspace() or (not text and following[:1] in _CLOSES_EMPTY_SEAM)):
+        if has_pattern(layout.span):
+            # The fill is exactly what the pattern matched: a leading space the first token
+            # brought is the literal's (editor.patterns, `pre`), and nothing else is trimmed.
+            if layout.joins_space and text.startswith(" "):
+                text = text[1:]
+            elif layout.joins_space and not text and following[:1] in _CLOSES_EMPTY_SEAM:
+                literal = literal[:-1]
+        elif layout.joins_space and (text[:1].isspace() or (not text and following[:1] in _CLOSES_EMPTY_SEAM)):
             literal = literal[:-1]  # the fill brought its own space, or an empty fill must not leave two
         at_line_start = literal.endswith("\n") or (not literal and not pieces)
-        if at_line_start:
+        if at_line_start and not has_pattern(layout.span):
             text = text.lstrip(" ")  # no stray space at the start of a line
-        if following[:1].isspace():
+        if following[:1].isspace() and not has_pattern(layout.span):
             text = text.rstrip(" ")
         pieces.append(literal)
         length += len(literal)

@@ -65,6 +65,9 @@ class MaskSpan:
     choices: tuple[str, ...] | None = None
     line: int = 1
     column: int = 1
+    patterns: tuple[str, ...] = ()  # re="..." (may repeat): the whole fill matches every one
+    minimum: str | None = None  # as=int|number min=...: the least value (decimal text)
+    maximum: str | None = None  # as=int|number max=...: the greatest value (decimal text)
 
     @property
     def key(self) -> str:

@@ -21,6 +21,7 @@ from editor.canvas import (
     SpanLayout,
     build_canvas,
     choice_tokens,
+    has_pattern,
     must_tokens,
     render,
 )
@@ -30,6 +31,8 @@ from editor.document import Document, DocumentError
 from editor.judging import Judge, judge_for
 from editor.models.base import DiffusionModel, aligned_logits
 from editor.options import FillCancelled, SamplerOptions
+from editor.patterns import SpanConstraint, automaton_for
+from editor.regexes import PatternError, span_patterns
 from editor.sampler import CancelCheck, Row, StepCallback, StepEvent, pad_rows, row_seed, sample
 
 
@@ -59,6 +62,7 @@ class FillResult:
         }
 
 
+COUNT_SEARCH_TOKENS = 512  # how far a pattern's possible token counts are searched for an error message
 DEFAULT_BATCH_TOKENS = 16384  # canvas positions per forward pass when scoring choices
 CANDIDATE_TEMPERATURE = 0.7  # the sampled candidates beside a greedy first one
 # Candidates per fill when the options leave it open, by model name (measured: docs/sampler.md).
@@ -122,8 +126,61 @@ def prepare_canvas(
                 model, canvas, layout, max_batch_tokens=max_batch_tokens, should_cancel=should_cancel
             )
             canvas = lay_out(choices, {})
-    musts = place_free_musts(model, canvas)
-    return lay_out(choices, musts) if musts else canvas
+    constraints = span_constraints(model, canvas)
+    musts = place_free_musts(model, replace(canvas, constraints=constraints))
+    canvas = lay_out(choices, musts) if musts else canvas
+    return checked_constraints(replace(canvas, constraints=span_constraints(model, canvas)))
+
+
+def span_constraints(model: DiffusionModel, canvas: Canvas) -> tuple[SpanConstraint, ...]:
+    """The automaton of each pattern span (`re=`, or `as=int|number` with min=/max=), indexed
+    against the model's vocabulary once per pattern; raises DocumentError for a pattern the
+    automaton compiler refuses or one no fill of the span's length can match."""
+    found = []
+    for layout in canvas.spans:
+        if not has_pattern(layout.span):
+            continue
+        try:
+            automaton = automaton_for(span_patterns(layout.span), vocabulary_rules(model))
+        except PatternError as error:
+            raise _span_error(layout, str(error), "a regular expression in Python re syntax") from error
+        constraint = SpanConstraint(layout.start, layout.length, layout.min_tokens, layout.joins_space, automaton)
+        counts = automaton.token_counts(layout.joins_space, layout.length)
+        if not any(layout.min_tokens <= count <= layout.length for count in counts):
+            counts = automaton.token_counts(layout.joins_space, COUNT_SEARCH_TOKENS)
+            raise _span_error(layout, _needs(layout, counts), "a span length that the pattern can fill")
+        found.append(constraint)
+    return tuple(found)
+
+
+def checked_constraints(canvas: Canvas) -> Canvas:
+    """The canvas, once each pattern span is known to have a matching fill with its pinned words."""
+    for layout, constraint in zip(_pattern_layouts(canvas), canvas.constraints, strict=True):
+        tokens = canvas.ids[layout.start : layout.start + layout.length]
+        masked = [not fixed for fixed in canvas.pinned[layout.start : layout.start + layout.length]]
+        if not constraint.feasible(tokens, masked):
+            raise _span_error(
+                layout, "no fill matches the pattern with these must words", "must words the pattern allows"
+            )
+    return canvas
+
+
+def _pattern_layouts(canvas: Canvas) -> list[SpanLayout]:
+    return [layout for layout in canvas.spans if has_pattern(layout.span)]
+
+
+def _needs(layout: SpanLayout, counts: list[int]) -> str:
+    option = "re=" if layout.span.patterns else "min=/max="
+    if not counts:
+        return f"{option} matches no text this model's vocabulary can write"
+    if counts[-1] == COUNT_SEARCH_TOKENS:  # the search stops there: no end in sight
+        return f"{option} needs at least {counts[0]} tokens here"
+    low, high = counts[0], counts[-1]
+    return f"{option} needs {low} tokens here" if low == high else f"{option} needs {low} to {high} tokens here"
+
+
+def _span_error(layout: SpanLayout, message: str, expected: str) -> DocumentError:
+    return DocumentError(message, line=layout.span.line, column=layout.span.column, expected=expected)
 
 
 def check_choice_tokens(model: DiffusionModel, layout: SpanLayout, limit: int) -> None:
@@ -198,25 +255,30 @@ def place_free_musts(model: DiffusionModel, canvas: Canvas) -> dict[tuple[int, i
     with torch.inference_mode():
         log_probs = torch.log_softmax(aligned_logits(model, ids, attention)[0].float(), dim=-1).cpu()  # [L, V]
     offsets: dict[tuple[int, int], int] = {}
+    patterns = dict(zip((layout.start for layout in _pattern_layouts(canvas)), canvas.constraints, strict=True))
     for layout in layouts:
-        offsets.update(_place_span_musts(model, layout, log_probs))
+        offsets.update(_place_span_musts(model, layout, log_probs, patterns.get(layout.start)))
     return offsets
 
 
-def _place_span_musts(model: DiffusionModel, layout: SpanLayout, log_probs: torch.Tensor) -> dict[tuple[int, int], int]:
+def _place_span_musts(
+    model: DiffusionModel, layout: SpanLayout, log_probs: torch.Tensor, pattern: SpanConstraint | None = None
+) -> dict[tuple[int, int], int]:
     """Each free must in written order, after the previous one and leaving room for the rest, goes
-    where the sum of its tokens' log-probabilities is highest."""
+    where the sum of its tokens' log-probabilities is highest (in a pattern span: among the
+    offsets where the pattern can still match)."""
     musts = layout.span.musts
     free = [i for i, must in enumerate(musts) if must.offset is None]
     # A word's tokens only differ between offset 0 and later offsets (the leading space).
     words = {
         i: (
-            must_tokens(model.tokenizer, musts[i], 0, layout.joins_space),
-            must_tokens(model.tokenizer, musts[i], 1, layout.joins_space),
+            must_tokens(model.tokenizer, musts[i], 0, layout.joins_space, as_written=has_pattern(layout.span)),
+            must_tokens(model.tokenizer, musts[i], 1, layout.joins_space, as_written=has_pattern(layout.span)),
         )
         for i in free
     }
     taken = set(layout.pinned)
+    placed = dict(layout.pinned)
     earliest = 0
     offsets: dict[tuple[int, int], int] = {}
     for order, must_index in enumerate(free):
@@ -226,6 +288,8 @@ def _place_span_musts(model: DiffusionModel, layout: SpanLayout, log_probs: torc
             word = words[must_index][offset > 0]
             cells = range(offset, offset + len(word))
             if cells.stop > room or taken.intersection(cells):
+                continue
+            if pattern is not None and not _pattern_fits(pattern, {**placed, **dict(zip(cells, word, strict=True))}):
                 continue
             score = float(log_probs[[layout.start + c for c in cells], word].sum())
             if best is None or score > best[0]:
@@ -240,9 +304,15 @@ def _place_span_musts(model: DiffusionModel, layout: SpanLayout, log_probs: torc
         offset = best[1]
         end = offset + len(words[must_index][offset > 0])
         offsets[(layout.span.index, must_index)] = offset
+        placed.update(zip(range(offset, end), words[must_index][offset > 0], strict=True))
         taken.update(range(offset, end))
         earliest = end
     return offsets
+
+
+def _pattern_fits(pattern: SpanConstraint, pinned: dict[int, int]) -> bool:
+    tokens = [pinned.get(offset, -1) for offset in range(pattern.length)]
+    return pattern.feasible(tokens, [offset not in pinned for offset in range(pattern.length)])
 
 
 def fill_documents(
@@ -322,15 +392,21 @@ def candidate_rows(canvas: Canvas, seed: int, options: SamplerOptions, end_id: i
     model left to itself tends to fill a range to its end; otherwise they are sampled at
     `CANDIDATE_TEMPERATURE` (or the asked temperature)."""
     count = options.candidates or 1
-    ranged = [layout for layout in canvas.spans if layout.min_tokens < layout.length and layout.span.choices is None]
-    rows = [Row(canvas.ids, canvas.pinned, canvas.rules, seed=seed)]
+    # A pattern span keeps its whole range in every candidate: a cut could leave no matching length.
+    ranged = [
+        layout
+        for layout in canvas.spans
+        if layout.min_tokens < layout.length and layout.span.choices is None and not has_pattern(layout.span)
+    ]
+    patterns = canvas.constraints
+    rows = [Row(canvas.ids, canvas.pinned, canvas.rules, seed=seed, constraints=patterns)]
     for candidate in range(1, count):
         if ranged:
             # 0 (each range's least), 1/3, 2/3 ... of the way to its most: the free first candidate
             # already fills a range to its end more often than not.
             fraction = (candidate - 1) / (count - 1)
             ids, pinned = cut_ranges(canvas, ranged, fraction, end_id)
-            rows.append(Row(ids, pinned, canvas.rules, seed=candidate_seed(seed, candidate)))
+            rows.append(Row(ids, pinned, canvas.rules, seed=candidate_seed(seed, candidate), constraints=patterns))
         else:
             temperature = options.temperature if options.temperature > 0 else CANDIDATE_TEMPERATURE
             rows.append(
@@ -340,6 +416,7 @@ def candidate_rows(canvas: Canvas, seed: int, options: SamplerOptions, end_id: i
                     canvas.rules,
                     seed=candidate_seed(seed, candidate),
                     temperature=temperature,
+                    constraints=patterns,
                 )
             )
     return rows
@@ -452,7 +529,12 @@ def unfinished_tails_cut(model: DiffusionModel, canvas: Canvas, ids: list[int]) 
     cut = list(ids)
     for number, layout in enumerate(canvas.spans):
         following = canvas.literals[number + 1]
-        if layout.min_tokens >= layout.length or layout.span.choices is not None or following[:1] not in ("", "\n"):
+        if (
+            layout.min_tokens >= layout.length
+            or layout.span.choices is not None
+            or has_pattern(layout.span)  # a cut fill could stop matching
+            or following[:1] not in ("", "\n")
+        ):
             continue
         words = [model.tokenizer.decode([token]) for token in ids[layout.start : layout.start + layout.length]]
         kept = [offset for offset in range(layout.length) if ids[layout.start + offset] not in end_ids]
@@ -492,8 +574,8 @@ def sentence_cut_variants(model: DiffusionModel, canvas: Canvas, ids: Sequence[i
     end_id, end_ids = model.special.end_ids[0], set(model.special.end_ids)
     variants: list[list[int]] = []
     for number, layout in enumerate(canvas.spans):
-        if layout.min_tokens >= layout.length or layout.span.choices is not None:
-            continue
+        if layout.min_tokens >= layout.length or layout.span.choices is not None or has_pattern(layout.span):
+            continue  # (a pattern span's fill, cut, could stop matching)
         earliest = max([layout.min_tokens, 1, *(offset + 1 for offset in layout.pinned)])
         words = [
             model.tokenizer.decode([token]) for token in ids[layout.start : layout.start + layout.length]

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from editor.document import VALUE_CLASSES, Document, DocumentError, DocumentLimits, MaskSpan, Must, ValueClass
+from editor.regexes import PatternError, checked_pattern, number_pattern, parse_bound
 
 __all__ = ["TagWarning", "parse_document", "render_document", "suspicious_tags"]
 
@@ -24,9 +25,9 @@ _LENGTH = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 _DIGITS = re.compile(r"[0-9]*")
 _WORD = re.compile(r"\w*")
 _VALUE = re.compile(r"[^ \]\n]*")  # an unquoted value ends at a space, ']' or the end of the line
-_OPTIONS = ("name", "must", "as", "choice")
-_SINGLE_OPTIONS = ("name", "as", "choice")  # must= may repeat; these may not
-_KNOWN_OPTIONS = "one of name=, must=, as=, choice="
+_OPTIONS = ("name", "must", "as", "choice", "re", "min", "max")
+_SINGLE_OPTIONS = ("name", "as", "choice", "min", "max")  # must= and re= may repeat; these may not
+_KNOWN_OPTIONS = "one of name=, must=, as=, choice=, re=, min=, max="
 _LENGTH_EXPECTED = "a length like 5 or 2-8, or choice=..."
 # `[mask`, `[Mask` or `[MASK3`: any spelling of the keyword, then digits or a non-word character.
 # The exact `[MASK` followed by a non-word character is a real tag and is left out by the caller.
@@ -149,6 +150,12 @@ def _render_span(span: MaskSpan) -> str:
         parts.append(f'must="{_quote(must.text, pipes=False)}"{at}')
     if span.value_class is not None:
         parts.append(f"as={span.value_class}")
+    if span.minimum is not None:
+        parts.append(f"min={span.minimum}")
+    if span.maximum is not None:
+        parts.append(f"max={span.maximum}")
+    for pattern in span.patterns:
+        parts.append(f're="{_quote(pattern, pipes=False)}"')
     return " ".join(parts) + "]"
 
 
@@ -265,6 +272,8 @@ class _TagParser:
         self.musts: list[Must] = []
         self.value_class: ValueClass | None = None
         self.choices: tuple[str, ...] | None = None
+        self.patterns: list[str] = []
+        self.bounds: dict[str, tuple[str, int]] = {}  # "min"/"max" -> (value, where it was written)
         self.seen: set[str] = set()
 
     # -- driving --
@@ -290,7 +299,28 @@ class _TagParser:
         if self.length is None and self.choices is None:
             at = self.pos if first_item is None else first_item
             raise self.error("missing length", at, _LENGTH_EXPECTED)
+        self.check_value_options()
         return self.build(), self.pos + 1
+
+    def check_value_options(self) -> None:
+        """re= and min=/max= are checked once the whole tag is read (options come in any order)."""
+        if self.patterns and self.value_class is not None:
+            raise self.error("re= cannot be combined with as=", self.start, "either re= or as=")
+        if self.bounds and self.value_class not in ("int", "number"):
+            key, (_, at) = next(iter(self.bounds.items()))
+            raise self.error(f"{key}= needs as=int or as=number", at, "as=int or as=number beside min=/max=")
+        if self.bounds:
+            low = self.bounds.get("min")
+            high = self.bounds.get("max")
+            try:
+                number_pattern(
+                    self.value_class == "int",
+                    None if low is None else parse_bound(low[0]),
+                    None if high is None else parse_bound(high[0]),
+                )
+            except PatternError as error:
+                at = (high or low or ("", self.start))[1]
+                raise self.error(str(error), at, "min= at most max=") from error
 
     def build(self) -> MaskSpan:
         low, high = self.length if self.length is not None else (0, 0)  # choice: length set later
@@ -305,6 +335,9 @@ class _TagParser:
             choices=self.choices,
             line=line,
             column=column,
+            patterns=tuple(self.patterns),
+            minimum=self.bounds["min"][0] if "min" in self.bounds else None,
+            maximum=self.bounds["max"][0] if "max" in self.bounds else None,
         )
 
     # -- low-level reading --
@@ -389,6 +422,12 @@ class _TagParser:
         elif key == "must":
             self.refuse_with_choice(key, at)
             self.read_must()
+        elif key == "re":
+            self.refuse_with_choice(key, at)
+            self.read_pattern()
+        elif key in ("min", "max"):
+            self.refuse_with_choice(key, at)
+            self.read_bound(key)
         else:
             self.check_choice_alone(at)
             self.read_choice()
@@ -438,6 +477,25 @@ class _TagParser:
         if value not in VALUE_CLASSES:
             raise self.error(f"unknown as class {_show(value)}", at, "one of " + ", ".join(VALUE_CLASSES))
         self.value_class = value  # narrowed to ValueClass by the check above
+
+    def read_pattern(self) -> None:
+        quote = self.pos
+        parts, _ = self.read_quoted("re", split_pipes=False)
+        pattern = "".join(parts[0])
+        try:
+            checked_pattern(pattern)
+        except PatternError as error:
+            raise self.error(f"re= {error}", quote, "a regular expression in Python re syntax") from error
+        self.patterns.append(pattern)
+
+    def read_bound(self, key: str) -> None:
+        at = self.pos
+        value = self.read(_VALUE)
+        try:
+            parse_bound(value)
+        except PatternError as error:
+            raise self.error(f"{key}= {error}", at, "a number such as 2, -40 or 0.5") from error
+        self.bounds[key] = (value, at)
 
     def read_must(self) -> None:
         quote = self.pos
@@ -493,6 +551,8 @@ class _TagParser:
             raise self.error("choice= cannot be combined with must=", at, "either choice= or must=")
         if self.value_class is not None:
             raise self.error("choice= cannot be combined with as=", at, "either choice= or as=")
+        if self.patterns or self.bounds:
+            raise self.error("choice= cannot be combined with re=, min= or max=", at, "either choice= or re=")
 
     def read_quoted(self, key: str, *, split_pipes: bool) -> tuple[list[list[str]], list[int]]:
         """Read a "..." string: `\\"` and `\\\\` are escapes (and `\\|` when splitting on `|`); other

@@ -40,6 +40,7 @@ from editor.models.base import (
     windowed,
 )
 from editor.options import FillCancelled, SamplerOptions
+from editor.patterns import SpanConstraint, restrict_patterns_
 from editor.reference_schedules import guided_logits, reference_plan, untempered_confidence
 
 
@@ -108,6 +109,7 @@ class Row:
     rules: list[PositionRule]
     seed: int | None = None
     temperature: float | None = None
+    constraints: Sequence[SpanConstraint] = ()  # pattern spans (editor.patterns), masked exactly each step
 
 
 @dataclass
@@ -606,6 +608,7 @@ class SamplerRun:
         logits = self._logits(candidates).float()
         allowed = self._allowed_at(candidates)  # [B, M, V], or [1, 1, V] when one rule covers the run
         _finite_(logits, allowed)
+        patterns = restrict_patterns_(logits, self.rows, self.ids, self.masked, candidates)  # None: no pattern span
         if self.space_edges is not None and self._plain_rules is not None:
             starts, ends = self.space_edges
             keep = self._plain_rules[self.rule_index.gather(1, candidates)]  # [B, M]
@@ -627,6 +630,8 @@ class SamplerRun:
             tokens, confidence = self._without_same_step_repeats(
                 logits, allowed, candidates, tokens, confidence, committed
             )
+        if patterns is not None:  # commits of one step, checked together against their span's pattern
+            tokens, confidence = patterns.settle(logits, tokens, confidence, committed)
         self.ids.scatter_(1, candidates, torch.where(committed, tokens, self.ids.gather(1, candidates)))
         self.confidences.scatter_(
             1, candidates, torch.where(committed, confidence, self.confidences.gather(1, candidates))

@@ -75,9 +75,14 @@ def test_bad_requests_are_422_with_the_place(settings: Settings, api_model: Diff
         assert bad_template.status_code == 422
         assert bad_template.json()["extra"]["path"] == "$.a[0]"
         bad_schema = client.post(
-            "/api/v1/batches", json={"schema": {"type": "string", "pattern": "x"}, "records": [{}]}
+            "/api/v1/batches", json={"schema": {"type": "string", "uniqueItems": True}, "records": [{}]}
         )
-        assert bad_schema.status_code == 422 and "pattern at #" in bad_schema.json()["detail"]
+        assert bad_schema.status_code == 422 and "uniqueItems at #" in bad_schema.json()["detail"]
+        bad_pattern = client.post(
+            "/api/v1/batches", json={"schema": {"type": "string", "pattern": "(a)\\1"}, "records": [{}]}
+        )
+        assert bad_pattern.status_code == 422 and "back-references" in bad_pattern.json()["detail"]
+        assert bad_pattern.json()["extra"]["path"] == "#/pattern"
         both = client.post("/api/v1/batches", json={"template": TEMPLATE, "schema": {}, "records": [{}]})
         assert both.status_code == 422
         none = client.post("/api/v1/batches", json={"template": TEMPLATE, "records": []})

@@ -266,7 +266,7 @@ def test_document_over_max_chars() -> None:
 def test_unknown_option_lists_known_ones() -> None:
     error = parse_error("[MASK 3 colour=red]")
     assert error.message == "unknown option 'colour'"
-    assert error.expected == "one of name=, must=, as=, choice="
+    assert error.expected == "one of name=, must=, as=, choice=, re=, min=, max="
     assert error.to_dict()["column"] == 9
 
 

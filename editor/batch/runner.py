@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from editor.batch.template import RecordDocument, RecordError, Template
-from editor.canvas import Canvas
+from editor.canvas import Canvas, has_pattern
 from editor.constraints import json_number_place
 from editor.document import DocumentError
 from editor.filling import fill_canvases, prepare_canvas
@@ -246,8 +246,8 @@ def json_number_rules(canvas: Canvas, spans: frozenset[int]) -> Canvas:
     rules = list(canvas.rules)
     for layout in canvas.spans:
         value_class = layout.span.value_class
-        if layout.span.index not in spans or value_class is None:
-            continue
+        if layout.span.index not in spans or value_class is None or has_pattern(layout.span):
+            continue  # a min=/max= range is a pattern that writes JSON numbers already
         for offset in range(layout.length):
             place = json_number_place(offset, layout.min_tokens, layout.joins_space, value_class)
             rules[layout.start + offset] = replace(rules[layout.start + offset], place=place)

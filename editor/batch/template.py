@@ -111,7 +111,7 @@ class Placeholder:
 
 
 Piece: TypeAlias = "str | Placeholder | MaskSpan"
-ValueKind = Literal["int", "number", "boolean"]
+ValueKind = Literal["int", "number", "boolean", "json"]
 View = Literal["prose", "json"]
 VIEWS: tuple[View, ...] = ("prose", "json")
 HIDDEN_RECORD_FIELDS = frozenset({"id", "custom_id"})  # ids say nothing the model could write about
@@ -212,10 +212,13 @@ class Template:
         strings: frozenset[str] = frozenset(),
         view: View = "prose",
         show_record: bool = False,
+        json_values: frozenset[str] = frozenset(),
     ) -> Template:
         """`strings`: JSON paths whose value stays a JSON string even when it is one
-        `choice="true|false"` tag (a schema's string enum of "true" and "false")."""
-        compiler = _Compiler(limits or DocumentLimits(), dict(max_chars or {}), strings)
+        `choice="true|false"` tag (a schema's string enum of "true" and "false"). `json_values`:
+        JSON paths whose one tag writes JSON text (a schema's anyOf, nullable type, mixed enum or
+        number range), parsed into the output as it is."""
+        compiler = _Compiler(limits or DocumentLimits(), dict(max_chars or {}), strings, json_values)
         root = compiler.node(value, "$")
         if not compiler.keys:
             raise TemplateError("the template has no [MASK ...] tag", expected="at least one mask span to fill")
@@ -325,6 +328,7 @@ class _Compiler:
     limits: DocumentLimits
     max_chars: dict[str, int]
     strings: frozenset[str] = frozenset()
+    json_values: frozenset[str] = frozenset()
     keys: list[str] = field(default_factory=list)
 
     def node(self, value: Any, path: str) -> Node:
@@ -349,6 +353,9 @@ class _Compiler:
             )
         if len(pieces) == 1 and isinstance(pieces[0], Placeholder):
             return FieldNode(path, pieces[0])
+        if len(pieces) == 1 and isinstance(pieces[0], MaskSpan) and path in self.json_values:
+            self.add_key(pieces[0], path, alone=True)
+            return SpanValueNode(path, replace(pieces[0], min_tokens=max(1, pieces[0].min_tokens)), "json")
         if len(pieces) == 1 and isinstance(pieces[0], MaskSpan):
             kind = _value_kind(pieces[0])
             if kind is not None and not (kind == "boolean" and path in self.strings):
@@ -382,7 +389,8 @@ def _json_by_default(span: MaskSpan) -> MaskSpan:
     """A string's span without `as=` or `choice=` uses the `json` class: inside the JSON view's
     quotes it cannot close the string, and on a prose line it cannot run into the next line (nor
     loop on quotes and backslashes, which a weak model will)."""
-    return replace(span, value_class="json") if span.value_class is None and span.choices is None else span
+    plain = span.value_class is None and span.choices is None and not span.patterns
+    return replace(span, value_class="json") if plain else span
 
 
 # Unit and currency suffixes a label shows in brackets: `price_eur` reads "Price (EUR)".
@@ -533,7 +541,7 @@ class _DocumentBuilder:
 
     def value_span(self, node: SpanValueNode) -> None:
         ref = self.span(node.span)
-        if node.kind != "boolean":
+        if node.kind in ("int", "number"):
             self.number_spans.append(ref[1])
         self.layout.append(ref)
 
@@ -577,7 +585,9 @@ class _DocumentBuilder:
             for number, piece in enumerate(node.pieces):
                 if isinstance(piece, MaskSpan):
                     _, index, _ = self.span(piece)
-                    self.layout.append(("label_span" if number == 0 else "span", index, 0))
+                    # A pattern span's text is exactly its match: no space of the label's in it.
+                    first = number == 0 and not piece.patterns
+                    self.layout.append(("label_span" if first else "span", index, 0))
                 else:
                     raw = piece if isinstance(piece, str) else _as_text(piece.lookup(self.record))
                     self.layout.append(self.literal(LiteralPart(_prose_text(raw), raw)))
@@ -685,6 +695,13 @@ def _span_value(node: SpanValueNode, span: SpanFill) -> Any:
     text = span.text.strip()
     if node.kind == "boolean":
         return text == "true"
+    if node.kind == "json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise RecordError(
+                "invalid_value", f"the span at {node.path} produced {span.text!r}, which is not JSON"
+            ) from None
     match = _JSON_NUMBER.fullmatch(text)
     if match is not None and node.kind == "int" and not match.group(2) and not match.group(3):
         return int(text)
