@@ -9,7 +9,6 @@ documents are built from segments, never parsed, so `[MASK` in a prompt stays te
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -61,6 +60,7 @@ from editor.server.openai_schemas import (
 )
 from editor.server.protection import request_id
 from editor.server.streaming import until_done
+from editor.server.tokens import private_tokenizer
 from editor.server.worker import CanvasReshape, FillJob, JobOutcome, StepUpdate, WorkerUnavailable
 from editor.settings import Settings
 
@@ -387,13 +387,9 @@ class OpenAIService:
         return dump(chat)
 
     def tokenizer(self) -> Any:
-        """A private copy of the model's tokenizer for decoding streamed prefixes (a fast tokenizer
-        is not safe to share with the worker thread)."""
+        """A private copy of the model's tokenizer for decoding streamed prefixes."""
         if self._tokenizer is None:
-            tokenizer = self.worker.tokenizer
-            if tokenizer is None:
-                raise WorkerUnavailable("the model is not loaded")
-            self._tokenizer = copy.deepcopy(tokenizer)
+            self._tokenizer = private_tokenizer(self.worker)
         return self._tokenizer
 
 

@@ -42,14 +42,18 @@ class TokenCounter:
         return TokenizeOut(count=len(ids), tokens=pieces, model=model)
 
     def _own_tokenizer(self) -> Any:
-        """A private copy: a fast tokenizer is not safe to call from two threads at once, and the
-        worker thread uses the model's own."""
         if self._tokenizer is None:
-            tokenizer = self.worker.tokenizer
-            if tokenizer is None:
-                raise WorkerUnavailable("the model is not loaded")
-            self._tokenizer = copy.deepcopy(tokenizer)
+            self._tokenizer = private_tokenizer(self.worker)
         return self._tokenizer
 
 
-__all__ = ["TokenCounter"]
+def private_tokenizer(worker: FillBackend) -> Any:
+    """A private copy of the loaded model's tokenizer: a fast tokenizer is not safe to call from two
+    threads at once, and the worker thread uses the model's own."""
+    tokenizer = worker.tokenizer
+    if tokenizer is None:
+        raise WorkerUnavailable("the model is not loaded")
+    return copy.deepcopy(tokenizer)
+
+
+__all__ = ["TokenCounter", "private_tokenizer"]
