@@ -475,7 +475,9 @@ def judged_results(
         kept = Judged(mine[best][0], mine[best][1], filled[best], scores[best])
         if per_span and len(canvas.spans) > 1:
             mixed = mixed_candidate(model, judge, canvas, mine, filled, best)
-            if mixed is not None and mixed.score > kept.score:
+            # Each candidate was sampled with the no-repeat rule, the mix was not: spans from two
+            # candidates can repeat each other ("the implementation of ... the implementation of").
+            if mixed is not None and mixed.score > kept.score and not _adds_repeats(mixed.filled, kept.filled):
                 kept = mixed
         kept = cut_at_sentence_ends(model, judge, canvas, kept)
         spans = with_alternatives(kept.filled, filled, scores)
@@ -636,6 +638,17 @@ def mixed_candidate(
     text = render(canvas, ids, confidences, model.tokenizer, model.special.end_ids)
     [score] = judge.score([canvas], [ids], [text.text])
     return Judged(ids, confidences, text, score)
+
+
+def _adds_repeats(mixed: FilledText, whole: FilledText) -> bool:
+    """Whether `mixed` repeats more word 3-grams than the candidate `whole` it was built on."""
+    return _repeated_word_trigrams(mixed.text) > _repeated_word_trigrams(whole.text)
+
+
+def _repeated_word_trigrams(text: str) -> int:
+    words = [word.strip(".,;:!?\"'()").lower() for word in text.split()]
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2) if all(words[i : i + 3])]
+    return len(grams) - len(set(grams))
 
 
 def span_segments(filled: FilledText) -> list[tuple[int, int]]:

@@ -480,3 +480,27 @@ def test_an_unfinished_tail_at_a_line_end_goes_whatever_the_judge_prefers(
     )
     assert judged("Made by[MASK 2-{n}]\nNext", " Dr. Smith and") == "Made by Dr. Smith and\nNext"
     assert judged("Made by[MASK 2-{n}]\nNext", " Anna. She is") == "Made by Anna.\nNext"
+
+
+def test_a_mix_of_candidates_that_would_repeat_itself_is_not_kept(
+    tiny_model: DiffusionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each candidate obeys the no-repeat rule on its own; two spans taken from two candidates may
+    not: the judge's favourite fill of each span is "the red sun", and the mix that says it twice
+    is refused for a whole candidate."""
+    from editor.filling import judged_results
+
+    monkeypatch.setattr("editor.filling.judge_for", lambda model: WordJudge({"sun"}))
+    canvas = prepare_canvas(tiny_model, parse_document("I saw [MASK 1-8] and [MASK 1-8] today."))
+    end = tiny_model.special.end_ids[0]
+    candidates = []
+    for one, two in (("a cat", "a dog"), ("the red sun", "a dog"), ("a cat", "the red sun")):
+        ids = list(canvas.ids)
+        for layout, words in zip(canvas.spans, (one, two), strict=True):
+            tokens = encode(tiny_model.tokenizer, f" {words}")
+            ids[layout.start : layout.start + 8] = tokens + [end] * (8 - len(tokens))
+        candidates.append((ids, [1.0] * len(ids)))
+    [result] = judged_results(
+        tiny_model, [canvas], candidates, SamplerOptions(candidates=3), seed=0, steps=1, started=time.perf_counter()
+    )
+    assert result.text in ("I saw the red sun and a dog today.", "I saw a cat and the red sun today.")
