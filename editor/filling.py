@@ -527,28 +527,37 @@ def unfinished_tails_cut(model: DiffusionModel, canvas: Canvas, ids: list[int]) 
     """`ids` with each range span that ends its line (or the document), and holds a finished
     sentence followed by words that finish none, ended after that sentence (never before a pinned
     word or the span's least length)."""
-    end_id, end_ids = model.special.end_ids[0], set(model.special.end_ids)
+    end_id = model.special.end_ids[0]
     cut = list(ids)
     for number, layout in enumerate(canvas.spans):
-        following = canvas.literals[number + 1]
-        if (
-            layout.min_tokens >= layout.length
-            or layout.span.choices is not None
-            or has_pattern(layout.span)  # a cut fill could stop matching
-            or following[:1] not in ("", "\n")
-        ):
+        if not _cuttable(layout) or canvas.literals[number + 1][:1] not in ("", "\n"):
             continue
-        words = [model.tokenizer.decode([token]) for token in ids[layout.start : layout.start + layout.length]]
-        kept = [offset for offset in range(layout.length) if ids[layout.start + offset] not in end_ids]
+        words, kept, earliest = _span_words(model, layout, ids)
         if not kept or _ends_sentence(_text_before(words, kept, layout.length)):
             continue
-        earliest = max([layout.min_tokens, 1, *(offset + 1 for offset in layout.pinned)])
         ends = [
             o for o in kept if o >= earliest and words[o - 1].strip() and _ends_sentence(_text_before(words, kept, o))
         ]  # after the stop itself, not after a space token that follows it
         if ends:
             cut[layout.start + ends[-1] : layout.start + layout.length] = [end_id] * (layout.length - ends[-1])
     return cut
+
+
+def _cuttable(layout: SpanLayout) -> bool:
+    """A range span free to end early: not an exact length, a choice, or a pattern (a pattern
+    span's fill, cut, could stop matching)."""
+    return layout.min_tokens < layout.length and layout.span.choices is None and not has_pattern(layout.span)
+
+
+def _span_words(model: DiffusionModel, layout: SpanLayout, ids: Sequence[int]) -> tuple[list[str], list[int], int]:
+    """A span's text per position, its kept (non-end) offsets, and the earliest offset a cut may
+    fall at (its least length, and never before a pinned word)."""
+    region = ids[layout.start : layout.start + layout.length]
+    end_ids = set(model.special.end_ids)
+    words = [model.tokenizer.decode([token]) for token in region]
+    kept = [offset for offset, token in enumerate(region) if token not in end_ids]
+    earliest = max([layout.min_tokens, 1, *(offset + 1 for offset in layout.pinned)])
+    return words, kept, earliest
 
 
 def _text_before(words: Sequence[str], kept: Sequence[int], offset: int) -> str:
@@ -573,16 +582,12 @@ def sentence_cut_variants(model: DiffusionModel, canvas: Canvas, ids: Sequence[i
     the cuts fall just before one of the fill's own last stops instead (a cut after it would double
     it: "shoe.. Your"), so "on Monday.." may read "on Monday." and "was not working. We will fix
     it." may read "was not working."."""
-    end_id, end_ids = model.special.end_ids[0], set(model.special.end_ids)
+    end_id = model.special.end_ids[0]
     variants: list[list[int]] = []
     for number, layout in enumerate(canvas.spans):
-        if layout.min_tokens >= layout.length or layout.span.choices is not None or has_pattern(layout.span):
-            continue  # (a pattern span's fill, cut, could stop matching)
-        earliest = max([layout.min_tokens, 1, *(offset + 1 for offset in layout.pinned)])
-        words = [
-            model.tokenizer.decode([token]) for token in ids[layout.start : layout.start + layout.length]
-        ]  # each position's text
-        kept = [offset for offset in range(layout.length) if ids[layout.start + offset] not in end_ids]
+        if not _cuttable(layout):
+            continue
+        words, kept, earliest = _span_words(model, layout, ids)
         following = canvas.literals[number + 1]
         if following[:1] and following[0] in PUNCTUATION:
             # The text after brings its own stop: end the fill just before one of its own stops
