@@ -8,6 +8,7 @@ between the end of the warm-up and the end of the run. Writes JSON and Markdown.
 
     .venv/bin/python -m tests.fuzz.run_soak --minutes 60 --out results/soak   # the issue's run
     .venv/bin/python -m tests.fuzz.run_soak --minutes 2                       # the CI-sized one
+(tests/test_soak.py runs the CI-sized one.)
 """
 
 from __future__ import annotations
@@ -216,47 +217,31 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=2.0)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--model", default="tiny", help="model for `editor serve --model` (default: the bundled tiny)")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
-    args = parser.parse_args()
-    warmup_s = min(120.0, args.minutes * 60 / 4)
+def run_soak(minutes: float, concurrency: int = 4, model: str = "tiny") -> dict[str, Any]:
+    """Start `editor serve` on a fresh database, drive it for `minutes`, stop it; the report."""
+    warmup_s = min(120.0, minutes * 60 / 4)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         database = Path(tmp) / "soak.db"
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDITOR_")}
         env |= {"EDITOR_DATABASE_URL": f"sqlite:///{database}", "EDITOR_KEEP_STEP_TRACE": "true"}
-        command = [
-            sys.executable,
-            "-m",
-            "editor",
-            "serve",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--model",
-            args.model,
-        ]
+        command = [sys.executable, "-m", "editor", "serve", "--port", str(port), "--device", "cpu", "--model", model]
         server = subprocess.Popen(
             [*command, "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         try:
             wait_ready(base, server, timeout=300)
             soak = Soak(base=base, pid=server.pid, database=database)
-            end = asyncio.run(drive(soak, args.minutes, args.concurrency))
+            end = asyncio.run(drive(soak, minutes, concurrency))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
     grown = growth(soak, warmup_s)
     within = all(grown[key] <= bound for key, bound in BOUNDS.items())
     report = {
-        "minutes": args.minutes,
-        "concurrency": args.concurrency,
+        "minutes": minutes,
+        "concurrency": concurrency,
         "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (shared)",
         "mix": MIX,
         "requests": sum(soak.actions.values()),
@@ -272,11 +257,63 @@ def main() -> None:
         **end,
     }
     report["passed"] = within and not soak.server_errors and not end["lost"] and not end["batch_jobs_unfinished"]
+    return report
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Four panels over the run: resident memory, open files and threads, database size, and the
+    per-minute p50/p95 latency, with the warm-up marked (growth is measured after it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    samples, rows = report["samples"], report["per_minute"]
+    minutes = [s["t_s"] / 60 for s in samples]
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    panels = [
+        (axes[0][0], [("rss_mib", "RSS (MiB)")], "server memory"),
+        (axes[0][1], [("fds", "open files"), ("threads", "threads")], "file descriptors and threads"),
+        (axes[1][0], [("db_mib", "database + WAL (MiB)")], "database size"),
+    ]
+    for axis, series, title in panels:
+        for key, name in series:
+            axis.plot(minutes, [s[key] for s in samples], label=name)
+        axis.set_title(title)
+        axis.legend(loc="upper left")
+    latency = axes[1][1]
+    latency.plot([r["minute"] - 0.5 for r in rows], [r["p50_s"] for r in rows], marker=".", label="p50")
+    latency.plot([r["minute"] - 0.5 for r in rows], [r["p95_s"] for r in rows], marker=".", label="p95")
+    latency.set_title("latency per minute (s)")
+    latency.legend(loc="upper left")
+    for axis in axes.flat:
+        axis.axvline(report["warmup_s"] / 60, color="grey", linestyle=":", linewidth=1)
+        axis.set_ylim(0, axis.get_ylim()[1] * 1.3)  # room above the lines for the legend
+    for axis in axes[1]:
+        axis.set_xlabel("minutes")
+    figure.suptitle(
+        f"Soak: {report['minutes']:g} min, {report['concurrency']} clients, {report['requests']} requests, "
+        f"{len(report['server_errors'])} 5xx, {len(report['lost'])} lost"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--model", default="tiny", help="model for `editor serve --model` (default: the bundled tiny)")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md and OUT.png")
+    args = parser.parse_args()
+    report = run_soak(args.minutes, args.concurrency, args.model)
     text = markdown(report)
     print(text)
     if args.out is not None:
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+        plot(report, args.out.with_suffix(".png"))
     sys.exit(0 if report["passed"] else 1)
 
 
