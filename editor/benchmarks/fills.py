@@ -75,6 +75,7 @@ class FilledDocument:
     text: str
     spans: list[dict[str, Any]]  # text, start, end, tokens, min, max, line_start, single_line
     seconds: float
+    steps: int = 0  # denoising steps (forward passes of the diffusion model, all candidates at once)
 
 
 # ----------------------------------------------------------------------------- documents
@@ -176,7 +177,7 @@ def fill_suite(
             }
             for span, layout in zip(result.spans, canvas.spans, strict=True)
         ]
-        filled.append(FilledDocument(document.name, result.text, spans, seconds))
+        filled.append(FilledDocument(document.name, result.text, spans, seconds, result.steps))
         click.echo(f"{document.name} ({seconds:.2f} s): {result.text[:160]!r}", err=True)
     return filled
 
@@ -243,10 +244,18 @@ def summary(documents: Sequence[SuiteDocument], filled: Sequence[FilledDocument]
         "range_position_quartiles": _quartiles(positions),
         "seconds_median": round(statistics.median(f.seconds for f in filled), 3),
         "seconds_mean": round(statistics.fmean(f.seconds for f in filled), 3),
+        # Masked positions (each span's full length, end tokens included) per denoising step: what
+        # a schedule that commits several tokens a step buys.
+        "tokens_per_step": _tokens_per_step(filled),
     }
     if judge is not None:
         result |= _excess_bits(documents, filled, judge)
     return result
+
+
+def _tokens_per_step(filled: Sequence[FilledDocument]) -> float | None:
+    steps = sum(f.steps for f in filled)
+    return round(sum(s["max"] for f in filled for s in f.spans) / steps, 3) if steps else None
 
 
 def _quartiles(values: Sequence[float]) -> list[float] | None:
